@@ -1,0 +1,53 @@
+"""Masked cross-attention: softmax(Q K^T / sqrt(d) + bias) V, per head, one bias shared by every head.
+
+The attention itself is whatever function the caller hands in (the host's own backend in ComfyUI), so the
+user's choice of xformers / SDPA / sub-quadratic / sage is kept. `explicit_attention` is the plain-softmax
+version: the float64 reference in tests, and the training path (torch's efficient SDPA backward rejects a
+broadcast [B, 1, N, T] bias on CUDA).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+AttentionFn = Callable[..., Tensor]
+
+
+def bias_as_mask(bias: Tensor, dtype: torch.dtype) -> Tensor:
+    """[B, N, T] gate bias -> [B, 1, N, T] additive mask in the attention dtype.
+
+    [B, 1, N, T] float is the one mask layout every ComfyUI backend accepts on old and new hosts ([B, N, T] is
+    silently misread by the 2024 pytorch backend when B equals the head count).
+    """
+    return bias.to(dtype).unsqueeze(1)
+
+
+def masked_attention(
+    q: Tensor, k: Tensor, v: Tensor, heads: int, bias: Tensor | None, attention_fn: AttentionFn, **fn_kwargs
+) -> Tensor:
+    """q [B, N, H*d], k/v [B, T, H*d], bias [B, N, T] or None -> [B, N, H*d], through `attention_fn`.
+
+    With no bias the call is exactly the unpatched one, so untouched layers stay bit-identical.
+    """
+    if bias is None:
+        return attention_fn(q, k, v, heads, **fn_kwargs)
+    return attention_fn(q, k, v, heads, mask=bias_as_mask(bias, q.dtype), **fn_kwargs)
+
+
+def explicit_attention(q: Tensor, k: Tensor, v: Tensor, heads: int, mask: Tensor | None = None, **_ignored) -> Tensor:
+    """The textbook formula with an explicit softmax; same signature as ComfyUI's attention functions."""
+    b, n, inner = q.shape
+    d = inner // heads
+    qh = q.view(b, n, heads, d).transpose(1, 2)
+    kh = k.view(b, -1, heads, d).transpose(1, 2)
+    vh = v.view(b, -1, heads, d).transpose(1, 2)
+    logits = qh @ kh.transpose(-1, -2) * d ** -0.5
+    if mask is not None:
+        logits = logits + mask.to(logits.dtype)
+    # softmax in at least fp32: fp16 logits of masked rows differ by 1e4 and need the range.
+    weights = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(dim=-1).to(vh.dtype)
+    out = weights @ vh
+    return out.transpose(1, 2).reshape(b, n, inner)

@@ -1,0 +1,141 @@
+"""Load / Apply / Save MaskAttn gates (classic V1 nodes, run by every ComfyUI)."""
+
+from __future__ import annotations
+
+import os
+
+from ..masks.gate import strength_to_negative_value
+from ..masks.gatefile import GateFileError, load_gates, save_gates
+from ..masks.gates import GateMismatchError, MaskAttnGates
+from ..masks.topology import PLACEMENTS, UnsupportedModelError, select_sites
+from . import hooks, paths
+
+CATEGORY = "MaskAttn"
+
+
+class NodeError(ValueError):
+    """An error shown on the node: names the node, the input and the fix."""
+
+
+class MaskAttnLoadGates:
+    DESCRIPTION = "Loads MaskAttn gate heads from models/maskattn (.safetensors, or a reference .pt checkpoint)."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MASKATTN",)
+    RETURN_NAMES = ("maskattn",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"gate_name": (paths.gate_files(), {"tooltip": "A file in ComfyUI/models/maskattn/"})}}
+
+    @classmethod
+    def IS_CHANGED(cls, gate_name):
+        try:  # reload when the file is rewritten (e.g. by a training run) under the same name
+            return os.path.getmtime(paths.gate_path(gate_name))
+        except (OSError, FileNotFoundError):
+            return float("nan")
+
+    def load(self, gate_name):
+        try:
+            return (load_gates(paths.gate_path(gate_name)),)
+        except (GateFileError, FileNotFoundError) as e:
+            raise NodeError(f"Load MaskAttn Gates: {e}") from None
+
+
+class MaskAttnApply:
+    DESCRIPTION = (
+        "Gates the model's cross-attention with MaskAttn: per layer, latent location and prompt token, a learned "
+        "gate keeps or suppresses the connection. Returns a patched copy; the input model is not changed."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL",),
+                "maskattn": ("MASKATTN",),
+                "threshold": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
+                                        "tooltip": "A pair is kept when the gate probability exceeds this (method: 0.5)."}),
+                "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                       "tooltip": "1 = the method. s < 1 multiplies each suppressed pair's attention "
+                                                  "weight by (1 - s) before renormalising; 0 = untouched model."}),
+                "stage": (["all", "high", "mid", "low"], {"default": "all",
+                                                     "tooltip": "Gate only layers of this stage (of those the file has heads for)."}),
+                "placement": (list(PLACEMENTS), {"default": "encoder_decoder"}),
+                "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001}),
+                "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001}),
+            },
+            "optional": {
+                "gate_uncond": ("BOOLEAN", {"default": True, "tooltip": "Gate the negative prompt too, as the method "
+                                                                      "does. Off: only the positive prompt is gated."}),
+            },
+        }
+
+    def apply(self, model, maskattn: MaskAttnGates, threshold, strength, stage, placement, start_percent, end_percent,
+              gate_uncond=True):
+        if strength <= 0.0 or start_percent >= end_percent:
+            return (model.clone(),)
+        try:
+            all_sites = hooks.model_sites(model)
+            maskattn.check_fits(all_sites)
+        except (UnsupportedModelError, GateMismatchError) as e:
+            raise NodeError(f"Apply MaskAttn: {e}") from None
+        sites = [s for s in select_sites(all_sites, stage, placement) if s.key in maskattn.site_heads]
+        if not sites:
+            raise NodeError(
+                f"Apply MaskAttn: the gate file {maskattn.source or ''} has heads for stage '{maskattn.stage}' "
+                f"({len(maskattn.site_heads)} layers), none of which pass stage='{stage}', placement='{placement}'. "
+                f"Set stage to 'all' or to '{maskattn.stage}'."
+            )
+        sampling = model.model.model_sampling
+        patched, _ = hooks.install(
+            model, maskattn, sites, threshold=threshold,
+            negative_value=strength_to_negative_value(strength, maskattn.negative_value),
+            sigma_start=None if start_percent <= 0.0 else float(sampling.percent_to_sigma(start_percent)),
+            sigma_end=None if end_percent >= 1.0 else float(sampling.percent_to_sigma(end_percent)),
+            cond_only=not gate_uncond,
+        )
+        return (patched,)
+
+
+class MaskAttnSaveGates:
+    DESCRIPTION = "Saves MaskAttn gates as .safetensors into models/maskattn (never overwrites: a counter is added)."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "save"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"maskattn": ("MASKATTN",), "filename_prefix": ("STRING", {"default": "maskattn_gates"})}}
+
+    def save(self, maskattn: MaskAttnGates, filename_prefix):
+        import folder_paths
+
+        root = paths.save_dir()
+        prefix = os.path.normpath(filename_prefix.strip() or "maskattn_gates")
+        folder = os.path.abspath(os.path.join(root, os.path.dirname(prefix)))
+        if os.path.isabs(prefix) or os.path.commonpath((os.path.abspath(root), folder)) != os.path.abspath(root):
+            raise NodeError(f"Save MaskAttn Gates: filename_prefix {filename_prefix!r} points outside {root}; use a "
+                            f"name (or sub/folder/name) inside it.")
+        os.makedirs(folder, exist_ok=True)
+        full_folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(prefix, root)
+        path = os.path.join(full_folder, f"{filename}_{counter:05}.safetensors")
+        save_gates(maskattn, path)
+        name = os.path.relpath(path, root)
+        return {"ui": {"text": [name]}, "result": ()}
+
+
+NODE_CLASS_MAPPINGS = {
+    "MaskAttnLoadGates": MaskAttnLoadGates,
+    "MaskAttnApply": MaskAttnApply,
+    "MaskAttnSaveGates": MaskAttnSaveGates,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "MaskAttnLoadGates": "Load MaskAttn Gates",
+    "MaskAttnApply": "Apply MaskAttn",
+    "MaskAttnSaveGates": "Save MaskAttn Gates",
+}
