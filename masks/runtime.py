@@ -30,6 +30,8 @@ class GateRuntime:
     # bit for bit, on every backend. Costs one device sync per gated layer.
     skip_unmasked: bool = True
     observers: list[GateObserver] = field(default_factory=list)
+    # None: the host's attention backend. Training sets explicit_attention (differentiable on every device).
+    attention_override: Callable | None = None
 
     def __deepcopy__(self, memo):  # shared by a model and its clones; it holds no per-run tensors
         return self

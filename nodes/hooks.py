@@ -168,7 +168,11 @@ class MaskAttnAttention:
     def __call__(self, q, k, v, extra_options):
         bias = extra_options.pop(BIAS_KEY, None)
         self.patch.consumed()
-        out = host_attention(q, k, v, extra_options["n_heads"], bias, extra_options)
+        override = self.patch.runtime.attention_override
+        if override is None:
+            out = host_attention(q, k, v, extra_options["n_heads"], bias, extra_options)
+        else:
+            out = masked_attention(q, k, v, extra_options["n_heads"], bias, override)
         if self.callback:
             sigma = self.patch.clock.sigma(extra_options)
             for callback, kw in zip(self.callback, self.kwargs):
