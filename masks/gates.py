@@ -65,6 +65,12 @@ class MaskAttnGates:
         fields.setdefault("kind", "untrained")
         return cls(heads=heads, site_heads=site_heads, site_stages={s.key: s.stage for s in sites}, **fields)
 
+    # The gate-source interface GateRuntime and Apply MaskAttn use (zero-shot gates implement it too).
+    needs_attention = False  # learned gates read the layer's input features, not its attention
+
+    def covers(self, key: SiteKey) -> bool:
+        return key in self.site_heads
+
     @property
     def hidden_dim(self) -> int:
         return self.heads[0].hidden_dim if len(self.heads) else 0

@@ -42,16 +42,29 @@ class GateRuntime:
         head = self.gates.heads_on(features.device)[self.gates.site_heads[key]]
         probabilities = torch.sigmoid(head.logits(features.float(), context.float()))
         result = gate_bias(probabilities, self.threshold, self.negative_value)
+        return self._finish(key, result, cond_rows, info)
+
+    def compute_from_attention(self, key: SiteKey, q: Tensor, k: Tensor, heads: int, cond_rows: Tensor | None = None,
+                               info: dict | None = None) -> GateResult:
+        """Gate for one site from the layer's own projected queries/keys (gate sources with needs_attention)."""
+        probabilities = self.gates.attention_probabilities(key, q, k, heads, info or {})
+        result = gate_bias(probabilities, self.threshold, self.negative_value)
+        return self._finish(key, result, cond_rows, info)
+
+    def _finish(self, key, result: GateResult, cond_rows, info) -> GateResult:
         if cond_rows is not None:
-            result.bias = result.bias * cond_rows.to(result.bias.dtype)[:, None, None]
+            result.bias = result.bias * cond_rows.to(device=result.bias.device, dtype=result.bias.dtype)[:, None, None]
         for observe in self.observers:
             observe(key, result, info or {})
         return result
 
-    def bias(self, key: SiteKey, features: Tensor, context: Tensor, cond_rows: Tensor | None = None,
-             info: dict | None = None) -> Tensor | None:
-        """The additive bias [B, N, T] for one site, or None when it would suppress nothing."""
-        result = self.compute(key, features, context, cond_rows, info)
+    def usable(self, result: GateResult) -> Tensor | None:
+        """The additive bias [B, N, T], or None when it would suppress nothing (see skip_unmasked)."""
         if self.skip_unmasked and not bool((result.bias != 0).any()):
             return None
         return result.bias
+
+    def bias(self, key: SiteKey, features: Tensor, context: Tensor, cond_rows: Tensor | None = None,
+             info: dict | None = None) -> Tensor | None:
+        """The additive bias [B, N, T] for one site from its input features, or None when it suppresses nothing."""
+        return self.usable(self.compute(key, features, context, cond_rows, info))

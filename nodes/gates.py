@@ -83,11 +83,11 @@ class MaskAttnApply:
             maskattn.check_fits(all_sites)
         except (UnsupportedModelError, GateMismatchError) as e:
             raise NodeError(f"Apply MaskAttn: {e}") from None
-        sites = [s for s in select_sites(all_sites, stage, placement) if s.key in maskattn.site_heads]
+        sites = [s for s in select_sites(all_sites, stage, placement) if maskattn.covers(s.key)]
         if not sites:
             raise NodeError(
                 f"Apply MaskAttn: the gate file {maskattn.source or ''} has heads for stage '{maskattn.stage}' "
-                f"({len(maskattn.site_heads)} layers), none of which pass stage='{stage}', placement='{placement}'. "
+                f"({len(getattr(maskattn, 'site_heads', ()))} layers), none of which pass stage='{stage}', placement='{placement}'. "
                 f"Set stage to 'all' or to '{maskattn.stage}'."
             )
         sampling = model.model.model_sampling

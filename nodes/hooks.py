@@ -116,7 +116,7 @@ class MaskAttnGatePatch:
                 "MaskAttn: the attention at %s was replaced by another node applied after 'Apply MaskAttn'; that "
                 "layer runs unmasked. Put 'Apply MaskAttn' after that node.", key_to_name(self._pending[0]))
         self._pending = None
-        if key not in self.runtime.sites or not self.clock.active(extra_options):
+        if key not in self.runtime.sites or self.runtime.gates.needs_attention or not self.clock.active(extra_options):
             return n, context, value
         bias = self.runtime.bias(key, n, context, _cond_rows(self.runtime, extra_options, n.shape[0]), extra_options)
         if bias is not None:
@@ -133,7 +133,7 @@ def _cond_rows(runtime: GateRuntime, extra_options, batch: int):
         return None
     chunks = extra_options.get("cond_or_uncond") or [0]
     per = batch // len(chunks)
-    rows = torch.tensor([c == 0 for c in chunks for _ in range(per)], dtype=torch.bool)
+    rows = torch.tensor([c == 0 for c in chunks for _ in range(per)], dtype=torch.bool)  # host tensor: no sync
     return rows if rows.numel() == batch else None
 
 
@@ -168,7 +168,12 @@ class MaskAttnAttention:
     def __call__(self, q, k, v, extra_options):
         bias = extra_options.pop(BIAS_KEY, None)
         self.patch.consumed()
-        override = self.patch.runtime.attention_override
+        runtime = self.patch.runtime
+        if runtime.gates.needs_attention and self.key in runtime.sites and self.patch.clock.active(extra_options):
+            heads = extra_options["n_heads"]
+            rows = _cond_rows(runtime, extra_options, q.shape[0])
+            bias = runtime.usable(runtime.compute_from_attention(self.key, q, k, heads, rows, extra_options))
+        override = runtime.attention_override
         if override is None:
             out = host_attention(q, k, v, extra_options["n_heads"], bias, extra_options)
         else:

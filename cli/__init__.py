@@ -1,0 +1,1 @@
+"""Command-line entry points, run from the pack folder: `python -m cli.train ...`, `python -m cli.run_example ...`."""
