@@ -33,16 +33,76 @@ class GateRuntime:
     # None: the host's attention backend. Training sets explicit_attention (differentiable on every device).
     attention_override: Callable | None = None
 
+    def __post_init__(self):
+        self._token_cache: dict[int, tuple[Tensor, Tensor]] = {}  # head index -> (context, token_net(context))
+        self._scalars: dict[tuple, Tensor] = {}
+
     def __deepcopy__(self, memo):  # shared by a model and its clones; it holds no per-run tensors
         return self
 
+    def _head(self, key: SiteKey, device: torch.device):
+        index = self.gates.site_heads[key]
+        return index, self.gates.heads_on(device)[index]
+
     def compute(self, key: SiteKey, features: Tensor, context: Tensor, cond_rows: Tensor | None = None,
                 info: dict | None = None) -> GateResult:
-        """Gate for one site. features [B, N, C], context [B, T, D]; cond_rows [B] bool restricts gating to those rows."""
-        head = self.gates.heads_on(features.device)[self.gates.site_heads[key]]
+        """The straightforward gate for one site (the spec line by line; differentiable: training uses it).
+
+        features [B, N, C], context [B, T, D]; cond_rows [B] bool restricts gating to those rows.
+        """
+        _, head = self._head(key, features.device)
         probabilities = torch.sigmoid(head.logits(features.float(), context.float()))
         result = gate_bias(probabilities, self.threshold, self.negative_value)
         return self._finish(key, result, cond_rows, info)
+
+    def _token_features(self, index: int, head, context: Tensor) -> Tensor:
+        """token_net(context), computed once per conditioning tensor: every layer a head serves in one model call
+        gets the same context object, so a stage-shared head runs its text MLP once per step instead of per layer."""
+        cached = self._token_cache.get(index)
+        if cached is not None and cached[0] is context:
+            return cached[1]
+        g = head.token_features(context.float())
+        self._token_cache[index] = (context, g)
+        return g
+
+    def fast_bias(self, key: SiteKey, features: Tensor, context: Tensor, cond_rows: Tensor | None = None,
+                  info: dict | None = None) -> Tensor | None:
+        """Sampling-time gate: the same values as `compute` bit for bit, with fewer kernels and one sync.
+
+        The text side is cached per conditioning; the all-kept / empty-row checks share one host sync; the fallback
+        kernels run only when some row is empty; the bias is built in one kernel, in the model's dtype.
+        """
+        index, head = self._head(key, features.device)
+        if torch.is_grad_enabled() and head.logit_bias.requires_grad:  # training: gradients need the plain path
+            return self.usable(self.compute(key, features, context, cond_rows, info))
+        g = self._token_features(index, head, context)
+        probabilities = torch.sigmoid(head.logits(features.float(), context, token_features=g))
+        hard = probabilities > self.threshold
+        if cond_rows is not None:  # rows left ungated keep every token
+            hard |= ~cond_rows.to(hard.device)[:, None, None]
+        empty = ~hard.any(dim=-1, keepdim=True)
+        if self.skip_unmasked:
+            all_kept, any_empty = torch.stack((hard.all(), empty.any())).tolist()
+            if all_kept and not self.observers:
+                return None
+        else:
+            all_kept, any_empty = False, True
+        if any_empty:
+            fallback = torch.zeros_like(hard).scatter_(-1, probabilities.argmax(dim=-1, keepdim=True), True)
+            hard = torch.where(empty, fallback, hard)
+        bias = torch.where(hard, self._scalar(0.0, features), self._scalar(self.negative_value, features))
+        if self.observers:
+            result = GateResult(probabilities=probabilities, hard=hard.to(probabilities.dtype), bias=bias)
+            for observe in self.observers:
+                observe(key, result, info or {})
+        return None if all_kept else bias
+
+    def _scalar(self, value: float, like: Tensor) -> Tensor:
+        key = (value, like.dtype, like.device)
+        t = self._scalars.get(key)
+        if t is None:
+            t = self._scalars[key] = torch.tensor(value, dtype=like.dtype, device=like.device)
+        return t
 
     def compute_from_attention(self, key: SiteKey, q: Tensor, k: Tensor, heads: int, cond_rows: Tensor | None = None,
                                info: dict | None = None) -> GateResult:
@@ -67,4 +127,4 @@ class GateRuntime:
     def bias(self, key: SiteKey, features: Tensor, context: Tensor, cond_rows: Tensor | None = None,
              info: dict | None = None) -> Tensor | None:
         """The additive bias [B, N, T] for one site from its input features, or None when it suppresses nothing."""
-        return self.usable(self.compute(key, features, context, cond_rows, info))
+        return self.fast_bias(key, features, context, cond_rows, info)

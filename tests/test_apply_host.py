@@ -429,3 +429,19 @@ def test_clone_does_not_copy_gate_weights(host, pack, sdxl):
     clone = copy.deepcopy(patched.model_options)
     ours = [p for p in clone["transformer_options"]["patches"]["attn2_patch"] if isinstance(p, hooks.MaskAttnGatePatch)]
     assert ours[0].runtime.gates is hooks.installed_runtime(patched).gates
+
+
+# --- issue 5: the fast path changes no pixel -------------------------------------------------------------------------
+@pytest.mark.parametrize("gate_uncond", [True, False])
+def test_fast_path_samples_bit_identical_to_the_straightforward_path(host, pack, sdxl, monkeypatch, gate_uncond):
+    from comfyui_maskattn.masks.runtime import GateRuntime
+
+    pos, neg = conds(host, sdxl, 77, 154)
+    gates = make_gates(sdxl)
+    fast = host.ksample(apply(pack, sdxl, gates, gate_uncond=gate_uncond), pos, neg)
+
+    def straightforward(self, key, features, context, cond_rows=None, info=None):
+        return self.usable(self.compute(key, features, context, cond_rows, info))
+
+    monkeypatch.setattr(GateRuntime, "bias", straightforward)
+    assert torch.equal(host.ksample(apply(pack, sdxl, gates, gate_uncond=gate_uncond), pos, neg), fast)

@@ -1,0 +1,104 @@
+"""Sampling-time cost of MaskAttn, measured side by side in one process through ComfyUI's real KSampler path.
+
+    python benchmarks/sampling_overhead.py                 # tiny SDXL-topology model on the CPU
+    python benchmarks/sampling_overhead.py --sdxl-size     # SDXL-size random weights (on CUDA when present)
+
+Prints, for the untouched model and the patched model (mid stage, all stages): median seconds per sampling run,
+the ratio to untouched, and peak memory; rounds are interleaved so drift hits every case alike. Timings are
+reported, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sdxl-size", action="store_true", help="model_channels 320, depth (0,2,10), context 2048")
+    ap.add_argument("--size", type=int, default=None, help="image side in pixels (default 128 tiny, 1024 sdxl-size)")
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of one patched run")
+    args = ap.parse_args(argv)
+
+    import comfy_host
+
+    cuda = torch.cuda.is_available()
+    comfy_host.register_pack()
+    comfy_host.load_host()
+    from comfyui_maskattn.masks.gates import MaskAttnGates
+    from comfyui_maskattn.masks.topology import select_sites
+    from comfyui_maskattn.nodes import hooks
+
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if cuda else torch.float32)
+    if args.sdxl_size:
+        model = comfy_host.tiny_sdxl(seed=0, transformer_depth=(0, 2, 10), context_dim=2048, dtype=dtype,
+                                     model_channels=320, num_head_channels=64)
+        size = args.size or 1024
+    else:
+        model = comfy_host.tiny_sdxl(seed=0, transformer_depth=(0, 2, 10), dtype=dtype)
+        size = args.size or 128
+    device = torch.device("cuda" if cuda else "cpu")
+    pos, neg = comfy_host.make_cond(model, seed=1), comfy_host.make_cond(model, seed=2)
+
+    sites = hooks.model_sites(model)
+    cases = {"untouched": model}
+    for stage in ("mid", "all"):
+        chosen = select_sites(sites, stage, "encoder_decoder")
+        gates = MaskAttnGates.fresh(chosen, hidden_dim=128, seed=0, stage=stage)
+        cases[f"maskattn {stage} ({len(chosen)} layers)"] = hooks.install(
+            model, gates, chosen, threshold=0.5, negative_value=-1e4)[0]
+
+    def run(m):
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        comfy_host.ksample(m, pos, neg, steps=args.steps, cfg=5.0, width=size, height=size)
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    for m in cases.values():  # warm-up: loads weights, builds caches
+        run(m)
+    times = {name: [] for name in cases}
+    peaks = {}
+    for _ in range(args.rounds):
+        for name, m in cases.items():
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            times[name].append(run(m))
+            if cuda:
+                peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated())
+    base = statistics.median(times["untouched"])
+    card = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"device: {card}; dtype {dtype}; {size}x{size}px, {args.steps} steps, cfg 5 (cond+uncond batch), "
+          f"median of {args.rounds} interleaved rounds; host {comfy_host.HOST_PATH}")
+    print(f"{'case':32s} {'s/run':>8s} {'ratio':>6s} {'peak MiB':>9s}")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        peak = f"{peaks[name] / 2**20:9.0f}" if name in peaks else f"{'n/a':>9s}"
+        print(f"{name:32s} {med:8.4f} {med / base:6.3f} {peak}")
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=acts) as prof:
+            run(list(cases.values())[-1])
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
