@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 from ..masks.gate import strength_to_negative_value
 from ..masks.gatefile import GateFileError, load_gates, save_gates
@@ -113,20 +114,19 @@ class MaskAttnSaveGates:
         return {"required": {"maskattn": ("MASKATTN",), "filename_prefix": ("STRING", {"default": "maskattn_gates"})}}
 
     def save(self, maskattn: MaskAttnGates, filename_prefix):
-        import folder_paths
-
-        root = paths.save_dir()
+        root = os.path.abspath(paths.save_dir())
         prefix = os.path.normpath(filename_prefix.strip() or "maskattn_gates")
         folder = os.path.abspath(os.path.join(root, os.path.dirname(prefix)))
-        if os.path.isabs(prefix) or os.path.commonpath((os.path.abspath(root), folder)) != os.path.abspath(root):
+        if os.path.isabs(prefix) or os.path.commonpath((root, folder)) != root:
             raise NodeError(f"Save MaskAttn Gates: filename_prefix {filename_prefix!r} points outside {root}; use a "
                             f"name (or sub/folder/name) inside it.")
         os.makedirs(folder, exist_ok=True)
-        full_folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(prefix, root)
-        path = os.path.join(full_folder, f"{filename}_{counter:05}.safetensors")
+        stem = os.path.basename(prefix)
+        taken = [int(m.group(1)) for f in os.listdir(folder)
+                 if (m := re.fullmatch(re.escape(stem) + r"_(\d+)\.safetensors", f))]
+        path = os.path.join(folder, f"{stem}_{max(taken, default=0) + 1:05}.safetensors")
         save_gates(maskattn, path)
-        name = os.path.relpath(path, root)
-        return {"ui": {"text": [name]}, "result": ()}
+        return {"ui": {"text": [os.path.relpath(path, root)]}, "result": ()}
 
 
 NODE_CLASS_MAPPINGS = {
