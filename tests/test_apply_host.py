@@ -445,3 +445,21 @@ def test_fast_path_samples_bit_identical_to_the_straightforward_path(host, pack,
 
     monkeypatch.setattr(GateRuntime, "bias", straightforward)
     assert torch.equal(host.ksample(apply(pack, sdxl, gates, gate_uncond=gate_uncond), pos, neg), fast)
+
+
+def test_modern_hosts_attention_override_sees_the_masked_attention(host, pack, sdxl):
+    import comfy.ldm.modules.attention as attention
+
+    if not hasattr(attention, "wrap_attn"):
+        pytest.skip("this ComfyUI has no optimized_attention_override (added in 0.3.60); nothing to honour")
+    seen = []
+
+    def override(func, *args, **kwargs):
+        seen.append(kwargs.get("mask") is not None or (len(args) > 4 and args[4] is not None))
+        return func(*args, **kwargs)
+
+    patched = apply(pack, sdxl, make_gates(sdxl))
+    patched.model_options["transformer_options"]["optimized_attention_override"] = override
+    pos, neg = conds(host, sdxl)
+    host.ksample(patched, pos, neg, steps=1)
+    assert any(seen)  # the masked calls went through the user's override, not around it
