@@ -14,6 +14,7 @@ import argparse
 import statistics
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -30,6 +31,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--straightforward", action="store_true", help="also time the unoptimised spec path")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of one patched run")
     args = ap.parse_args(argv)
 
@@ -60,6 +62,11 @@ def main(argv=None):
         gates = MaskAttnGates.fresh(chosen, hidden_dim=128, seed=0, stage=stage)
         cases[f"maskattn {stage} ({len(chosen)} layers)"] = hooks.install(
             model, gates, chosen, threshold=0.5, negative_value=-1e4)[0]
+        if args.straightforward:  # the spec path line by line, as before the speed work
+            patched, runtime = hooks.install(model, gates, chosen, threshold=0.5, negative_value=-1e4)
+            runtime.bias = types.MethodType(
+                lambda self, key, f, c, rows=None, info=None: self.usable(self.compute(key, f, c, rows, info)), runtime)
+            cases[f"  straightforward {stage}"] = patched
 
     def run(m):
         if cuda:

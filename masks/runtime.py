@@ -35,7 +35,6 @@ class GateRuntime:
 
     def __post_init__(self):
         self._token_cache: dict[int, tuple[Tensor, Tensor]] = {}  # head index -> (context, token_net(context))
-        self._scalars: dict[tuple, Tensor] = {}
 
     def __deepcopy__(self, memo):  # shared by a model and its clones; it holds no per-run tensors
         return self
@@ -70,39 +69,39 @@ class GateRuntime:
         """Sampling-time gate: the same values as `compute` bit for bit, with fewer kernels and one sync.
 
         The text side is cached per conditioning; the all-kept / empty-row checks share one host sync; the fallback
-        kernels run only when some row is empty; the bias is built in one kernel, in the model's dtype.
+        kernels run only when some row is empty; row checks use min/max of P; the bias is made in the model dtype.
         """
         index, head = self._head(key, features.device)
         if torch.is_grad_enabled() and head.logit_bias.requires_grad:  # training: gradients need the plain path
             return self.usable(self.compute(key, features, context, cond_rows, info))
         g = self._token_features(index, head, context)
         probabilities = torch.sigmoid(head.logits(features.float(), context, token_features=g))
-        hard = probabilities > self.threshold
+        # Row statistics on the probabilities are cheaper than reductions over the boolean gate, and exact:
+        # a row keeps no token  <=>  max P <= threshold;  a row keeps every token  <=>  min P > threshold.
+        empty = probabilities.amax(dim=-1, keepdim=True) <= self.threshold
+        open_rows = probabilities.amin(dim=(1, 2)) > self.threshold
         if cond_rows is not None:  # rows left ungated keep every token
-            hard |= ~cond_rows.to(hard.device)[:, None, None]
-        empty = ~hard.any(dim=-1, keepdim=True)
+            cond_rows = cond_rows.to(probabilities.device)
+            empty &= cond_rows[:, None, None]
+            open_rows |= ~cond_rows
         if self.skip_unmasked:
-            all_kept, any_empty = torch.stack((hard.all(), empty.any())).tolist()
+            all_kept, any_empty = torch.stack((open_rows.all(), empty.any())).tolist()
             if all_kept and not self.observers:
                 return None
         else:
             all_kept, any_empty = False, True
-        if any_empty:
-            fallback = torch.zeros_like(hard).scatter_(-1, probabilities.argmax(dim=-1, keepdim=True), True)
-            hard = torch.where(empty, fallback, hard)
-        bias = torch.where(hard, self._scalar(0.0, features), self._scalar(self.negative_value, features))
+        hard = probabilities > self.threshold
+        if cond_rows is not None:
+            hard |= ~cond_rows[:, None, None]
+        if any_empty:  # empty rows keep their argmax token (they have no other True to clash with)
+            hard |= empty & torch.zeros_like(hard).scatter_(-1, probabilities.argmax(dim=-1, keepdim=True), True)
+        bias = hard.logical_not().to(features.dtype).mul_(self.negative_value)
         if self.observers:
             result = GateResult(probabilities=probabilities, hard=hard.to(probabilities.dtype), bias=bias)
             for observe in self.observers:
                 observe(key, result, info or {})
         return None if all_kept else bias
 
-    def _scalar(self, value: float, like: Tensor) -> Tensor:
-        key = (value, like.dtype, like.device)
-        t = self._scalars.get(key)
-        if t is None:
-            t = self._scalars[key] = torch.tensor(value, dtype=like.dtype, device=like.device)
-        return t
 
     def compute_from_attention(self, key: SiteKey, q: Tensor, k: Tensor, heads: int, cond_rows: Tensor | None = None,
                                info: dict | None = None) -> GateResult:
