@@ -38,7 +38,7 @@ def main(argv=None):
     import comfy_host
 
     cuda = torch.cuda.is_available()
-    comfy_host.register_pack()
+    comfy_host._bootstrap.load_host(comfy_host.HOST_PATH, cpu=not cuda)  # first load decides: GPU when present
     comfy_host.load_host()
     from comfyui_maskattn.masks.gates import MaskAttnGates
     from comfyui_maskattn.masks.topology import select_sites
@@ -47,12 +47,12 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if cuda else torch.float32)
     if args.sdxl_size:
         model = comfy_host.tiny_sdxl(seed=0, transformer_depth=(0, 2, 10), context_dim=2048, dtype=dtype,
-                                     model_channels=320, num_head_channels=64)
+                                     model_channels=320, num_head_channels=64, device="cuda" if cuda else None)
         size = args.size or 1024
     else:
-        model = comfy_host.tiny_sdxl(seed=0, transformer_depth=(0, 2, 10), dtype=dtype)
+        model = comfy_host.tiny_sdxl(seed=0, transformer_depth=(0, 2, 10), dtype=dtype,
+                                     device="cuda" if cuda else None)
         size = args.size or 128
-    device = torch.device("cuda" if cuda else "cpu")
     pos, neg = comfy_host.make_cond(model, seed=1), comfy_host.make_cond(model, seed=2)
 
     sites = hooks.model_sites(model)

@@ -115,14 +115,14 @@ def _init_weights_(unet: torch.nn.Module, seed: int):
     assert not missing, missing
 
 
-def _patcher(model_config, base_cls, seed):
+def _patcher(model_config, base_cls, seed, device=None):
     import comfy.model_patcher
 
     cpu = torch.device("cpu")
     model = base_cls(model_config, device=cpu)
     _init_weights_(model.diffusion_model, seed)
     model.eval()
-    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device(device or cpu), offload_device=cpu)
 
 
 def _unet_config(model_channels, num_levels, depths, context_dim, adm_in_channels, dtype, linear):
@@ -160,6 +160,8 @@ def tiny_sdxl(
     *,
     num_head_channels=16,
     manual_cast_dtype=None,
+    model_channels=32,
+    device=None,
 ):
     """A tiny random SDXL-architecture UNet (ComfyUI's own SDXL classes) in a CPU ModelPatcher.
 
@@ -168,6 +170,8 @@ def tiny_sdxl(
     is per level, like SDXL's (0, 2, 10); the middle block takes the last level's depth.
     adm_in_channels = context_dim (pooled) + 1536 (size embeddings). Weights are ``dtype`` and the
     UNet computes in ``dtype`` (no manual cast) unless ``manual_cast_dtype`` is given.
+    ``model_channels=320, transformer_depth=(0, 2, 10), context_dim=2048, num_head_channels=64`` is the real SDXL
+    UNet's size (random weights, for benchmarks).
     """
     load_host()
     import comfy.model_base
@@ -176,13 +180,13 @@ def tiny_sdxl(
     depths = [int(d) for d in transformer_depth]
     if len(depths) != 3:
         raise ValueError("transformer_depth: one depth per level, 3 levels")
-    cfg = _unet_config(32, 3, depths, context_dim, context_dim + SDXL_SIZE_EMBED_DIM, dtype, True)
+    cfg = _unet_config(model_channels, 3, depths, context_dim, context_dim + SDXL_SIZE_EMBED_DIM, dtype, True)
     cfg["channel_mult"] = [1, 2, 4]
     cfg["num_classes"] = "sequential"
     model_config = comfy.supported_models.SDXL(cfg)  # forces num_head_channels=64, num_heads=-1
     model_config.unet_config["num_head_channels"] = num_head_channels
     model_config.set_inference_dtype(dtype, manual_cast_dtype)
-    return _patcher(model_config, comfy.model_base.SDXL, seed)
+    return _patcher(model_config, comfy.model_base.SDXL, seed, device)
 
 
 def tiny_sd15(seed=0, context_dim=64, dtype=torch.float32, *, num_heads=8, manual_cast_dtype=None):
