@@ -77,6 +77,9 @@ class MaskAttnApply:
 
     def apply(self, model, maskattn: MaskAttnGates, threshold, strength, stage, placement, start_percent, end_percent,
               gate_uncond=True):
+        # A gate source may carry its own start (zero-shot gates: skip the steps before layout settles); the later
+        # of the two wins. Learned gates carry none, so for them start_percent is used as given.
+        start_percent = max(start_percent, float(getattr(maskattn, "start_percent", 0.0)))
         if strength <= 0.0 or start_percent >= end_percent:
             return (model.clone(),)
         try:
@@ -86,9 +89,10 @@ class MaskAttnApply:
             raise NodeError(f"Apply MaskAttn: {e}") from None
         sites = [s for s in select_sites(all_sites, stage, placement) if maskattn.covers(s.key)]
         if not sites:
+            covered = sum(maskattn.covers(s.key) for s in all_sites)
             raise NodeError(
-                f"Apply MaskAttn: the gate file {maskattn.source or ''} has heads for stage '{maskattn.stage}' "
-                f"({len(getattr(maskattn, 'site_heads', ()))} layers), none of which pass stage='{stage}', placement='{placement}'. "
+                f"Apply MaskAttn: the gates {maskattn.source or ''} cover stage '{maskattn.stage}' ({covered} layers "
+                f"of this model), none of which pass stage='{stage}', placement='{placement}'. "
                 f"Set stage to 'all' or to '{maskattn.stage}'."
             )
         sampling = model.model.model_sampling
@@ -114,6 +118,10 @@ class MaskAttnSaveGates:
         return {"required": {"maskattn": ("MASKATTN",), "filename_prefix": ("STRING", {"default": "maskattn_gates"})}}
 
     def save(self, maskattn: MaskAttnGates, filename_prefix):
+        if not isinstance(maskattn, MaskAttnGates):
+            raise NodeError(f"Save MaskAttn Gates: {getattr(maskattn, 'kind', type(maskattn).__name__)} gates are "
+                            f"computed from the prompt at sampling time and have no weights to save; connect learned "
+                            f"gates (Load or Train MaskAttn Gates).")
         root = os.path.abspath(paths.save_dir())
         prefix = os.path.normpath(filename_prefix.strip() or "maskattn_gates")
         folder = os.path.abspath(os.path.join(root, os.path.dirname(prefix)))

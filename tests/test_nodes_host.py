@@ -100,3 +100,13 @@ def test_pack_root_registers_its_nodes_and_web_directory(host):
     for cls in module.NODE_CLASS_MAPPINGS.values():  # classic V1 nodes: what every ComfyUI runs
         assert cls.CATEGORY.startswith("MaskAttn") and isinstance(cls.RETURN_TYPES, tuple)
         assert callable(getattr(cls, cls.FUNCTION)) and "required" in cls.INPUT_TYPES()
+
+
+def test_save_refuses_gates_without_weights(host, maskattn_dirs):
+    from comfyui_maskattn.nodes.gates import MaskAttnSaveGates
+
+    class PromptGates:  # what a training-free source looks like to Save: no heads
+        kind = "zero-shot"
+
+    with pytest.raises(ValueError, match="Save MaskAttn Gates: zero-shot gates .* no weights to save"):
+        MaskAttnSaveGates().save(PromptGates(), "x")
