@@ -1,0 +1,158 @@
+"""Writes the example workflows in workflows/ (UI format + API-format twin) from one description each.
+
+    python tests/workflow_build.py          # rewrite workflows/*.json
+    (tests/test_workflows.py checks the files are what this script writes, and that both formats agree)
+
+A node is (id, class_type, widgets in the frontend's widget order, {input: (source id, output slot)}).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows"
+
+# Sockets (name, type) and widget names per class, in the order ComfyUI's INPUT_TYPES lists them. Widgets that the
+# frontend adds itself (KSampler's control_after_generate) are named too, since they sit in widgets_values.
+SOCKETS = {
+    "CheckpointLoaderSimple": ([], ["ckpt_name"], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]),
+    "CLIPTextEncode": ([("clip", "CLIP")], ["text"], [("CONDITIONING", "CONDITIONING")]),
+    "EmptyLatentImage": ([], ["width", "height", "batch_size"], [("LATENT", "LATENT")]),
+    "KSampler": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                  ("latent_image", "LATENT")],
+                 ["seed", "control_after_generate", "steps", "cfg", "sampler_name", "scheduler", "denoise"],
+                 [("LATENT", "LATENT")]),
+    "VAEDecode": ([("samples", "LATENT"), ("vae", "VAE")], [], [("IMAGE", "IMAGE")]),
+    "SaveImage": ([("images", "IMAGE")], ["filename_prefix"], []),
+    "ImageBatch": ([("image1", "IMAGE"), ("image2", "IMAGE")], [], [("IMAGE", "IMAGE")]),
+    "MaskAttnLoadGates": ([], ["gate_name"], [("maskattn", "MASKATTN")]),
+    "MaskAttnApply": ([("model", "MODEL"), ("maskattn", "MASKATTN")],
+                      ["threshold", "strength", "stage", "placement", "start_percent", "end_percent", "gate_uncond"],
+                      [("MODEL", "MODEL")]),
+    "MaskAttnRecordGates": ([("model", "MODEL")], ["layers", "steps", "record_uncond", "max_side", "cap_mb"],
+                            [("MODEL", "MODEL")]),
+    "MaskAttnPreviewGates": ([("model", "MODEL"), ("image", "IMAGE"), ("latent", "LATENT"),
+                              ("conditioning", "CONDITIONING"), ("clip", "CLIP")],
+                             ["layers", "step", "rows", "tokens", "show", "opacity", "batch_index", "text"],
+                             [("grid", "IMAGE"), ("masks", "MASK")]),
+}
+FRONTEND_ONLY_WIDGETS = {"control_after_generate"}
+
+CHECKPOINT = "sd_xl_base_1.0.safetensors"
+GATES = "maskattn_sdxl_mid.safetensors"
+PROMPT = "a photo of a red cube on top of a blue sphere, a yellow cat beside them, studio light"
+NEGATIVE = "blurry, low quality, watermark"
+SEED = 42
+APPLY = [0.5, 1.0, "all", "encoder_decoder", 0.0, 1.0, True]  # the method: threshold 0.5, full strength
+
+
+def viewer_workflow():
+    """(a) SDXL txt2img with Load + Apply MaskAttn, recording, and the gate viewer."""
+    return "maskattn_sdxl_viewer", [
+        (1, "CheckpointLoaderSimple", [CHECKPOINT], {}, (40, 120)),
+        (2, "MaskAttnLoadGates", [GATES], {}, (40, 330)),
+        (3, "MaskAttnApply", APPLY, {"model": (1, 0), "maskattn": (2, 0)},
+         (400, 120)),
+        (4, "MaskAttnRecordGates", ["all", "all", False, 32, 64], {"model": (3, 0)}, (760, 120)),
+        (5, "CLIPTextEncode", [PROMPT], {"clip": (1, 1)}, (400, 440)),
+        (6, "CLIPTextEncode", [NEGATIVE], {"clip": (1, 1)}, (400, 660)),
+        (7, "EmptyLatentImage", [1024, 1024, 1], {}, (760, 660)),
+        (8, "KSampler", [SEED, "fixed", 25, 7.0, "euler", "normal", 1.0],
+         {"model": (4, 0), "positive": (5, 0), "negative": (6, 0), "latent_image": (7, 0)}, (1100, 120)),
+        (9, "VAEDecode", [], {"samples": (8, 0), "vae": (1, 2)}, (1460, 120)),
+        (10, "SaveImage", ["MaskAttn"], {"images": (9, 0)}, (1460, 260)),
+        (11, "MaskAttnPreviewGates", ["mean", "mean", "layers", "", "gate", 0.6, 0, ""],
+         {"model": (4, 0), "image": (9, 0), "conditioning": (5, 0)}, (1800, 120)),
+    ]
+
+
+def compare_workflow():
+    """(b) the same seed with and without MaskAttn, side by side in one image batch."""
+    return "maskattn_sdxl_compare", [
+        (1, "CheckpointLoaderSimple", [CHECKPOINT], {}, (40, 120)),
+        (2, "MaskAttnLoadGates", [GATES], {}, (40, 330)),
+        (3, "MaskAttnApply", APPLY, {"model": (1, 0), "maskattn": (2, 0)},
+         (400, 120)),
+        (5, "CLIPTextEncode", [PROMPT], {"clip": (1, 1)}, (400, 440)),
+        (6, "CLIPTextEncode", [NEGATIVE], {"clip": (1, 1)}, (400, 660)),
+        (7, "EmptyLatentImage", [1024, 1024, 1], {}, (760, 660)),
+        (8, "KSampler", [SEED, "fixed", 25, 7.0, "euler", "normal", 1.0],
+         {"model": (1, 0), "positive": (5, 0), "negative": (6, 0), "latent_image": (7, 0)}, (1100, 40)),
+        (9, "KSampler", [SEED, "fixed", 25, 7.0, "euler", "normal", 1.0],
+         {"model": (3, 0), "positive": (5, 0), "negative": (6, 0), "latent_image": (7, 0)}, (1100, 400)),
+        (10, "VAEDecode", [], {"samples": (8, 0), "vae": (1, 2)}, (1460, 40)),
+        (11, "VAEDecode", [], {"samples": (9, 0), "vae": (1, 2)}, (1460, 400)),
+        (12, "ImageBatch", [], {"image1": (10, 0), "image2": (11, 0)}, (1720, 200)),
+        (13, "SaveImage", ["MaskAttn_without_vs_with"], {"images": (12, 0)}, (1960, 200)),
+    ]
+
+
+TITLES = {(("maskattn_sdxl_compare", 8)): "KSampler (without MaskAttn)",
+          (("maskattn_sdxl_compare", 9)): "KSampler (with MaskAttn)"}
+
+
+def api_format(nodes) -> dict:
+    prompt = {}
+    for node_id, cls, widgets, links, _ in nodes:
+        sockets, widget_names, _ = SOCKETS[cls]
+        inputs = {}
+        names = [w for w in widget_names if w not in FRONTEND_ONLY_WIDGETS]
+        values = [v for w, v in zip(widget_names, widgets) if w not in FRONTEND_ONLY_WIDGETS]
+        assert len(widget_names) == len(widgets), (cls, widgets)
+        inputs.update(zip(names, values))
+        for name, (src, slot) in links.items():
+            inputs[name] = [str(src), slot]
+        prompt[str(node_id)] = {"inputs": inputs, "class_type": cls}
+    return prompt
+
+
+def ui_format(name, nodes) -> dict:
+    links, out_links = [], {}
+    for node_id, cls, _, node_links, _ in nodes:
+        sockets = [s for s, _ in SOCKETS[cls][0]]
+        for input_name, (src, slot) in node_links.items():
+            link_id = len(links) + 1
+            src_cls = next(n[1] for n in nodes if n[0] == src)
+            links.append([link_id, src, slot, node_id, sockets.index(input_name), SOCKETS[src_cls][2][slot][1]])
+            out_links.setdefault((src, slot), []).append(link_id)
+    in_links = {(lk[3], lk[4]): lk[0] for lk in links}
+    ui_nodes = []
+    for order, (node_id, cls, widgets, _, pos) in enumerate(nodes):
+        sockets, _, outputs = SOCKETS[cls]
+        node = {
+            "id": node_id, "type": cls, "pos": list(pos), "size": [320, 100 + 26 * len(widgets)], "flags": {},
+            "order": order, "mode": 0,
+            "inputs": [{"name": n, "type": t, "link": in_links.get((node_id, i))} for i, (n, t) in enumerate(sockets)],
+            "outputs": [{"name": n, "type": t, "links": out_links.get((node_id, i), []), "slot_index": i}
+                        for i, (n, t) in enumerate(outputs)],
+            "properties": {"Node name for S&R": cls},
+            "widgets_values": list(widgets),
+        }
+        if (name, node_id) in TITLES:
+            node["title"] = TITLES[(name, node_id)]
+        if cls == "MaskAttnPreviewGates":
+            node["size"] = [520, 760]
+        ui_nodes.append(node)
+    return {"last_node_id": max(n[0] for n in nodes), "last_link_id": len(links), "nodes": ui_nodes, "links": links,
+            "groups": [], "config": {}, "extra": {}, "version": 0.4}
+
+
+def build() -> dict[str, dict]:
+    files = {}
+    for make in (viewer_workflow, compare_workflow):
+        name, nodes = make()
+        files[f"{name}.json"] = ui_format(name, nodes)
+        files[f"{name}_api.json"] = api_format(nodes)
+    return files
+
+
+def dumps(data) -> str:
+    return json.dumps(data, indent=2) + "\n"
+
+
+if __name__ == "__main__":
+    WORKFLOWS.mkdir(exist_ok=True)
+    for filename, data in build().items():
+        (WORKFLOWS / filename).write_text(dumps(data))
+        print("wrote", WORKFLOWS / filename)
