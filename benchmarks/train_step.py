@@ -1,0 +1,178 @@
+"""Cost of a MaskAttn gate-training step against a plain forward+backward of the same frozen model, side by side.
+
+    python benchmarks/train_step.py                  # tiny SDXL-topology model on the CPU, 64 px
+    python benchmarks/train_step.py --sdxl-size      # SDXL-size random weights, 1024 px, batch 1 (CUDA when present)
+
+"plain": the untouched model, forward + backward to its input (the UNet frozen, as in training).
+"gated": one full training step (nodes/train.py + masks/train.py): gate heads at the chosen stage, masked attention
+on the differentiable path, denoising loss, backward to the gates, clipping and the AdamW update.
+Rounds are interleaved so drift hits both alike; prints the median seconds, the ratio and the peak memory (CUDA:
+max allocated; CPU: not measured). Timings are reported, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def _init_(module: torch.nn.Module, seed: int):
+    """Random weights: N(0, 1/fan_in) for matrices, norms at identity, zero biases (ComfyUI leaves them empty)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            for name, p in m.named_parameters(recurse=False):
+                if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
+                    p.fill_(1.0 if name == "weight" else 0.0)
+                elif p.ndim < 2:
+                    p.zero_()
+                else:
+                    fan_in = p[0].numel()
+                    p.copy_((torch.randn(p.shape, generator=gen) / fan_in**0.5).to(p.dtype))
+
+
+def build_model(sdxl_size: bool, dtype, device):
+    """An SDXL-architecture ModelPatcher with random weights: real SDXL size, or a tiny one (channels 32)."""
+    import comfy.model_base
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    channels, depth, context, heads_ch = (320, (0, 2, 10), 2048, 64) if sdxl_size else (32, (0, 2, 2), 64, 16)
+    cfg = {
+        "use_checkpoint": False,
+        "image_size": 32,
+        "in_channels": 4,
+        "out_channels": 4,
+        "model_channels": channels,
+        "num_res_blocks": [2, 2, 2],
+        "channel_mult": [1, 2, 4],
+        "transformer_depth": [d for d in depth for _ in range(2)],
+        "transformer_depth_middle": depth[-1],
+        "transformer_depth_output": [d for d in depth for _ in range(3)],
+        "use_spatial_transformer": True,
+        "legacy": False,
+        "use_linear_in_transformer": True,
+        "context_dim": context,
+        "adm_in_channels": (1280 if sdxl_size else context) + 1536,
+        "num_classes": "sequential",
+        "use_temporal_attention": False,
+        "use_temporal_resblock": False,
+        "dtype": dtype,
+    }
+    model_config = comfy.supported_models.SDXL(cfg)
+    model_config.unet_config["num_head_channels"] = heads_ch
+    model_config.set_inference_dtype(dtype, None)
+    base = comfy.model_base.SDXL(model_config, device=device)
+    _init_(base.diffusion_model, 0)
+    base.eval()
+    return comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=device)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sdxl-size", action="store_true", help="SDXL-size random weights (channels 320, depth 0/2/10)")
+    ap.add_argument("--size", type=int, default=None, help="image side in pixels (default 64 tiny, 1024 sdxl-size)")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--stage", default="mid", choices=["mid", "high", "low", "all"])
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "float16", "bfloat16"],
+        help="model weights (default: bfloat16 on CUDA, float32 on the CPU)",
+    )
+    ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--comfyui", default=None, help="ComfyUI folder (default: as cli/host.py finds it)")
+    args = ap.parse_args(argv)
+
+    from cli.host import load_host, register_pack
+
+    register_pack()
+    host = load_host(args.comfyui)
+    from comfyui_maskattn.masks.train import GateTrainer, TrainConfig
+    from comfyui_maskattn.nodes import train as T
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda else torch.float32)
+    size = args.size or (1024 if args.sdxl_size else 64)
+    model = build_model(args.sdxl_size, dtype, device)
+    ctx_dim = int(model.model.model_config.unet_config["context_dim"])
+    pooled_dim = int(model.model.model_config.unet_config["adm_in_channels"]) - 1536
+    gen = torch.Generator().manual_seed(0)
+    n = max(2, args.batch)
+    latent = {"samples": torch.randn(n, 4, size // 8, size // 8, generator=gen)}
+    conds = [
+        [
+            torch.randn(1, 77, ctx_dim, generator=gen),
+            {"pooled_output": torch.randn(1, pooled_dim, generator=gen), "width": size, "height": size},
+        ]
+        for _ in range(n)
+    ]
+    examples = T.prepare_examples(model, latent, conds, device=device)
+    gates = T.new_gates(model, args.stage, "encoder_decoder", 128, seed=0)
+    config = TrainConfig(steps=10**6, batch_size=args.batch, lr=1e-4)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    with T.TrainingSession(model, gates, device, gradient_checkpointing=args.gradient_checkpointing) as session:
+        trainer = GateTrainer(gates.heads, config, device=session.device)
+        loss_fn = session.loss_fn(examples, args.batch)
+        objective = session.objective
+        plain_options = model.model_options.get("transformer_options", {})
+
+        def plain():
+            x0, context, extras = examples.batch(torch.arange(args.batch))
+            sigma = objective.sigma_table[torch.full((args.batch,), len(objective.sigma_table) // 2)].to(device)
+            xt = objective.noisy(sigma, torch.randn(x0.shape), x0).requires_grad_(True)
+            with torch.enable_grad():
+                out = model.model.apply_model(
+                    xt, sigma, c_crossattn=context, transformer_options=dict(plain_options), **extras
+                )
+                (out.float() - x0).pow(2).mean().backward()
+
+        def gated():
+            trainer.train_step(loss_fn)
+
+        cases = {"plain forward+backward": plain, f"gated training step ({args.stage})": gated}
+        for fn in cases.values():  # warm-up
+            fn()
+            fn()
+        times = {k: [] for k in cases}
+        peaks = {}
+        for _ in range(args.rounds):
+            for name, fn in cases.items():
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                sync()
+                t = time.perf_counter()
+                fn()
+                sync()
+                times[name].append(time.perf_counter() - t)
+                if cuda:
+                    peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated())
+    card = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
+    print(
+        f"device: {card}; weights {dtype}; {'SDXL-size' if args.sdxl_size else 'tiny'} random UNet; {size}x{size}px, "
+        f"batch {args.batch}; {len(gates.site_heads)} gated layers; median of {args.rounds} interleaved rounds; "
+        f"host {host}"
+    )
+    base = statistics.median(times["plain forward+backward"])
+    print(f"{'case':34s} {'s/step':>8s} {'ratio':>6s} {'peak MiB':>9s}")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        peak = f"{peaks[name] / 2**20:9.0f}" if name in peaks else f"{'n/a':>9s}"
+        print(f"{name:34s} {med:8.4f} {med / base:6.3f} {peak}")
+    print(f"time per 1k gated steps: {statistics.median(times[list(cases)[1]]) * 1000 / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
