@@ -29,6 +29,9 @@ def main(argv=None):
     ap.add_argument("--sdxl-size", action="store_true", help="model_channels 320, depth (0,2,10), context 2048")
     ap.add_argument("--size", type=int, default=None, help="image side in pixels (default 128 tiny, 1024 sdxl-size)")
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=None,
+                    help="gate hidden size (default: 128, the method's, for --sdxl-size; 16 for the tiny model, which "
+                         "keeps SDXL's gate-to-layer proportion h/C ~ 0.1: the tiny mid stage has C = 128)")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--straightforward", action="store_true", help="also time the unoptimised spec path")
@@ -55,11 +58,12 @@ def main(argv=None):
         size = args.size or 128
     pos, neg = comfy_host.make_cond(model, seed=1), comfy_host.make_cond(model, seed=2)
 
+    hidden = args.hidden or (128 if args.sdxl_size else 16)
     sites = hooks.model_sites(model)
     cases = {"untouched": model}
     for stage in ("mid", "all"):
         chosen = select_sites(sites, stage, "encoder_decoder")
-        gates = MaskAttnGates.fresh(chosen, hidden_dim=128, seed=0, stage=stage)
+        gates = MaskAttnGates.fresh(chosen, hidden_dim=hidden, seed=0, stage=stage)
         cases[f"maskattn {stage} ({len(chosen)} layers)"] = hooks.install(
             model, gates, chosen, threshold=0.5, negative_value=-1e4)[0]
         if args.straightforward:  # the spec path line by line, as before the speed work
@@ -90,7 +94,8 @@ def main(argv=None):
                 peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated())
     base = statistics.median(times["untouched"])
     card = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"device: {card}; dtype {dtype}; {size}x{size}px, {args.steps} steps, cfg 5 (cond+uncond batch), "
+    print(f"device: {card}; dtype {dtype}; {size}x{size}px, {args.steps} steps, cfg 5 (cond+uncond batch), gate "
+          f"hidden size {hidden}, "
           f"median of {args.rounds} interleaved rounds; host {comfy_host.HOST_PATH}")
     print(f"{'case':32s} {'s/run':>8s} {'ratio':>6s} {'peak MiB':>9s}")
     for name, ts in times.items():

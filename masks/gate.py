@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 #: The method's suppression value: finite in fp16 (max 65504) and bf16, so no softmax row becomes NaN.
@@ -41,6 +42,8 @@ class GateHead(nn.Module):
             nn.LayerNorm(token_dim), nn.Linear(token_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, hidden_dim)
         )
         self.logit_bias = nn.Parameter(torch.zeros(()))
+        # Plain references for the sampling fast path (fast_logits): skips nn.Module call overhead, same ops.
+        self._feature_layers = (self.feature_net[0], self.feature_net[1], self.feature_net[3])
 
     @property
     def dims(self) -> tuple[int, int, int]:
@@ -65,6 +68,16 @@ class GateHead(nn.Module):
         f = self.feature_net(features)
         g = self.token_net(tokens) if token_features is None else token_features
         return torch.baddbmm(self.logit_bias.expand(1, 1, 1).to(f.dtype), f, g.transpose(1, 2),
+                             alpha=self.hidden_dim ** -0.5)
+
+    def fast_logits(self, features: Tensor, token_features: Tensor) -> Tensor:
+        """`logits(features, _, token_features)` bit for bit, minus the checks and the module-call overhead
+        (this runs once per gated layer per sampling step, where eager per-call costs dominate small tensors)."""
+        norm, first, second = self._feature_layers
+        f = F.layer_norm(features, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        f = F.linear(F.silu(F.linear(f, first.weight, first.bias)), second.weight, second.bias)
+        bias = self.logit_bias.expand(1, 1, 1)
+        return torch.baddbmm(bias if bias.dtype == f.dtype else bias.to(f.dtype), f, token_features.transpose(1, 2),
                              alpha=self.hidden_dim ** -0.5)
 
     def forward(self, features: Tensor, tokens: Tensor) -> Tensor:

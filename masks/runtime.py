@@ -35,13 +35,17 @@ class GateRuntime:
 
     def __post_init__(self):
         self._token_cache: dict[int, tuple[Tensor, Tensor]] = {}  # head index -> (context, token_net(context))
+        self._heads_by_device: dict[torch.device, object] = {}
 
     def __deepcopy__(self, memo):  # shared by a model and its clones; it holds no per-run tensors
         return self
 
     def _head(self, key: SiteKey, device: torch.device):
         index = self.gates.site_heads[key]
-        return index, self.gates.heads_on(device)[index]
+        heads = self._heads_by_device.get(device)
+        if heads is None or heads[index].logit_bias.device != device:  # (training moves heads in place)
+            heads = self._heads_by_device[device] = self.gates.heads_on(device)
+        return index, heads[index]
 
     def compute(self, key: SiteKey, features: Tensor, context: Tensor, cond_rows: Tensor | None = None,
                 info: dict | None = None) -> GateResult:
@@ -69,32 +73,27 @@ class GateRuntime:
         """Sampling-time gate: the same values as `compute` bit for bit, with fewer kernels and one sync.
 
         The text side is cached per conditioning; the all-kept / empty-row checks share one host sync; the fallback
-        kernels run only when some row is empty; row checks use min/max of P; the bias is made in the model dtype.
+        kernels run only when some row is empty; the bias is made directly in the model's dtype.
         """
         index, head = self._head(key, features.device)
         if torch.is_grad_enabled() and head.logit_bias.requires_grad:  # training: gradients need the plain path
             return self.usable(self.compute(key, features, context, cond_rows, info))
         g = self._token_features(index, head, context)
-        probabilities = torch.sigmoid(head.logits(features.float(), context, token_features=g))
-        # Row statistics on the probabilities are cheaper than reductions over the boolean gate, and exact:
-        # a row keeps no token  <=>  max P <= threshold;  a row keeps every token  <=>  min P > threshold.
-        empty = probabilities.amax(dim=-1, keepdim=True) <= self.threshold
-        open_rows = probabilities.amin(dim=(1, 2)) > self.threshold
+        probabilities = torch.sigmoid(head.fast_logits(features.float(), g))
+        hard = probabilities > self.threshold
         if cond_rows is not None:  # rows left ungated keep every token
-            cond_rows = cond_rows.to(probabilities.device)
-            empty &= cond_rows[:, None, None]
-            open_rows |= ~cond_rows
+            hard |= ~cond_rows.to(hard.device)[:, None, None]
+        kept = hard.sum(dim=-1, keepdim=True)  # tokens kept per location
         if self.skip_unmasked:
-            all_kept, any_empty = torch.stack((open_rows.all(), empty.any())).tolist()
+            fewest = int(kept.amin())  # the one host sync: decides "nothing suppressed" and "some row empty"
+            all_kept, any_empty = fewest == hard.shape[-1], fewest == 0
             if all_kept and not self.observers:
                 return None
         else:
             all_kept, any_empty = False, True
-        hard = probabilities > self.threshold
-        if cond_rows is not None:
-            hard |= ~cond_rows[:, None, None]
         if any_empty:  # empty rows keep their argmax token (they have no other True to clash with)
-            hard |= empty & torch.zeros_like(hard).scatter_(-1, probabilities.argmax(dim=-1, keepdim=True), True)
+            fallback = torch.zeros_like(hard).scatter_(-1, probabilities.argmax(dim=-1, keepdim=True), True)
+            hard |= (kept == 0) & fallback
         bias = hard.logical_not().to(features.dtype).mul_(self.negative_value)
         if self.observers:
             result = GateResult(probabilities=probabilities, hard=hard.to(probabilities.dtype), bias=bias)
