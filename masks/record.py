@@ -146,6 +146,7 @@ class RunRecord:
     sample_sigmas: object = None  # the host's schedule object of this run (identity only)
     last_sigma: float | None = None
     finished: bool = False
+    source: str = ""  # what made the gates, e.g. "learned gates (file.safetensors)" or "training-free gates"
 
     def entries_of(self, key: SiteKey, half: int = COND) -> list[tuple[StepBin, Entry]]:
         return [(b, b.entries[(key, half)]) for b in self.bins if (key, half) in b.entries]
@@ -156,7 +157,7 @@ class RunRecord:
 
     def summary(self) -> str:
         mb = self.nbytes / 2**20
-        text = (f"run {self.run_id}: {len(self.sites)} layers, {self.steps_seen} steps in {len(self.bins)} bins, "
+        text = (f"{self.source + ', ' if self.source else ''}run {self.run_id}: {len(self.sites)} layers, {self.steps_seen} steps in {len(self.bins)} bins, "
                 f"{self.tokens} tokens, {mb:.1f} MiB of {self.cap_bytes / 2**20:.0f} MiB")
         if self.dropped:
             text += f"; {self.dropped} layer-steps not kept (cap reached: raise cap_mb or record fewer layers)"
@@ -173,6 +174,7 @@ class GateRecorder:
         if cap_bytes < 1024:
             raise ValueError(f"cap_bytes must be at least 1 KiB, got {cap_bytes}")
         self.sites = frozenset(sites) if sites is not None else None  # None: every gated site
+        self.source = ""  # label of the gate source, copied into each run (set by the node that makes the recorder)
         self.steps = frozenset(steps) if steps is not None else None  # None: every step
         self.uncond = bool(uncond)
         self.probabilities = bool(probabilities)
@@ -214,7 +216,8 @@ class GateRecorder:
             self.current.finished = True
             self.last = self.current
         self._runs += 1
-        self.current = RunRecord(run_id=next(_RUN_IDS), cap_bytes=self.cap_bytes, sample_sigmas=sample_sigmas)
+        self.current = RunRecord(run_id=next(_RUN_IDS), cap_bytes=self.cap_bytes, sample_sigmas=sample_sigmas,
+                                 source=self.source)
         return self.current
 
     def _sigma_of(self, info: dict) -> float | None:

@@ -131,6 +131,7 @@ class MaskAttnRecordGates:
                                 max_side=max_side, cap_bytes=int(cap_mb) * 2**20)
         if dispatch_to_recorder not in runtime.observers:  # shared by clones of the patched model; a no-op for
             runtime.observers.append(dispatch_to_recorder)  # any of them that carries no recorder
+        recorder.source = gate_source_label(runtime.gates)
         recorded = model.clone()
         recorded.model_options.setdefault("transformer_options", {})[RECORDER_KEY] = recorder
         return (recorded,)
@@ -365,6 +366,13 @@ def save_temp(img, prefix="maskattn"):
     name = f"{filename}_{counter:05}_.png"
     img.save(os.path.join(full_folder, name), compress_level=1)
     return {"filename": name, "subfolder": subfolder, "type": "temp"}
+
+
+def gate_source_label(gates) -> str:
+    """How the viewer names the gates: training-free (zero-shot) ones are never mistaken for the paper's learned gates."""
+    if getattr(gates, "kind", "") == "zero-shot":
+        return f"{getattr(gates, 'label', 'training-free')} zero-shot gates"
+    return f"learned gates ({gates.source})" if getattr(gates, "source", "") else "learned gates"
 
 
 def send_to_viewer(unique_id, payload):

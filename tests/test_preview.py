@@ -94,6 +94,7 @@ def test_preview_grid_labels_masks_and_viewer_payload(host, nodes, sdxl, monkeyp
     assert grid.ndim == 4 and grid.shape[-1] == 3 and grid.shape[1] > 64 * len(mid)
     assert masks.shape == (len(words), 64, 64) and 0 <= float(masks.min()) and float(masks.max()) <= 1
     assert out["ui"]["images"][0]["type"] == "temp" and "3 steps" in out["ui"]["text"][0]
+    assert out["ui"]["text"][0].startswith("learned gates")  # zero-shot ones say "training-free" instead
     uid, payload = sent[-1]
     assert uid == "7" and [t["word"] for t in payload["tokens"]] == words
     assert [layer["name"] for layer in payload["layers"]] == mid and len(payload["steps"]) == 3

@@ -295,3 +295,15 @@ def test_half_precision_stays_finite(host, tokenizers, node, dtype):
     plain = host.tiny_sdxl(seed=2, dtype=dtype)
     out = host.ksample(apply(plain, gates), host.make_cond(plain, seed=0), host.make_cond(plain, seed=1), steps=2)
     assert torch.isfinite(out).all()
+
+
+def test_the_viewer_labels_zero_shot_gates_training_free(host, tokenizers, node):
+    from comfyui_maskattn.nodes.preview import MaskAttnRecordGates, model_recorder
+
+    model = planted_model(host)
+    gates, _ = build(node, tokenizers["sdxl"], PROMPT, stage="mid")
+    pos, neg = planted_cond(host, model, gates, 0, 1)
+    (recorded,) = MaskAttnRecordGates().record(apply(model, gates), "all", "all", False, 8, 64)
+    host.ksample(recorded, pos, neg, steps=2)
+    summary = model_recorder(recorded).latest().summary()
+    assert summary.startswith("training-free zero-shot gates, run "), summary
