@@ -118,7 +118,8 @@ class MaskAttnGatePatch:
         self._pending = None
         if key not in self.runtime.sites or self.runtime.gates.needs_attention or not self.clock.active(extra_options):
             return n, context, value
-        bias = self.runtime.bias(key, n, context, _cond_rows(self.runtime, extra_options, n.shape[0]), extra_options)
+        rows = _cond_rows(self.runtime, extra_options, n.shape[0], n.device)
+        bias = self.runtime.bias(key, n, context, rows, extra_options)
         if bias is not None:
             extra_options[BIAS_KEY] = bias
             self._pending = (key, sigmas)
@@ -128,13 +129,23 @@ class MaskAttnGatePatch:
         self._pending = None
 
 
-def _cond_rows(runtime: GateRuntime, extra_options, batch: int):
+_ROWS_CACHE: dict = {}
+
+
+def _cond_rows(runtime: GateRuntime, extra_options, batch: int, device):
+    """[batch] bool on `device`: which rows belong to cond chunks (only when gating cond alone). Made once per batch
+    layout and device, so the hook does not copy a new host tensor to the device at every layer."""
     if not runtime.cond_only:
         return None
-    chunks = extra_options.get("cond_or_uncond") or [0]
-    per = batch // len(chunks)
-    rows = torch.tensor([c == 0 for c in chunks for _ in range(per)], dtype=torch.bool)  # host tensor: no sync
-    return rows if rows.numel() == batch else None
+    chunks = tuple(extra_options.get("cond_or_uncond") or [0])
+    key = (chunks, batch, str(device))
+    rows = _ROWS_CACHE.get(key)
+    if rows is None:
+        per = batch // len(chunks)
+        with torch.inference_mode(False):  # a normal tensor: training may use it after sampling did
+            rows = torch.tensor([c == 0 for c in chunks for _ in range(per)], dtype=torch.bool)
+            rows = _ROWS_CACHE[key] = rows.to(device) if rows.numel() == batch else None
+    return rows
 
 
 class MaskAttnAttention:
@@ -171,7 +182,7 @@ class MaskAttnAttention:
         runtime = self.patch.runtime
         if runtime.gates.needs_attention and self.key in runtime.sites and self.patch.clock.active(extra_options):
             heads = extra_options["n_heads"]
-            rows = _cond_rows(runtime, extra_options, q.shape[0])
+            rows = _cond_rows(runtime, extra_options, q.shape[0], q.device)
             bias = runtime.usable(runtime.compute_from_attention(self.key, q, k, heads, rows, extra_options))
         override = runtime.attention_override
         if override is None:
