@@ -233,7 +233,8 @@ def main(argv=None) -> int:
             object_info = server.wait_ready(base, proc, log_path)
             missing = [n for n in ("MaskAttnApply", "MaskAttnPreviewGates") if n not in object_info]
             if missing:
-                raise SystemExit(f"ComfyUI did not load this pack ({', '.join(missing)} missing):\n{server.log_tail(log_path)}")
+                raise SystemExit(f"ComfyUI did not load this pack ({', '.join(missing)} missing):\n"
+                                 f"{server.log_tail(log_path)}")
             prompt = build_prompt(args, object_info)
             prompt_id = asyncio.run(follow(base, prompt, args.timeout))
             written = collect(base, prompt_id, out, args.smoke)

@@ -54,7 +54,8 @@ def server_env(**extra: str) -> dict:
     """The environment for a ComfyUI subprocess; the tests' torchvision stand-in when the real one cannot load."""
     global _torchvision_ok
     if _torchvision_ok is None:
-        _torchvision_ok = subprocess.run([sys.executable, "-c", "import torchvision"], capture_output=True).returncode == 0
+        check = subprocess.run([sys.executable, "-c", "import torchvision"], capture_output=True)
+        _torchvision_ok = check.returncode == 0
     env = dict(os.environ, PYTHONUNBUFFERED="1", **extra)
     env.pop("COMFYUI_PATH", None)
     if not _torchvision_ok and TORCHVISION_STUB.is_dir():

@@ -127,7 +127,9 @@ def gate_bias(
         raise ValueError(f"negative_value must be negative, got {negative_value}")
     hard = hard_gate(probabilities.detach(), threshold, valid_tokens)
     if probabilities.requires_grad:
-        soft = probabilities if valid_tokens is None else probabilities * valid_tokens[:, None, :].to(probabilities.dtype)
+        soft = probabilities
+        if valid_tokens is not None:
+            soft = probabilities * valid_tokens[:, None, :].to(probabilities.dtype)
         ste = hard + (soft - soft.detach())
     else:
         ste = hard

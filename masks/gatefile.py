@@ -147,7 +147,8 @@ def _load_safetensors(path: Path) -> MaskAttnGates:
     except GateFileError:
         raise
     except (KeyError, ValueError, TypeError) as e:
-        raise GateFileError(f"{path.name}: damaged gate metadata ({type(e).__name__}: {e}); save the gates again") from None
+        raise GateFileError(
+            f"{path.name}: damaged gate metadata ({type(e).__name__}: {e}); save the gates again") from None
 
 
 _REF_KEY = re.compile(r"(?P<layer>.+\.attn2)(?:\.processor)?\.gate_head\.(?P<param>.+)")
@@ -165,7 +166,8 @@ def import_reference_checkpoint(path: str | os.PathLike) -> MaskAttnGates:
     except Exception as e:
         kind = "contains pickled objects other than tensors and plain data, which this pack refuses to run" if (
             "weights_only" in str(e) or "Unpickl" in type(e).__name__) else "could not be read (truncated?)"
-        raise GateFileError(f"{path.name}: this .pt file {kind} ({type(e).__name__}: {str(e).splitlines()[0][:200]}).") from None
+        first_line = str(e).splitlines()[0][:200] if str(e) else ""
+        raise GateFileError(f"{path.name}: this .pt file {kind} ({type(e).__name__}: {first_line}).") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != REFERENCE_FORMAT:
         raise GateFileError(
             f"{path.name}: not a MaskAttn-SDXL reference gate checkpoint (expected format '{REFERENCE_FORMAT}', got "

@@ -32,7 +32,8 @@ class MaskAttnGates:
     def __post_init__(self):
         for key, index in self.site_heads.items():
             if not 0 <= index < len(self.heads):
-                raise ValueError(f"site {key_to_name(key)} points at head {index}, but there are {len(self.heads)} heads")
+                raise ValueError(
+                    f"site {key_to_name(key)} points at head {index}, but there are {len(self.heads)} heads")
         for key, stage in self.site_stages.items():
             if stage not in STAGES:
                 raise ValueError(f"site {key_to_name(key)} has unknown stage {stage!r}")
@@ -42,8 +43,8 @@ class MaskAttnGates:
         return self
 
     @classmethod
-    def fresh(cls, sites: list[CrossAttnSite], hidden_dim: int = 128, share_by_stage: bool = True, seed: int | None = None,
-              **fields) -> "MaskAttnGates":
+    def fresh(cls, sites: list[CrossAttnSite], hidden_dim: int = 128, share_by_stage: bool = True,
+              seed: int | None = None, **fields) -> "MaskAttnGates":
         """New (untrained) heads for `sites`: one per (stage, C, D) like the reference, or one per site."""
         if not sites:
             raise ValueError("no cross-attention sites selected: check the stage/placement filter")

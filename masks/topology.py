@@ -154,7 +154,8 @@ def discover_sites(diffusion_model: nn.Module) -> list[CrossAttnSite]:
             up, j = up + 1, 0
 
     if not raw:
-        raise UnsupportedModelError("MaskAttn found no cross-attention layers in this UNet (is it a text-to-image model?)")
+        raise UnsupportedModelError(
+            "MaskAttn found no cross-attention layers in this UNet (is it a text-to-image model?)")
     mid_level = max((r["level"] for r in raw if r["block"] != "middle"), default=deepest)
     sites = []
     for r in raw:
@@ -163,13 +164,15 @@ def discover_sites(diffusion_model: nn.Module) -> list[CrossAttnSite]:
     return sites
 
 
-def select_sites(sites: list[CrossAttnSite], stage: str = "mid", placement: str = "encoder_decoder") -> list[CrossAttnSite]:
+def select_sites(sites: list[CrossAttnSite], stage: str = "mid",
+                 placement: str = "encoder_decoder") -> list[CrossAttnSite]:
     """The reference's stage/placement filter: "encoder_decoder" also takes the middle block when its stage is in."""
     if stage not in STAGE_CHOICES:
         raise ValueError(f"stage must be one of {STAGE_CHOICES}, got {stage!r}")
     if placement not in PLACEMENTS:
         raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
-    allowed = {"encoder": {"encoder"}, "decoder": {"decoder"}, "encoder_decoder": {"encoder", "decoder", "bridge"}}[placement]
+    allowed = {"encoder": {"encoder"}, "decoder": {"decoder"},
+               "encoder_decoder": {"encoder", "decoder", "bridge"}}[placement]
     return [s for s in sites if (stage == "all" or s.stage == stage) and s.placement in allowed]
 
 

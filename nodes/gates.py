@@ -59,12 +59,14 @@ class MaskAttnApply:
                 "model": ("MODEL",),
                 "maskattn": ("MASKATTN",),
                 "threshold": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
-                                        "tooltip": "A pair is kept when the gate probability exceeds this (method: 0.5)."}),
+                                        "tooltip": "A pair is kept when the gate probability exceeds this "
+                                                   "(method: 0.5)."}),
                 "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                        "tooltip": "1 = the method. s < 1 multiplies each suppressed pair's attention "
                                                   "weight by (1 - s) before renormalising; 0 = untouched model."}),
                 "stage": (["all", "high", "mid", "low"], {"default": "all",
-                                                     "tooltip": "Gate only layers of this stage (of those the file has heads for)."}),
+                                                     "tooltip": "Gate only layers of this stage (of those the "
+                                                                "file has heads for)."}),
                 "placement": (list(PLACEMENTS), {"default": "encoder_decoder"}),
                 "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001}),
                 "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001}),

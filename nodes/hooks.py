@@ -87,7 +87,8 @@ class StepClock:
         sigma = self.sigma(extra_options)
         if sigma is None:
             return True
-        return (self.sigma_end is None or sigma >= self.sigma_end) and (self.sigma_start is None or sigma <= self.sigma_start)
+        return ((self.sigma_end is None or sigma >= self.sigma_end)
+                and (self.sigma_start is None or sigma <= self.sigma_start))
 
 
 class MaskAttnGatePatch:
@@ -192,13 +193,14 @@ class MaskAttnAttention:
         if self.callback:
             sigma = self.patch.clock.sigma(extra_options)
             for callback, kw in zip(self.callback, self.kwargs):
-                if sigma is None or (sigma <= kw.get("sigma_start", float("inf")) and sigma >= kw.get("sigma_end", 0.0)):
+                if sigma is None or kw.get("sigma_end", 0.0) <= sigma <= kw.get("sigma_start", float("inf")):
                     out = out + callback(out, q, k, v, extra_options, **kw)
         return out.to(q.dtype)
 
 
 def _chainable(obj) -> bool:
-    return isinstance(getattr(obj, "callback", None), list) and isinstance(getattr(obj, "kwargs", None), list) and callable(obj)
+    lists = isinstance(getattr(obj, "callback", None), list) and isinstance(getattr(obj, "kwargs", None), list)
+    return lists and callable(obj)
 
 
 def install(model, gates: MaskAttnGates, sites: list[CrossAttnSite], *, threshold: float, negative_value: float,

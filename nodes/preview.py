@@ -369,7 +369,7 @@ def save_temp(img, prefix="maskattn"):
 
 
 def gate_source_label(gates) -> str:
-    """How the viewer names the gates: training-free (zero-shot) ones are never mistaken for the paper's learned gates."""
+    """How the viewer names the gates, so training-free (zero-shot) ones are not taken for the learned ones."""
     if getattr(gates, "kind", "") == "zero-shot":
         return f"{getattr(gates, 'label', 'training-free')} zero-shot gates"
     return f"learned gates ({gates.source})" if getattr(gates, "source", "") else "learned gates"

@@ -56,7 +56,8 @@ def apply(pack, model, gates, **kw):
 
 
 def conds(host, model, tokens=77, neg_tokens=None, seed=0):
-    return host.make_cond(model, tokens=tokens, seed=seed), host.make_cond(model, tokens=neg_tokens or tokens, seed=seed + 1)
+    return (host.make_cond(model, tokens=tokens, seed=seed),
+            host.make_cond(model, tokens=neg_tokens or tokens, seed=seed + 1))
 
 
 def options_snapshot(model):
@@ -72,7 +73,8 @@ class GateSpy:
         self.calls = []
 
     def __call__(self, key, result, info):
-        self.calls.append((key, tuple(result.bias.shape), result.bias.detach().clone(), list(info.get("cond_or_uncond", []))))
+        chunks = list(info.get("cond_or_uncond", []))
+        self.calls.append((key, tuple(result.bias.shape), result.bias.detach().clone(), chunks))
 
 
 # --- topology -----------------------------------------------------------------------------------------------------
