@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from ..masks.record import DEFAULT_CAP_BYTES, DEFAULT_MAX_SIDE, GateRecorder, RunRecord, site_map
 from ..masks.topology import STAGES
 from . import hooks
+from .gates import NodeError
 
 log = logging.getLogger("MaskAttn")
 CATEGORY = "MaskAttn"
@@ -34,10 +35,6 @@ RECORDER_KEY = "maskattn_recorder"  # transformer_options entry; ComfyUI hands i
 EVENT = "maskattn.gates"  # websocket event with the viewer's data
 MAX_COLUMNS = 24
 VIEWER_BUDGET = 4 * 1024 * 1024  # bytes of maps sent to the browser per kind
-
-
-class NodeError(ValueError):
-    """An error shown on the node: names the node, the input and the fix."""
 
 
 # --- recording -----------------------------------------------------------------------------------------------------
