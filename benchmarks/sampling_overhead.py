@@ -11,9 +11,7 @@ reported, never asserted.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 import types
 from pathlib import Path
 
@@ -22,6 +20,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from timing import device_name, interleaved, print_table  # noqa: E402
 
 
 def main(argv=None):
@@ -35,6 +36,8 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--straightforward", action="store_true", help="also time the unoptimised spec path")
+    ap.add_argument("--count-ops", action="store_true",
+                    help="also count torch operator calls per run (noise-free; launches are what the gate costs on a GPU)")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of one patched run")
     args = ap.parse_args(argv)
 
@@ -73,35 +76,24 @@ def main(argv=None):
             cases[f"  straightforward {stage}"] = patched
 
     def run(m):
-        if cuda:
-            torch.cuda.synchronize()
-        t = time.perf_counter()
         comfy_host.ksample(m, pos, neg, steps=args.steps, cfg=5.0, width=size, height=size)
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - t
 
-    for m in cases.values():  # warm-up: loads weights, builds caches
-        run(m)
-    times = {name: [] for name in cases}
-    peaks = {}
-    for _ in range(args.rounds):
+    # warm-up loads the weights and builds caches
+    times, peaks = interleaved({name: (lambda m=m: run(m)) for name, m in cases.items()}, args.rounds)
+    print(f"device: {device_name()}; dtype {dtype}; {size}x{size}px, {args.steps} steps, cfg 5 (cond+uncond batch), "
+          f"gate hidden size {hidden}, median of {args.rounds} interleaved rounds; host {comfy_host.HOST_PATH}")
+    print_table(times, peaks, "untouched")
+    if args.count_ops:
+        from torch.profiler import ProfilerActivity, profile
+
+        counts = {}
         for name, m in cases.items():
-            if cuda:
-                torch.cuda.reset_peak_memory_stats()
-            times[name].append(run(m))
-            if cuda:
-                peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated())
-    base = statistics.median(times["untouched"])
-    card = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"device: {card}; dtype {dtype}; {size}x{size}px, {args.steps} steps, cfg 5 (cond+uncond batch), gate "
-          f"hidden size {hidden}, "
-          f"median of {args.rounds} interleaved rounds; host {comfy_host.HOST_PATH}")
-    print(f"{'case':32s} {'s/run':>8s} {'ratio':>6s} {'peak MiB':>9s}")
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        peak = f"{peaks[name] / 2**20:9.0f}" if name in peaks else f"{'n/a':>9s}"
-        print(f"{name:32s} {med:8.4f} {med / base:6.3f} {peak}")
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                run(m)
+            counts[name] = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
+        print(f"{'case':32s} {'aten ops/run':>12s} {'extra':>8s}")
+        for name, n in counts.items():
+            print(f"{name:32s} {n:12d} {n - counts['untouched']:8d}")
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 

@@ -15,13 +15,15 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from timing import device_name, interleaved, print_table  # noqa: E402
 
 
 def _init_(module: torch.nn.Module, seed: int):
@@ -120,7 +122,6 @@ def main(argv=None):
     examples = T.prepare_examples(model, latent, conds, device=device)
     gates = T.new_gates(model, args.stage, "encoder_decoder", 128, seed=0)
     config = TrainConfig(steps=10**6, batch_size=args.batch, lr=1e-4)
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     with T.TrainingSession(model, gates, device, gradient_checkpointing=args.gradient_checkpointing) as session:
         trainer = GateTrainer(gates.heads, config, device=session.device)
@@ -142,34 +143,13 @@ def main(argv=None):
             trainer.train_step(loss_fn)
 
         cases = {"plain forward+backward": plain, f"gated training step ({args.stage})": gated}
-        for fn in cases.values():  # warm-up
-            fn()
-            fn()
-        times = {k: [] for k in cases}
-        peaks = {}
-        for _ in range(args.rounds):
-            for name, fn in cases.items():
-                if cuda:
-                    torch.cuda.reset_peak_memory_stats()
-                sync()
-                t = time.perf_counter()
-                fn()
-                sync()
-                times[name].append(time.perf_counter() - t)
-                if cuda:
-                    peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated())
-    card = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
+        times, peaks = interleaved(cases, args.rounds, warmup=2)
     print(
-        f"device: {card}; weights {dtype}; {'SDXL-size' if args.sdxl_size else 'tiny'} random UNet; {size}x{size}px, "
-        f"batch {args.batch}; {len(gates.site_heads)} gated layers; median of {args.rounds} interleaved rounds; "
-        f"host {host}"
+        f"device: {device_name()}; weights {dtype}; {'SDXL-size' if args.sdxl_size else 'tiny'} random UNet; "
+        f"{size}x{size}px, batch {args.batch}; {len(gates.site_heads)} gated layers; median of {args.rounds} "
+        f"interleaved rounds; host {host}"
     )
-    base = statistics.median(times["plain forward+backward"])
-    print(f"{'case':34s} {'s/step':>8s} {'ratio':>6s} {'peak MiB':>9s}")
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        peak = f"{peaks[name] / 2**20:9.0f}" if name in peaks else f"{'n/a':>9s}"
-        print(f"{name:34s} {med:8.4f} {med / base:6.3f} {peak}")
+    print_table(times, peaks, "plain forward+backward", unit="s/step", width=34)
     print(f"time per 1k gated steps: {statistics.median(times[list(cases)[1]]) * 1000 / 60:.1f} min")
     return 0
 
