@@ -37,7 +37,7 @@ def main(argv=None):
     ap.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--straightforward", action="store_true", help="also time the unoptimised spec path")
     ap.add_argument("--count-ops", action="store_true",
-                    help="also count torch operator calls per run (noise-free; launches are what the gate costs on a GPU)")
+                    help="also count torch operator calls per run (noise-free; on a GPU the gate costs launches)")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of one patched run")
     args = ap.parse_args(argv)
 

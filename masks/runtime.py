@@ -1,4 +1,4 @@
-"""GateRuntime: the one place where a sampling-time gate bias is computed (and, later, cached and recorded).
+"""GateRuntime: the one place where a gate bias is computed, cached (text side) and handed to observers (recording).
 
 It knows nothing of ComfyUI: the host adapter (nodes/hooks.py) hands it the site key, the latent features
 entering the query projection, the text states entering the key projection, and which batch rows to gate.
@@ -100,7 +100,6 @@ class GateRuntime:
             for observe in self.observers:
                 observe(key, result, info or {})
         return None if all_kept else bias
-
 
     def compute_from_attention(self, key: SiteKey, q: Tensor, k: Tensor, heads: int, cond_rows: Tensor | None = None,
                                info: dict | None = None) -> GateResult:
