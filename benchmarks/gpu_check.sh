@@ -11,7 +11,7 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$out/gpu.txt"
-timeout 420 python benchmarks/sampling_overhead.py --sdxl-size --steps 4 --rounds 5 --straightforward 2>&1 \
+timeout 420 python benchmarks/sampling_overhead.py --sdxl-size --steps 4 --rounds 5 --straightforward --sync-free 2>&1 \
     | grep -v "it/s]" | tee "$out/sampling_overhead.txt"
 timeout 300 python benchmarks/train_step.py --sdxl-size 2>&1 | tee "$out/train_step.txt"
 echo "done: $out"

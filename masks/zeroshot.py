@@ -347,6 +347,9 @@ def group_prompt(text: str) -> Grouping:
     for ci, members in enumerate(contents):
         if not members or not all(items[i].norm in ATTRIBUTE_WORDS for i in members):
             continue
+        if len(members) >= 2 and _first_word(items, clauses[ci]) in ARTICLES:
+            continue  # "a blue square", "a small square": an article + 2 words is an entity whose noun doubles as
+            # an attribute word, not a dangling attribute
         # forward unless the next clause opens a new entity with an article ("a dog, brown, and a cat")
         opens_entity = ci + 1 < len(clauses) and _first_word(items, clauses[ci + 1]) in ARTICLES
         if ci + 1 < len(clauses) and _soft(clauses[ci].after) and contents[ci + 1] and not opens_entity:

@@ -32,6 +32,10 @@ GROUPING_TABLE = [
     ("a house by the lake", "house | lake"),
     ("a castle surrounded by tall trees, concept art by artgerm", "castle | tall trees"),
     ("a black and white cat and a brown dog", "black white cat | brown dog"),
+    # a noun that is also an attribute word ("square") after an article is an entity (CompBench's captions)
+    ("a red circle to the left of a blue square", "red circle | blue square"),
+    ("a green diamond above an orange square", "green diamond | orange square"),
+    ("a square table and a round mirror", "square table | round mirror"),
     ("a big, fluffy dog and a tiny cat", "big fluffy dog | tiny cat"),
     ("a dog, brown, and a cat", "dog brown | cat"),
     ("a cat BREAK a dog", "cat | dog"),

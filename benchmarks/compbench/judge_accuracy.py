@@ -80,14 +80,15 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, c - h), min(1.0, c + h))
 
 
-def measure(n: int = 2000, seed: int = 0, conditions=("clean", "mild", "strong"), cfg=judge.DEFAULT) -> dict:
+def measure(n: int = 2000, seed: int = 0, conditions=("clean", "mild", "strong"), cfg=judge.DEFAULT,
+            size: int = 64) -> dict:
     """{condition: {kind: [ok, total]}}; ok = accepted for true kinds, rejected for wrong kinds."""
     results = {}
     for cond in conditions:
         params = CONDITIONS[cond]
         counts = {k: [0, 0] for k in TRUE_KINDS + WRONG_KINDS}
         for i in range(n):
-            s = world.sample(seed * 1_000_003 + i)
+            s = world.sample(seed * 1_000_003 + i, size=size)
             rng = np.random.default_rng(world._seed_for(s.seed, "judge-accuracy:" + cond))
 
             def look(img):
@@ -136,13 +137,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=2000, help="ground-truth images per condition (default 2000)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--size", type=int, default=64, help="image side in pixels (the tiny model draws 32)")
     ap.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=list(CONDITIONS))
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    results = measure(args.n, args.seed, args.conditions)
+    results = measure(args.n, args.seed, args.conditions, size=args.size)
     dt = time.perf_counter() - t0
     print(f"judge accuracy, % (true kinds: accepted; wrong kinds: rejected); N = {args.n} images per condition, "
-          f"seed {args.seed}; [95% Wilson interval]")
+          f"seed {args.seed}, {args.size} px; [95% Wilson interval]")
     print(table(results))
     print(f"\n{dt:.1f} s on {platform.processor() or platform.machine()}, Python {platform.python_version()}, "
           f"numpy {np.__version__}")
