@@ -94,8 +94,8 @@ class GateRuntime:
         if any_empty:  # empty rows keep their argmax token (they have no other True to clash with)
             fallback = torch.zeros_like(hard).scatter_(-1, probabilities.argmax(dim=-1, keepdim=True), True)
             hard |= (kept == 0) & fallback
-        # one kernel: 0 where kept, negative_value where suppressed (the same values as (1 - M) * negative_value)
-        bias = torch.where(hard, 0.0, self.negative_value).to(features.dtype)
+        # (not torch.where with scalars: 4x slower on the CPU)
+        bias = hard.logical_not().to(features.dtype).mul_(self.negative_value)
         if self.observers:
             result = GateResult(probabilities=probabilities, hard=hard.to(probabilities.dtype), bias=bias)
             for observe in self.observers:

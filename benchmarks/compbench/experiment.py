@@ -117,6 +117,15 @@ def train_gates(nodes_map, model, clip, n_captions, steps, batch, lr, stage, see
     return gates, time.time() - t0, len({d.caption for d in data})
 
 
+def watch_kept(model) -> list:
+    """Collects, per gated layer call while sampling, the fraction of (location, token) pairs the gate kept."""
+    from comfyui_maskattn.nodes import hooks
+
+    kept: list = []
+    hooks.installed_runtime(model).observers.append(lambda key, result, info: kept.append(float(result.hard.mean())))
+    return kept
+
+
 def score_images(images: dict, triples) -> list[dict]:
     rows = []
     for (i, s), img in sorted(images.items()):
@@ -235,12 +244,15 @@ def main(argv=None) -> int:
         timings[f"train gates {g}"] = seconds
         extra[name] = {"distinct_captions": distinct}
         (gated,) = nodes_map["MaskAttnApply"]().apply(model, gates, 0.5, 1.0, args.stage, "encoder_decoder", 0.0, 1.0)
+        kept = watch_kept(gated)
         t0 = time.time()
         images[name] = sample(nodes_map, gated, clip, triples, seeds, args.steps, args.cfg, size)
+        extra[name]["kept_fraction"] = round(float(np.mean(kept)), 4) if kept else None
         timings[f"sample {name}"] = time.time() - t0
 
     zs_models, groupings = zero_shot_models(nodes_map, model, clip, triples, args.stage)
     extra["zero-shot"] = {"groupings": {k: v.splitlines()[0] for k, v in groupings.items()}}
+    kept = [k for m in zs_models.values() for k in [watch_kept(m)]]
     t0 = time.time()
     zs_images = {}
     for key, m in zs_models.items():
@@ -249,6 +261,8 @@ def main(argv=None) -> int:
         zs_images.update({(subset[j], s): img for (j, s), img in part.items()})
     images["zero-shot"] = zs_images
     timings["sample zero-shot"] = time.time() - t0
+    values = [v for k in kept for v in k]
+    extra["zero-shot"]["kept_fraction"] = round(float(np.mean(values)), 4) if values else None
 
     truth = {(i, s): world.sample(10_000 * i + s, triple=t, size=size).image
              for i, t in enumerate(triples) for s in seeds}
@@ -314,6 +328,10 @@ def markdown(report: dict) -> str:
         if "vs_base" in r:
             lines.append(f"| {name} | " + " | ".join(_fmt(r["vs_base"][m]) for m in (*METRICS, "two_objects"))
                          + " |")
+    kept = {k: v.get("kept_fraction") for k, v in report.get("extra", {}).items() if v.get("kept_fraction")}
+    if kept:
+        lines += ["", "Share of (location, token) pairs the gates kept, over gated layer calls (cond and uncond): "
+                  + ", ".join(f"{k} {100 * v:.1f}%" for k, v in kept.items()) + "."]
     lines += ["", "Times (s): " + ", ".join(f"{k} {v}" for k, v in report["timings_s"].items())
               + f"; total {report['total_s']} s on {report['machine']}."]
     return "\n".join(lines) + "\n"
