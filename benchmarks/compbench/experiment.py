@@ -1,6 +1,6 @@
 """The CompBench experiment: does MaskAttn gating improve binding in the tiny world, and at what cost?
 
-    python -m benchmarks.compbench.experiment                       # the published table (~15 min on 2 CPU cores)
+    python -m benchmarks.compbench.experiment                       # the published table (12 min on 2 CPU cores)
     python -m benchmarks.compbench.experiment --prompts 24 --seeds 2 --gate-steps 50   # a smoke run (~1 min)
 
 Conditions, all sampled through ComfyUI's KSampler (`nodes.common_ksampler`, euler / normal, 20 steps, cfg 4) on the
@@ -71,7 +71,7 @@ def structure(t: world.Triple) -> str:
     return "horizontal" if t.relation in ("left of", "right of") else "vertical"
 
 
-def sample(nodes_map, model, clip, triples, seeds, steps, cfg, size) -> dict:
+def sample(model, clip, triples, seeds, steps, cfg, size) -> dict:
     """(prompt index, seed) -> uint8 image, sampling every prompt of one structure in one batch per seed."""
     import nodes
 
@@ -234,7 +234,7 @@ def main(argv=None) -> int:
     timings, images, extra = {}, {}, {}
 
     t0 = time.time()
-    images["base"] = sample(nodes_map, model, clip, triples, seeds, args.steps, args.cfg, size)
+    images["base"] = sample(model, clip, triples, seeds, args.steps, args.cfg, size)
     timings["sample base"] = time.time() - t0
 
     for g in range(args.gate_seeds):
@@ -246,18 +246,18 @@ def main(argv=None) -> int:
         (gated,) = nodes_map["MaskAttnApply"]().apply(model, gates, 0.5, 1.0, args.stage, "encoder_decoder", 0.0, 1.0)
         kept = watch_kept(gated)
         t0 = time.time()
-        images[name] = sample(nodes_map, gated, clip, triples, seeds, args.steps, args.cfg, size)
+        images[name] = sample(gated, clip, triples, seeds, args.steps, args.cfg, size)
         extra[name]["kept_fraction"] = round(float(np.mean(kept)), 4) if kept else None
         timings[f"sample {name}"] = time.time() - t0
 
     zs_models, groupings = zero_shot_models(nodes_map, model, clip, triples, args.stage)
     extra["zero-shot"] = {"groupings": {k: v.splitlines()[0] for k, v in groupings.items()}}
-    kept = [k for m in zs_models.values() for k in [watch_kept(m)]]
+    kept = [watch_kept(m) for m in zs_models.values()]
     t0 = time.time()
     zs_images = {}
     for key, m in zs_models.items():
         subset = [i for i, t in enumerate(triples) if structure(t) == key]
-        part = sample(nodes_map, m, clip, [triples[i] for i in subset], seeds, args.steps, args.cfg, size)
+        part = sample(m, clip, [triples[i] for i in subset], seeds, args.steps, args.cfg, size)
         zs_images.update({(subset[j], s): img for (j, s), img in part.items()})
     images["zero-shot"] = zs_images
     timings["sample zero-shot"] = time.time() - t0
