@@ -30,7 +30,7 @@ def main(argv=None):
     ap.add_argument("--sdxl-size", action="store_true", help="model_channels 320, depth (0,2,10), context 2048")
     ap.add_argument("--compbench", action="store_true",
                     help="the trained tiny model of benchmarks/compbench (32x32 pixel latents, 11 cross-attention "
-                         "layers) with its own text encoder, gate hidden size 128")
+                         "layers) with its own text encoder, gate hidden size 128; always float32 on the CPU")
     ap.add_argument("--batch", type=int, default=1, help="images per sampling run")
     ap.add_argument("--size", type=int, default=None, help="image side in pixels (default 128 tiny, 1024 sdxl-size)")
     ap.add_argument("--steps", type=int, default=4)

@@ -48,9 +48,7 @@ def load_pack() -> dict:
     """The ComfyUI host (CPU, PyTorch attention) and this pack's NODE_CLASS_MAPPINGS."""
     import importlib
 
-    from cli import host
-
-    host.load_host(host.find_host(), cpu=True, attention="pytorch")
+    tinyt2i.load_host()
     return importlib.import_module("comfyui_maskattn.nodes").NODE_CLASS_MAPPINGS
 
 

@@ -159,6 +159,15 @@ def latent_format():
     return PixelLatent()
 
 
+# --- the host -------------------------------------------------------------------------------------------------------
+def load_host():
+    """Import ComfyUI (found as cli/host.py finds it) on the CPU with PyTorch's attention, and register this pack.
+    Idempotent; everything below that builds or loads a model needs it."""
+    from cli import host
+
+    host.load_host(host.find_host(), cpu=True, attention="pytorch")
+
+
 # --- the UNet -------------------------------------------------------------------------------------------------------
 def unet_config(cfg: TinyConfig) -> dict:
     depth = list(cfg.transformer_depth)

@@ -30,12 +30,6 @@ if str(ROOT) not in sys.path:
 from benchmarks.compbench import tinyt2i, world  # noqa: E402
 
 
-def load_comfy():
-    from cli import host
-
-    host.load_host(host.find_host(), cpu=True, attention="pytorch")
-
-
 def batch_examples(step: int, batch: int, size: int, seed: int, drop: float):
     rng = np.random.default_rng([seed, step])
     samples = [world.sample(int(s), size=size) for s in rng.integers(0, 2**62, size=batch)]
@@ -46,17 +40,12 @@ def batch_examples(step: int, batch: int, size: int, seed: int, drop: float):
 
 def guard_inplace_adds(unet: torch.nn.Module) -> None:
     """The 2024 host's transformer block adds in place (x += attn(norm(x))) after the norm saved x for backward:
-    the norms get a copy (as the pack's gate trainer does)."""
+    the norms get a copy, with the pack's own gate-training hook."""
+    from comfyui_maskattn.nodes.train import _clone_input_pre_hook, _transformer_blocks
 
-    def clone_input(module, args):
-        if args and torch.is_grad_enabled():
-            return (args[0].clone(), *args[1:])
-        return None
-
-    for m in unet.modules():
-        if all(hasattr(m, name) for name in ("attn2", "norm1", "norm2", "norm3", "ff")):
-            for norm in (m.norm1, m.norm2, m.norm3):
-                norm.register_forward_pre_hook(clone_input)
+    for block in _transformer_blocks(unet):
+        for norm in (block.norm1, block.norm2):
+            norm.register_forward_pre_hook(_clone_input_pre_hook)
 
 
 def main(argv=None) -> int:
@@ -79,7 +68,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    load_comfy()
+    tinyt2i.load_host()
 
     cfg = tinyt2i.TinyConfig(model_channels=args.channels,
                              transformer_depth=tuple(int(d) for d in args.depth.split(",")))
