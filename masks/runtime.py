@@ -6,6 +6,8 @@ entering the query projection, the text states entering the key projection, and 
 
 from __future__ import annotations
 
+import copy
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -14,6 +16,7 @@ from torch import Tensor
 
 from .gate import GateResult, gate_bias
 from .gates import MaskAttnGates
+from .graphs import GraphCache
 from .topology import SiteKey
 
 GateObserver = Callable[[SiteKey, GateResult, dict], None]
@@ -32,19 +35,35 @@ class GateRuntime:
     observers: list[GateObserver] = field(default_factory=list)
     # None: the host's attention backend. Training sets explicit_attention (differentiable on every device).
     attention_override: Callable | None = None
+    # Precision of the sampling-time gate. None: float32 and sigmoid(logit) > threshold, the reference's arithmetic,
+    # so decisions are bit for bit the straightforward path's. A dtype (the model's float16): the gate's matmuls
+    # run in it and the threshold is taken on the logit; a pair within that dtype's rounding of the threshold may
+    # flip (`benchmarks/sampling_overhead.py --flip-rate` counts them on real features).
+    gate_dtype: torch.dtype | None = None
+    # Replay the sampling-time gate as a CUDA graph (masks/graphs.py): one launch per layer instead of ~15 small
+    # kernels. Opt-in until measured: on the one GPU run so far (README, Speed) the graph path timed like the eager
+    # one and its profile showed eager gate ops, so whether it engaged is open; `stats` now counts which path ran.
+    # True: CUDA devices capture; elsewhere the program replays eagerly on the graph's buffers (the CPU tests).
+    # Observers (preview, recording) and training always take the eager path.
+    graphs: bool = False
 
     def __post_init__(self):
         self._token_cache: dict[int, tuple[Tensor, Tensor]] = {}  # head index -> (context, token_net(context))
-        self._heads_by_device: dict[torch.device, object] = {}
+        self._heads_by_device: dict[tuple, object] = {}
+        self._graphs = GraphCache()
+        self.stats = {"graph": 0, "eager": 0}  # sampling-time gate calls by path (cheap counters, for benchmarks)
 
     def __deepcopy__(self, memo):  # shared by a model and its clones; it holds no per-run tensors
         return self
 
-    def _head(self, key: SiteKey, device: torch.device):
+    def _head(self, key: SiteKey, device: torch.device, dtype: torch.dtype = torch.float32):
         index = self.gates.site_heads[key]
-        heads = self._heads_by_device.get(device)
+        heads = self._heads_by_device.get((device, dtype))
         if heads is None or heads[index].logit_bias.device != device:  # (training moves heads in place)
-            heads = self._heads_by_device[device] = self.gates.heads_on(device)
+            heads = self.gates.heads_on(device)
+            if dtype != torch.float32:
+                heads = copy.deepcopy(heads).to(dtype=dtype).requires_grad_(False)
+            self._heads_by_device[(device, dtype)] = heads
         return index, heads[index]
 
     def compute(self, key: SiteKey, features: Tensor, context: Tensor, cond_rows: Tensor | None = None,
@@ -64,7 +83,7 @@ class GateRuntime:
         cached = self._token_cache.get(index)
         if cached is not None and cached[0] is context:
             return cached[1]
-        g = head.token_features(context.float())
+        g = head.token_features(context.to(head.logit_bias.dtype))
         self._token_cache[index] = (context, g)
         return g
 
@@ -75,15 +94,21 @@ class GateRuntime:
         The text side is cached per conditioning; the all-kept / empty-row checks share one host sync; the fallback
         kernels run only when some row is empty; the bias is made directly in the model's dtype.
         """
-        index, head = self._head(key, features.device)
+        exact = self.gate_dtype is None or self.gate_dtype == torch.float32
+        index, head = self._head(key, features.device, torch.float32 if exact else self.gate_dtype)
         if torch.is_grad_enabled() and head.logit_bias.requires_grad:  # training: gradients need the plain path
             return self.usable(self.compute(key, features, context, cond_rows, info))
         g = self._token_features(index, head, context)
-        probabilities = torch.sigmoid(head.fast_logits(features.float(), g))
-        hard = probabilities > self.threshold
-        if cond_rows is not None:  # rows left ungated keep every token
-            hard |= ~cond_rows.to(hard.device)[:, None, None]
-        kept = hard.sum(dim=-1, keepdim=True)  # tokens kept per location
+        if self._use_graph(features):
+            graph = self._graph(index, head, features, g, cond_rows, exact)
+            if graph is not None:
+                self.stats["graph"] += 1
+                out = graph.replay(fresh={"x": features}, shared={"g": g})
+                if self.skip_unmasked and int(out["fewest"]) == g.shape[1]:  # the one host sync, as below
+                    return None
+                return out["bias"]
+        self.stats["eager"] += 1
+        hard, scores, probabilities, kept = self._hard_gate(head, features, g, cond_rows, exact)
         if self.skip_unmasked:
             fewest = int(kept.amin())  # the one host sync: decides "nothing suppressed" and "some row empty"
             all_kept, any_empty = fewest == hard.shape[-1], fewest == 0
@@ -91,16 +116,64 @@ class GateRuntime:
                 return None
         else:
             all_kept, any_empty = False, True
-        if any_empty:  # empty rows keep their argmax token (they have no other True to clash with)
-            fallback = torch.zeros_like(hard).scatter_(-1, probabilities.argmax(dim=-1, keepdim=True), True)
-            hard |= (kept == 0) & fallback
-        # (not torch.where with scalars: 4x slower on the CPU)
-        bias = hard.logical_not().to(features.dtype).mul_(self.negative_value)
+        if any_empty:
+            _keep_argmax_of_empty_rows(hard, kept, scores)
+        bias = bias_from_gate(hard, features.dtype, self.negative_value, padded=features.is_cuda)
         if self.observers:
+            if probabilities is None:
+                probabilities = torch.sigmoid(scores.float())
             result = GateResult(probabilities=probabilities, hard=hard.to(probabilities.dtype), bias=bias)
             for observe in self.observers:
                 observe(key, result, info or {})
         return None if all_kept else bias
+
+    def _use_graph(self, features: Tensor) -> bool:
+        if not self.graphs or self.observers or self._graphs.failed is not None:
+            return False
+        if not features.is_cuda:
+            return True
+        # not inside torch.compile's tracing or another graph's capture: those record the eager ops themselves
+        return not (torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing())
+
+    def _hard_gate(self, head, features: Tensor, g: Tensor, cond_rows: Tensor | None, exact: bool):
+        """M before the empty-row rule, with the scores the rule's argmax reads and the tokens kept per location."""
+        logits = head.fast_logits(features.to(g.dtype), g)
+        if exact:
+            scores = probabilities = torch.sigmoid(logits)
+            hard = probabilities > self.threshold
+        else:  # sigmoid(x) > t  <=>  x > logit(t): one kernel fewer; the fallback's argmax is the same on logits
+            scores, probabilities = logits, None
+            hard = logits > self._logit_threshold()
+        if cond_rows is not None:  # rows left ungated keep every token
+            hard |= ~cond_rows.to(hard.device)[:, None, None]
+        return hard, scores, probabilities, hard.sum(dim=-1, keepdim=True)
+
+    def _graph(self, index: int, head, features: Tensor, g: Tensor, cond_rows: Tensor | None, exact: bool):
+        """The captured gate program for this head and these shapes (built on first use)."""
+        key = (index, id(head), tuple(features.shape), features.dtype, tuple(g.shape), g.dtype,
+               None if cond_rows is None else id(cond_rows), exact, self.threshold, self.negative_value)
+        device = features.device
+
+        def build():
+            x = torch.empty(features.shape, dtype=features.dtype, device=device)
+            text = torch.empty(g.shape, dtype=g.dtype, device=device)
+            b, n, t = features.shape[0], features.shape[1], g.shape[1]
+            bias = torch.empty(b, n, _padded(t), dtype=features.dtype, device=device)[..., :t]
+            fewest = torch.empty((), dtype=torch.long, device=device)
+
+            def program():  # (head and cond_rows are held here, so the ids in the key stay theirs)
+                hard, scores, _, kept = self._hard_gate(head, x, text, cond_rows, exact)
+                fewest.copy_(kept.amin())
+                _keep_argmax_of_empty_rows(hard, kept, scores)  # a no-op where no row is empty
+                bias_from_gate(hard, features.dtype, self.negative_value, out=bias)
+
+            return program, {"x": x, "g": text}, {"bias": bias, "fewest": fewest}
+
+        return self._graphs.get(key, device, build)
+
+    def _logit_threshold(self) -> float:
+        t = self.threshold
+        return -math.inf if t <= 0.0 else math.inf if t >= 1.0 else math.log(t / (1.0 - t))
 
     def compute_from_attention(self, key: SiteKey, q: Tensor, k: Tensor, heads: int, cond_rows: Tensor | None = None,
                                info: dict | None = None) -> GateResult:
@@ -126,3 +199,32 @@ class GateRuntime:
              info: dict | None = None) -> Tensor | None:
         """The additive bias [B, N, T] for one site from its input features, or None when it suppresses nothing."""
         return self.fast_bias(key, features, context, cond_rows, info)
+
+
+def _padded(tokens: int) -> int:
+    return -(-tokens // 8) * 8
+
+
+def _keep_argmax_of_empty_rows(hard: Tensor, kept: Tensor, scores: Tensor) -> None:
+    """The empty-row rule, in place: a location that keeps no token keeps its argmax token (an empty row has no
+    other True for the argmax to clash with)."""
+    fallback = torch.zeros_like(hard).scatter_(-1, scores.argmax(dim=-1, keepdim=True), True)
+    hard |= (kept == 0) & fallback
+
+
+def bias_from_gate(hard: Tensor, dtype: torch.dtype, negative_value: float, padded: bool = False,
+                   out: Tensor | None = None) -> Tensor:
+    """(1 - M) * negative_value [B, N, T] in `dtype`, from the hard gate M (bool).
+
+    padded (for CUDA): one kernel into rows padded to a multiple of 8 elements, returned as the [..., :T] view:
+    SDPA's efficient kernel wants 8-aligned mask strides and otherwise pads a 77-token mask with a copy per call.
+    out: write there instead (a graph's output buffer). On the CPU, logical_not().to().mul_() measured 4x faster
+    than torch.where with scalars.
+    """
+    if not padded and out is None:
+        return hard.logical_not().to(dtype).mul_(negative_value)
+    if out is None:
+        b, n, t = hard.shape
+        out = torch.empty(b, n, _padded(t), dtype=dtype, device=hard.device)[..., :t]
+    kept, suppressed = torch.zeros((), dtype=dtype), torch.full((), negative_value, dtype=dtype)  # CPU scalars
+    return torch.where(hard, kept, suppressed, out=out)

@@ -435,12 +435,21 @@ def test_clone_does_not_copy_gate_weights(host, pack, sdxl):
 
 # --- issue 5: the fast path changes no pixel -------------------------------------------------------------------------
 @pytest.mark.parametrize("gate_uncond", [True, False])
-def test_fast_path_samples_bit_identical_to_the_straightforward_path(host, pack, sdxl, monkeypatch, gate_uncond):
+@pytest.mark.parametrize("graphs, skip_unmasked", [(False, True), (True, True), (True, False)])
+def test_fast_path_samples_bit_identical_to_the_straightforward_path(host, pack, sdxl, monkeypatch, gate_uncond,
+                                                                     graphs, skip_unmasked):
+    """graphs=True: the gate program replayed on its fixed buffers, as a CUDA graph is (eagerly, on the CPU)."""
     from comfyui_maskattn.masks.runtime import GateRuntime
+    from comfyui_maskattn.nodes import hooks
 
     pos, neg = conds(host, sdxl, 77, 154)
     gates = make_gates(sdxl)
-    fast = host.ksample(apply(pack, sdxl, gates, gate_uncond=gate_uncond), pos, neg)
+    patched = apply(pack, sdxl, gates, gate_uncond=gate_uncond)
+    runtime = hooks.installed_runtime(patched)
+    runtime.graphs, runtime.skip_unmasked = graphs, skip_unmasked
+    fast = host.ksample(patched, pos, neg)
+    # one program per (head, shape): the tiny SDXL has heads per stage and width, cond+uncond batched
+    assert (len(runtime._graphs) > 0) == graphs and len(runtime._graphs) <= len(runtime.sites)
 
     def straightforward(self, key, features, context, cond_rows=None, info=None):
         return self.usable(self.compute(key, features, context, cond_rows, info))

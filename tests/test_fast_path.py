@@ -71,3 +71,185 @@ def test_observers_see_probabilities_hard_gate_and_bias():
     (k, result), = seen
     assert k == key and result.hard.shape == (1, 9, 77) and bool(result.hard.all())
     assert ((result.probabilities > 0.5) == result.hard.bool()).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_padded_bias_is_one_aligned_view_with_the_same_values(dtype):
+    from comfyui_maskattn.masks.runtime import bias_from_gate
+
+    hard = torch.rand(2, 33, 77) > 0.4
+    plain = bias_from_gate(hard, dtype, -1.0e4)
+    padded = bias_from_gate(hard, dtype, -1.0e4, padded=True)
+    assert padded.dtype == dtype and padded.shape == plain.shape and torch.equal(padded, plain)
+    # SDPA's efficient kernel takes a mask as it is only when every stride but the last is a multiple of 8
+    assert padded.stride() == (33 * 80, 80, 1)
+    mask = padded.unsqueeze(1)
+    assert all(s % 8 == 0 for s in mask.stride()[:-1]) and mask.stride(-1) == 1
+
+
+@pytest.mark.parametrize("gate_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bias_fill", [None, -12.0])  # mixed rows; every row of head 0 empty (fallback)
+def test_low_precision_gate_agrees_wherever_the_logit_is_clear_of_the_threshold(gate_dtype, bias_fill):
+    """gate_dtype trades exactness for speed: a decision may flip only for a pair whose float32 logit lies within
+    that dtype's rounding of the threshold (here: 0.1 in logit units for float16, 0.5 for bfloat16)."""
+    exact = runtime(bias_fill, seed=3)
+    fast = GateRuntime(gates=exact.gates, sites=exact.sites, gate_dtype=gate_dtype)
+    margin = 0.1 if gate_dtype == torch.float16 else 0.5
+    torch.manual_seed(2)
+    context = torch.randn(2, 77, 40)
+    flips = 0
+    with torch.inference_mode():
+        for key in sorted(exact.sites):
+            x = torch.randn(2, 64, 48) * 3
+            reference, approximate = exact.fast_bias(key, x, context), fast.fast_bias(key, x, context)
+            assert approximate is not None and torch.isfinite(approximate).all()
+            logits = exact._head(key, x.device)[1].logits(x, context)
+            top2 = logits.topk(2, dim=-1).values
+            full_rows = top2[..., 0] > margin  # rows that keep a token by threshold in both precisions
+            empty_rows = (top2[..., 0] < -margin) & (top2[..., 0] - top2[..., 1] > margin)  # same argmax token
+            clear = (logits.abs() > margin) & full_rows[..., None] | empty_rows[..., None]
+            assert torch.equal((approximate != 0)[clear], (reference != 0)[clear])
+            assert ((approximate == 0).sum(-1) >= 1).all()  # no row loses every token
+            flips += int(((approximate != 0) != (reference != 0)).sum())
+    assert flips < 0.01 * 3 * 2 * 64 * 77
+
+
+def test_low_precision_gate_gives_observers_float32_probabilities():
+    rt = runtime(seed=1, gate_dtype=torch.float16)
+    seen = []
+    rt.observers.append(lambda key, result, info: seen.append(result))
+    key = next(iter(rt.sites))
+    with torch.inference_mode():
+        bias = rt.fast_bias(key, torch.randn(1, 9, 48), torch.randn(1, 77, 40))
+    (result,) = seen
+    assert result.probabilities.dtype == torch.float32 and bias.dtype == torch.float32
+    assert torch.equal(result.hard.bool(), bias == 0)
+
+
+# --- the gate as a replayed program on fixed buffers (a CUDA graph on CUDA; eager replay here) ------------------------
+@pytest.mark.parametrize("bias_fill", [None, 12.0, -12.0])  # mixed, all kept, every row empty (fallback)
+@pytest.mark.parametrize("cond_only", [False, True])
+@pytest.mark.parametrize("skip_unmasked", [True, False])
+def test_graph_replay_gives_the_straightforward_bias(bias_fill, cond_only, skip_unmasked):
+    rt = runtime(bias_fill, threshold=0.4, cond_only=cond_only, graphs=True, skip_unmasked=skip_unmasked)
+    torch.manual_seed(1)
+    context = torch.randn(4, 77, 40)
+    rows = torch.tensor([False, True, False, True]) if cond_only else None
+    with torch.inference_mode():
+        for step in range(2):
+            for key in sorted(rt.sites):
+                x = torch.randn(4, 36, 48)
+                fast = rt.fast_bias(key, x, context, rows)
+                plain = rt.compute(key, x, context, rows).bias
+                if fast is None:
+                    assert skip_unmasked and not bool((plain != 0).any())
+                else:
+                    assert torch.equal(fast, plain) and fast.stride()[-2:] == (80, 1)
+    assert len(rt._graphs) == len(set(rt.gates.site_heads[k] for k in rt.sites))  # one per head at one shape
+
+
+def test_graph_copies_the_text_side_once_per_conditioning_and_keeps_one_program_per_shape():
+    rt = runtime(graphs=True)
+    key = sorted(rt.sites)[0]
+    context = torch.randn(2, 77, 40)
+    with torch.inference_mode():
+        rt.fast_bias(key, torch.randn(2, 9, 48), context)
+        (graph,) = rt._graphs._graphs.values()
+        g = rt._token_cache[0][1]
+        assert graph._last["g"] is g and torch.equal(graph.inputs["g"], g)
+        rt.fast_bias(key, torch.randn(2, 16, 48), context)  # another resolution: another program
+        assert len(rt._graphs) == 2
+        x, other = torch.randn(2, 9, 48), torch.randn(2, 77, 40)
+        new = rt.fast_bias(key, x, other)  # a new prompt: its text side replaces the old one in the buffer
+        assert graph._last["g"] is rt._token_cache[0][1] and torch.equal(new, rt.compute(key, x, other).bias)
+
+
+def test_a_failed_capture_falls_back_to_the_eager_gate_for_good(monkeypatch, caplog):
+    from comfyui_maskattn.masks import graphs
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("capture not supported here")
+
+    monkeypatch.setattr(graphs, "GateGraph", broken)
+    rt = runtime(graphs=True)
+    key = sorted(rt.sites)[0]
+    x, c = torch.randn(2, 9, 48), torch.randn(2, 77, 40)
+    with torch.inference_mode(), caplog.at_level("WARNING", logger="MaskAttn"):
+        first = rt.fast_bias(key, x, c)
+        second = rt.fast_bias(key, x, c)
+    assert torch.equal(first, rt.compute(key, x, c).bias) and torch.equal(second, first)
+    assert rt._graphs.failed.startswith("RuntimeError") and len(rt._graphs) == 0
+    assert sum("could not capture" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_graph_cache_drops_the_least_recently_used_beyond_its_limit(monkeypatch):
+    from comfyui_maskattn.masks import graphs
+
+    monkeypatch.setattr(graphs, "MAX_GRAPHS", 2)
+    rt = runtime(graphs=True)
+    key = sorted(rt.sites)[0]
+    c = torch.randn(1, 77, 40)
+    with torch.inference_mode():
+        for n in (4, 5, 4, 6):
+            rt.fast_bias(key, torch.randn(1, n, 48), c)
+    assert [k[2][1] for k in rt._graphs._graphs] == [4, 6]
+
+
+def test_graphs_are_opt_in_and_observers_take_the_eager_path():
+    rt = runtime()
+    key = sorted(rt.sites)[0]
+    with torch.inference_mode():
+        rt.fast_bias(key, torch.randn(1, 9, 48), torch.randn(1, 77, 40))
+        assert len(rt._graphs) == 0 and rt.stats == {"graph": 0, "eager": 1}
+        rt.graphs = True
+        rt.observers.append(lambda *a: None)
+        rt.fast_bias(key, torch.randn(1, 9, 48), torch.randn(1, 77, 40))
+        assert len(rt._graphs) == 0 and rt.stats == {"graph": 0, "eager": 2}
+
+
+def test_capture_branch_captures_once_and_replays_after(monkeypatch):
+    """The CUDA branch of GateGraph with torch.cuda's graph API stood in for: warm-up and capture run the program once
+    each, at the first call; every later call is a replay (here: the recorded program), never an eager gate."""
+    import contextlib
+
+    from comfyui_maskattn.masks import graphs
+
+    calls = {"capture": 0, "replay": 0}
+
+    class FakeGraph:
+        program = None
+
+        def replay(self):
+            calls["replay"] += 1
+            self.program()
+
+    class FakeStream:
+        def wait_stream(self, other):
+            pass
+
+    @contextlib.contextmanager
+    def fake_capture(graph, pool=None, capture_error_mode="global"):
+        calls["capture"] += 1
+        yield
+
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: FakeStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "graph", fake_capture)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    real_init = graphs.GateGraph.__init__
+
+    def init(self, program, inputs, outputs, capture, pool=None):
+        real_init(self, program, inputs, outputs, True, pool)
+        self.graph.program = program
+
+    monkeypatch.setattr(graphs.GateGraph, "__init__", init)
+    rt = runtime(graphs=True)
+    context = torch.randn(2, 77, 40)
+    with torch.inference_mode():
+        for key in sorted(rt.sites) * 2:
+            x = torch.randn(2, 16, 48)
+            assert torch.equal(rt.fast_bias(key, x, context), rt.compute(key, x, context).bias)
+    heads = len(set(rt.gates.site_heads.values()))
+    assert calls == {"capture": heads, "replay": 6} and rt.stats == {"graph": 6, "eager": 0}
