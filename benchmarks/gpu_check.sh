@@ -10,8 +10,10 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out="${1:-${OUT:-gpu_check_out}}"
 shift || true
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1 MASKATTN_TEST_THREADS="${MASKATTN_TEST_THREADS:-8}"
-quiet() { grep -v -e "it/s]" -e "Requested to load" -e "Loading 1 new model" -e "loaded completely" -e "USDT:"; }
+# No progress bars: a warning logged mid-sampling lands on the bar's line, and filtering the bars dropped it once.
+export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 MASKATTN_TEST_THREADS="${MASKATTN_TEST_THREADS:-8}"
+quiet() { tr '\r' '\n' | sed -E 's/^.*(it\/s|s\/it)\]//' | grep -v -e '^[[:space:]]*$' -e "Requested to load" \
+    -e "Loading 1 new model" -e "loaded completely" -e "USDT:"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$out/gpu.txt"
 hosts=("$@")

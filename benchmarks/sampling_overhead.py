@@ -140,9 +140,10 @@ def main(argv=None):
           f"interleaved rounds; host {comfy_host.HOST_PATH}")
     print_table(times, peaks, "untouched")
     if args.graphs:
-        print("gate calls by path: " + "; ".join(f"{name.strip()}: {rt.stats['graph']} graph, {rt.stats['eager']} eager"
-                                                 for name, rt in runtimes.items() if "graph" in name or
-                                                 name.startswith("maskattn")))
+        print("gate calls by path: " + "; ".join(
+            f"{name.strip()}: {rt.stats['graph']} graph, {rt.stats['eager']} eager"
+            + (f" (capture failed: {rt._graphs.failed})" if rt._graphs.failed else "")
+            for name, rt in runtimes.items() if "graph" in name or name.startswith("maskattn")))
     if args.check:
         check_latents(cases, groups, run_latent=lambda m: run(m))
     if args.flip_rate:

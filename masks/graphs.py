@@ -95,8 +95,5 @@ class GraphCache:
             self._graphs.popitem(last=False)
         return graph
 
-    def clear(self):
-        self._graphs.clear()
-
     def __len__(self):
         return len(self._graphs)

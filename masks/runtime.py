@@ -41,8 +41,8 @@ class GateRuntime:
     # flip (`benchmarks/sampling_overhead.py --flip-rate` counts them on real features).
     gate_dtype: torch.dtype | None = None
     # Replay the sampling-time gate as a CUDA graph (masks/graphs.py): one launch per layer instead of ~15 small
-    # kernels. Opt-in until measured: on the one GPU run so far (README, Speed) the graph path timed like the eager
-    # one and its profile showed eager gate ops, so whether it engaged is open; `stats` now counts which path ran.
+    # kernels. Opt-in until measured: on the one GPU run so far (README, Speed) it timed like the eager gate and its
+    # profile showed eager gate ops (the capture most likely failed; the reason was lost); `stats` counts the paths.
     # True: CUDA devices capture; elsewhere the program replays eagerly on the graph's buffers (the CPU tests).
     # Observers (preview, recording) and training always take the eager path.
     graphs: bool = False
