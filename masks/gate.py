@@ -70,14 +70,15 @@ class GateHead(nn.Module):
         return torch.baddbmm(self.logit_bias.expand(1, 1, 1).to(f.dtype), f, g.transpose(1, 2),
                              alpha=self.hidden_dim ** -0.5)
 
-    def fast_logits(self, features: Tensor, token_features: Tensor) -> Tensor:
-        """`logits(features, _, token_features)` bit for bit, minus the checks and the module-call overhead
-        (this runs once per gated layer per sampling step, where eager per-call costs dominate small tensors)."""
+    def fast_logits(self, features: Tensor, token_features_t: Tensor) -> Tensor:
+        """`logits(features, _, g)` bit for bit from g transposed ([B, h, T], cached per prompt by the caller), minus
+        the checks and the Python-side calls (this runs once per gated layer per sampling step, where each operator
+        call costs more than its arithmetic: the 0-dim logit bias broadcasts inside baddbmm without an expand)."""
         norm, first, second = self._feature_layers
         f = F.layer_norm(features, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
         f = F.linear(F.silu(F.linear(f, first.weight, first.bias)), second.weight, second.bias)
-        bias = self.logit_bias.expand(1, 1, 1)
-        return torch.baddbmm(bias if bias.dtype == f.dtype else bias.to(f.dtype), f, token_features.transpose(1, 2),
+        bias = self.logit_bias
+        return torch.baddbmm(bias if bias.dtype == f.dtype else bias.to(f.dtype), f, token_features_t,
                              alpha=self.hidden_dim ** -0.5)
 
     def forward(self, features: Tensor, tokens: Tensor) -> Tensor:

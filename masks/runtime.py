@@ -48,7 +48,8 @@ class GateRuntime:
     graphs: bool = False
 
     def __post_init__(self):
-        self._token_cache: dict[int, tuple[Tensor, Tensor]] = {}  # head index -> (context, token_net(context))
+        # head index -> (context, g = token_net(context), g transposed for the logits' matmul)
+        self._token_cache: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
         self._heads_by_device: dict[tuple, object] = {}
         self._graphs = GraphCache()
         self.stats = {"graph": 0, "eager": 0}  # sampling-time gate calls by path (cheap counters, for benchmarks)
@@ -78,14 +79,15 @@ class GateRuntime:
         return self._finish(key, result, cond_rows, info)
 
     def _token_features(self, index: int, head, context: Tensor) -> Tensor:
-        """token_net(context), computed once per conditioning tensor: every layer a head serves in one model call
-        gets the same context object, so a stage-shared head runs its text MLP once per step instead of per layer."""
+        """token_net(context) transposed to [B, h, T], computed once per conditioning tensor: every layer a head
+        serves in one model call gets the same context object, so a stage-shared head runs its text MLP once per step
+        instead of per layer."""
         cached = self._token_cache.get(index)
         if cached is not None and cached[0] is context:
-            return cached[1]
+            return cached[2]
         g = head.token_features(context.to(head.logit_bias.dtype))
-        self._token_cache[index] = (context, g)
-        return g
+        self._token_cache[index] = (context, g, g.transpose(1, 2))
+        return self._token_cache[index][2]
 
     def fast_bias(self, key: SiteKey, features: Tensor, context: Tensor, cond_rows: Tensor | None = None,
                   info: dict | None = None) -> Tensor | None:
@@ -98,13 +100,13 @@ class GateRuntime:
         index, head = self._head(key, features.device, torch.float32 if exact else self.gate_dtype)
         if torch.is_grad_enabled() and head.logit_bias.requires_grad:  # training: gradients need the plain path
             return self.usable(self.compute(key, features, context, cond_rows, info))
-        g = self._token_features(index, head, context)
+        g = self._token_features(index, head, context)  # [B, h, T]
         if self._use_graph(features):
             graph = self._graph(index, head, features, g, cond_rows, exact)
             if graph is not None:
                 self.stats["graph"] += 1
                 out = graph.replay(fresh={"x": features}, shared={"g": g})
-                if self.skip_unmasked and int(out["fewest"]) == g.shape[1]:  # the one host sync, as below
+                if self.skip_unmasked and int(out["fewest"]) == g.shape[2]:  # the one host sync, as below
                     return None
                 return out["bias"]
         self.stats["eager"] += 1
@@ -156,8 +158,8 @@ class GateRuntime:
 
         def build():
             x = torch.empty(features.shape, dtype=features.dtype, device=device)
-            text = torch.empty(g.shape, dtype=g.dtype, device=device)
-            b, n, t = features.shape[0], features.shape[1], g.shape[1]
+            text = torch.empty_strided(g.shape, g.stride(), dtype=g.dtype, device=device)  # g's layout: same GEMM
+            b, n, t = features.shape[0], features.shape[1], g.shape[2]
             bias = torch.empty(b, n, _padded(t), dtype=features.dtype, device=device)[..., :t]
             fewest = torch.empty((), dtype=torch.long, device=device)
 
@@ -226,5 +228,17 @@ def bias_from_gate(hard: Tensor, dtype: torch.dtype, negative_value: float, padd
     if out is None:
         b, n, t = hard.shape
         out = torch.empty(b, n, _padded(t), dtype=dtype, device=hard.device)[..., :t]
-    kept, suppressed = torch.zeros((), dtype=dtype), torch.full((), negative_value, dtype=dtype)  # CPU scalars
-    return torch.where(hard, kept, suppressed, out=out)
+    return torch.where(hard, *_where_values(dtype, negative_value), out=out)
+
+
+_WHERE_VALUES: dict = {}
+
+
+def _where_values(dtype: torch.dtype, negative_value: float) -> tuple[Tensor, Tensor]:
+    """(0, negative_value) as 0-dim CPU tensors in `dtype`, made once (torch.where takes them as scalars)."""
+    values = _WHERE_VALUES.get((dtype, negative_value))
+    if values is None:
+        with torch.inference_mode(False):
+            values = _WHERE_VALUES[(dtype, negative_value)] = (torch.zeros((), dtype=dtype),
+                                                               torch.full((), negative_value, dtype=dtype))
+    return values
