@@ -41,8 +41,8 @@ class GateRuntime:
     # flip (`benchmarks/sampling_overhead.py --flip-rate` counts them on real features).
     gate_dtype: torch.dtype | None = None
     # Replay the sampling-time gate as a CUDA graph (masks/graphs.py): one launch per layer instead of ~15 small
-    # kernels. Opt-in until measured: on the one GPU run so far (README, Speed) it timed like the eager gate and its
-    # profile showed eager gate ops (the capture most likely failed; the reason was lost); `stats` counts the paths.
+    # kernels. Opt-in until a GPU run shows it pays: on the one run so far it behaved as if its capture had failed
+    # (the bias values then came from the CPU, a copy capture refuses; fixed since); `stats` counts the paths.
     # True: CUDA devices capture; elsewhere the program replays eagerly on the graph's buffers (the CPU tests).
     # Observers (preview, recording) and training always take the eager path.
     graphs: bool = False
@@ -228,17 +228,22 @@ def bias_from_gate(hard: Tensor, dtype: torch.dtype, negative_value: float, padd
     if out is None:
         b, n, t = hard.shape
         out = torch.empty(b, n, _padded(t), dtype=dtype, device=hard.device)[..., :t]
-    return torch.where(hard, *_where_values(dtype, negative_value), out=out)
+    return torch.where(hard, *_where_values(dtype, negative_value, out.device), out=out)
 
 
 _WHERE_VALUES: dict = {}
 
 
-def _where_values(dtype: torch.dtype, negative_value: float) -> tuple[Tensor, Tensor]:
-    """(0, negative_value) as 0-dim CPU tensors in `dtype`, made once (torch.where takes them as scalars)."""
-    values = _WHERE_VALUES.get((dtype, negative_value))
+def _where_values(dtype: torch.dtype, negative_value: float, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(0, negative_value) as 0-dim tensors in `dtype` on `device`, made once per device.
+
+    On the device, not the CPU: torch.where moves 0-dim CPU operands to the output's device with a blocking copy, a
+    host sync per call on CUDA, and an operation a CUDA graph capture refuses.
+    """
+    key = (dtype, negative_value, device)
+    values = _WHERE_VALUES.get(key)
     if values is None:
-        with torch.inference_mode(False):
-            values = _WHERE_VALUES[(dtype, negative_value)] = (torch.zeros((), dtype=dtype),
-                                                               torch.full((), negative_value, dtype=dtype))
+        with torch.inference_mode(False):  # normal tensors: usable in and out of inference mode
+            values = _WHERE_VALUES[key] = (torch.zeros((), dtype=dtype, device=device),
+                                           torch.full((), negative_value, dtype=dtype, device=device))
     return values

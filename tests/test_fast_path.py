@@ -254,3 +254,25 @@ def test_capture_branch_captures_once_and_replays_after(monkeypatch):
             assert torch.equal(rt.fast_bias(key, x, context), rt.compute(key, x, context).bias)
     heads = len(set(rt.gates.site_heads.values()))
     assert calls == {"capture": heads, "replay": 6} and rt.stats == {"graph": 6, "eager": 0}
+
+
+def test_padded_bias_takes_its_values_from_the_output_device(monkeypatch):
+    """torch.where moves 0-dim CPU operands to the output's device with a blocking copy: on CUDA a host sync per
+    gated layer, and an operation CUDA-graph capture refuses (what broke the graph gate on the H100). The values
+    must already live on the output's device (here 'meta', standing in for 'cuda')."""
+    from comfyui_maskattn.masks.runtime import bias_from_gate
+
+    seen = []
+    real_where = torch.where
+
+    def spy(condition, kept, suppressed, out=None):
+        seen.append((kept.device, suppressed.device, out.device))
+        return real_where(condition, kept, suppressed, out=out)
+
+    monkeypatch.setattr(torch, "where", spy)
+    hard = torch.empty(2, 16, 77, dtype=torch.bool, device="meta")
+    for dtype in (torch.float16, torch.bfloat16):
+        bias = bias_from_gate(hard, dtype, -1.0e4, padded=True)
+        assert bias.device.type == "meta" and bias.dtype == dtype
+    meta = torch.device("meta")
+    assert seen == [(meta, meta, meta)] * 2
