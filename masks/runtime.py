@@ -162,6 +162,8 @@ class GateRuntime:
             b, n, t = features.shape[0], features.shape[1], g.shape[2]
             bias = torch.empty(b, n, _padded(t), dtype=features.dtype, device=device)[..., :t]
             fewest = torch.empty((), dtype=torch.long, device=device)
+            # the where-values exist before capture: made during it, their fill would only run at replays
+            _where_values(features.dtype, self.negative_value, device)
 
             def program():  # (head and cond_rows are held here, so the ids in the key stay theirs)
                 hard, scores, _, kept = self._hard_gate(head, x, text, cond_rows, exact)
