@@ -26,54 +26,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import device_name, interleaved, print_table  # noqa: E402
 
 
-def _init_(module: torch.nn.Module, seed: int):
-    """Random weights: N(0, 1/fan_in) for matrices, norms at identity, zero biases (ComfyUI leaves them empty)."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    with torch.no_grad():
-        for m in module.modules():
-            for name, p in m.named_parameters(recurse=False):
-                if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
-                    p.fill_(1.0 if name == "weight" else 0.0)
-                elif p.ndim < 2:
-                    p.zero_()
-                else:
-                    fan_in = p[0].numel()
-                    p.copy_((torch.randn(p.shape, generator=gen) / fan_in**0.5).to(p.dtype))
-
-
 def build_model(sdxl_size: bool, dtype, device):
     """An SDXL-architecture ModelPatcher with random weights: real SDXL size, or a tiny one (channels 32)."""
     import comfy.model_base
     import comfy.model_patcher
     import comfy.supported_models
 
+    from cli.host import init_random_weights_, sdxl_unet_config
+
     channels, depth, context, heads_ch = (320, (0, 2, 10), 2048, 64) if sdxl_size else (32, (0, 2, 2), 64, 16)
-    cfg = {
-        "use_checkpoint": False,
-        "image_size": 32,
-        "in_channels": 4,
-        "out_channels": 4,
-        "model_channels": channels,
-        "num_res_blocks": [2, 2, 2],
-        "channel_mult": [1, 2, 4],
-        "transformer_depth": [d for d in depth for _ in range(2)],
-        "transformer_depth_middle": depth[-1],
-        "transformer_depth_output": [d for d in depth for _ in range(3)],
-        "use_spatial_transformer": True,
-        "legacy": False,
-        "use_linear_in_transformer": True,
-        "context_dim": context,
-        "adm_in_channels": (1280 if sdxl_size else context) + 1536,
-        "num_classes": "sequential",
-        "use_temporal_attention": False,
-        "use_temporal_resblock": False,
-        "dtype": dtype,
-    }
+    cfg = dict(sdxl_unet_config(channels, depth, context, pooled_dim=1280 if sdxl_size else None), dtype=dtype)
     model_config = comfy.supported_models.SDXL(cfg)
     model_config.unet_config["num_head_channels"] = heads_ch
     model_config.set_inference_dtype(dtype, None)
     base = comfy.model_base.SDXL(model_config, device=device)
-    _init_(base.diffusion_model, 0)
+    init_random_weights_(base.diffusion_model, 0)
     base.eval()
     return comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=device)
 

@@ -37,13 +37,11 @@ PACK_FOLDER = "comfyui-maskattn"  # folder name under a server's custom_nodes/
 ATTENTION_ENV = "MASKATTN_TEST_ATTENTION"
 ATTENTION_BACKENDS = ("", "pytorch", "split", "sub_quad", "basic")
 
-# SDXL's `y` is [pooled text embedding, 6 size embeddings of Timestep(256)]: see model_base.SDXL.encode_adm.
-SDXL_SIZE_EMBED_DIM = 6 * 256
-
-
 # Finding, importing and loading the host is the pack's own bootstrap (cli/host.py), shared with its tools.
 sys.path.insert(0, str(REPO_ROOT))
 from cli import host as _bootstrap  # noqa: E402
+
+SDXL_SIZE_EMBED_DIM = _bootstrap.SDXL_SIZE_EMBED_DIM
 
 HOST_PATH: Path = _bootstrap.find_host()
 
@@ -82,67 +80,14 @@ def attention_function_name() -> str:
 # tiny models
 
 
-def _init_weights_(unet: torch.nn.Module, seed: int):
-    """Deterministic random init of every parameter (ComfyUI's ops leave them uninitialised).
-
-    Linear/conv weights ~ N(0, 1/fan_in) so activations keep their scale through the depth and
-    attention is far from uniform; biases 0; norm weights 1, norm biases 0.
-    """
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    norm_types = (torch.nn.GroupNorm, torch.nn.LayerNorm)
-    done = set()
-    with torch.no_grad():
-        for module_name, module in unet.named_modules():
-            for pname, param in module.named_parameters(recurse=False):
-                full = f"{module_name}.{pname}" if module_name else pname
-                if isinstance(module, norm_types):
-                    value = torch.ones(param.shape) if pname == "weight" else torch.zeros(param.shape)
-                elif pname == "bias" or param.dim() < 2:
-                    value = torch.zeros(param.shape)
-                else:
-                    fan_in = param[0].numel()
-                    value = torch.randn(param.shape, generator=gen) / fan_in**0.5
-                param.copy_(value.to(param.dtype))
-                done.add(full)
-    missing = {n for n, _ in unet.named_parameters()} - done
-    assert not missing, missing
-
-
 def _patcher(model_config, base_cls, seed, device=None):
     import comfy.model_patcher
 
     cpu = torch.device("cpu")
     model = base_cls(model_config, device=cpu)
-    _init_weights_(model.diffusion_model, seed)
+    _bootstrap.init_random_weights_(model.diffusion_model, seed)
     model.eval()
     return comfy.model_patcher.ModelPatcher(model, load_device=torch.device(device or cpu), offload_device=cpu)
-
-
-def _unet_config(model_channels, num_levels, depths, context_dim, adm_in_channels, dtype, linear):
-    num_res_blocks = [2] * num_levels
-    depth_in = [d for d in depths for _ in range(2)]
-    depth_out = [d for d in depths for _ in range(3)]
-    middle = depths[-1] if depths[-1] > 0 else max(depths)
-    return {
-        "use_checkpoint": False,
-        "image_size": 32,
-        "in_channels": 4,
-        "out_channels": 4,
-        "model_channels": model_channels,
-        "num_res_blocks": num_res_blocks,
-        "channel_mult": None,  # filled by caller
-        "transformer_depth": depth_in,
-        "transformer_depth_middle": middle,
-        "transformer_depth_output": depth_out,
-        "use_spatial_transformer": True,
-        "legacy": False,
-        "use_linear_in_transformer": linear,
-        "context_dim": context_dim,
-        "adm_in_channels": adm_in_channels,
-        "use_temporal_attention": False,
-        "use_temporal_resblock": False,
-        "dtype": dtype,
-    }
 
 
 def tiny_sdxl(
@@ -171,11 +116,9 @@ def tiny_sdxl(
     import comfy.supported_models
 
     depths = [int(d) for d in transformer_depth]
-    if len(depths) != 3:
-        raise ValueError("transformer_depth: one depth per level, 3 levels")
-    cfg = _unet_config(model_channels, 3, depths, context_dim, context_dim + SDXL_SIZE_EMBED_DIM, dtype, True)
-    cfg["channel_mult"] = [1, 2, 4]
-    cfg["num_classes"] = "sequential"
+    if len(depths) != 3 or depths[-1] <= 0:
+        raise ValueError("transformer_depth: one depth per level, 3 levels, attention at the last")
+    cfg = dict(_bootstrap.sdxl_unet_config(model_channels, depths, context_dim), dtype=dtype)
     model_config = comfy.supported_models.SDXL(cfg)  # forces num_head_channels=64, num_heads=-1
     model_config.unet_config["num_head_channels"] = num_head_channels
     model_config.set_inference_dtype(dtype, manual_cast_dtype)
@@ -192,9 +135,26 @@ def tiny_sd15(seed=0, context_dim=64, dtype=torch.float32, *, num_heads=8, manua
     import comfy.model_base
     import comfy.supported_models
 
-    cfg = _unet_config(32, 4, [1, 1, 1, 0], context_dim, None, dtype, False)
-    cfg["channel_mult"] = [1, 2, 4, 4]
-    cfg["transformer_depth_middle"] = 1
+    cfg = {
+        "use_checkpoint": False,
+        "image_size": 32,
+        "in_channels": 4,
+        "out_channels": 4,
+        "model_channels": 32,
+        "num_res_blocks": [2, 2, 2, 2],
+        "channel_mult": [1, 2, 4, 4],
+        "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+        "transformer_depth_middle": 1,
+        "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+        "use_spatial_transformer": True,
+        "legacy": False,
+        "use_linear_in_transformer": False,
+        "context_dim": context_dim,
+        "adm_in_channels": None,
+        "use_temporal_attention": False,
+        "use_temporal_resblock": False,
+        "dtype": dtype,
+    }
     model_config = comfy.supported_models.SD15(cfg)  # sets num_heads=8, num_head_channels=-1
     model_config.unet_config["num_heads"] = num_heads
     model_config.set_inference_dtype(dtype, manual_cast_dtype)

@@ -33,8 +33,6 @@ WORDS = ["a", "an", *world.COLOURS, *world.SHAPES, "to", "the", "left", "right",
 VOCAB = [SOT, EOT, *WORDS]
 TOKEN_IDS = {w: i for i, w in enumerate(VOCAB)}
 FORMAT = "maskattn-compbench-tiny-t2i"
-# SDXL's adm = [pooled, 6 x Timestep(256) size embeddings] (comfy.model_base.SDXL.encode_adm).
-SIZE_EMBED_DIM = 6 * 256
 
 
 @dataclass
@@ -170,27 +168,9 @@ def load_host():
 
 # --- the UNet -------------------------------------------------------------------------------------------------------
 def unet_config(cfg: TinyConfig) -> dict:
-    depth = list(cfg.transformer_depth)
-    return {
-        "use_checkpoint": False,
-        "image_size": cfg.image_size,
-        "in_channels": 4,
-        "out_channels": 4,
-        "model_channels": cfg.model_channels,
-        "num_res_blocks": [2, 2, 2],
-        "channel_mult": [1, 2, 4],
-        "transformer_depth": [d for d in depth for _ in range(2)],
-        "transformer_depth_middle": depth[-1],
-        "transformer_depth_output": [d for d in depth for _ in range(3)],
-        "use_spatial_transformer": True,
-        "legacy": False,
-        "use_linear_in_transformer": True,
-        "context_dim": cfg.text_dim,
-        "adm_in_channels": cfg.text_dim + SIZE_EMBED_DIM,
-        "num_classes": "sequential",
-        "use_temporal_attention": False,
-        "use_temporal_resblock": False,
-    }
+    from cli import host
+
+    return host.sdxl_unet_config(cfg.model_channels, cfg.transformer_depth, cfg.text_dim, image_size=cfg.image_size)
 
 
 def norm_groups(num_groups: int, channels: int, per_group: int = 8) -> int:
