@@ -240,14 +240,14 @@ def check_latents(cases, groups, run_latent):
 def count_flips(runtime, dtypes):
     """Wrap runtime.fast_bias: beside each float32 decision, make the low-precision ones from the same inputs and
     count the (location, token) pairs and the locations whose kept set differs."""
-    from comfyui_maskattn.masks.runtime import GateRuntime
+    import dataclasses
 
-    shadows = {dt: GateRuntime(gates=runtime.gates, sites=runtime.sites, threshold=runtime.threshold,
-                               negative_value=runtime.negative_value, skip_unmasked=False, gate_dtype=dt)
-               for dt in dtypes}
+    def shadow(gate_dtype):  # the same gates and settings, never skipping, with its own caches
+        return dataclasses.replace(runtime, skip_unmasked=False, gate_dtype=gate_dtype, observers=[])
+
+    shadows = {dt: shadow(dt) for dt in dtypes}
     counts = {dt: {"pairs": 0, "total": 0, "rows": 0, "row_total": 0} for dt in dtypes}
-    exact = GateRuntime(gates=runtime.gates, sites=runtime.sites, threshold=runtime.threshold,
-                        negative_value=runtime.negative_value, skip_unmasked=False)
+    exact = shadow(None)
     original = runtime.fast_bias
 
     def fast_bias(key, features, context, cond_rows=None, info=None):

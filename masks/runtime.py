@@ -48,8 +48,8 @@ class GateRuntime:
     graphs: bool = False
 
     def __post_init__(self):
-        # head index -> (context, g = token_net(context), g transposed for the logits' matmul)
-        self._token_cache: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+        # head index -> (context, token_net(context) transposed for the logits' matmul)
+        self._token_cache: dict[int, tuple[Tensor, Tensor]] = {}
         self._heads_by_device: dict[tuple, object] = {}
         self._graphs = GraphCache()
         self.stats = {"graph": 0, "eager": 0}  # sampling-time gate calls by path (cheap counters, for benchmarks)
@@ -84,10 +84,10 @@ class GateRuntime:
         instead of per layer."""
         cached = self._token_cache.get(index)
         if cached is not None and cached[0] is context:
-            return cached[2]
-        g = head.token_features(context.to(head.logit_bias.dtype))
-        self._token_cache[index] = (context, g, g.transpose(1, 2))
-        return self._token_cache[index][2]
+            return cached[1]
+        g_t = head.token_features(context.to(head.logit_bias.dtype)).transpose(1, 2)
+        self._token_cache[index] = (context, g_t)
+        return g_t
 
     def fast_bias(self, key: SiteKey, features: Tensor, context: Tensor, cond_rows: Tensor | None = None,
                   info: dict | None = None) -> Tensor | None:
@@ -154,22 +154,22 @@ class GateRuntime:
         """The captured gate program for this head and these shapes (built on first use)."""
         key = (index, id(head), tuple(features.shape), features.dtype, tuple(g.shape), g.dtype,
                None if cond_rows is None else id(cond_rows), exact, self.threshold, self.negative_value)
-        device = features.device
+        device, dtype = features.device, features.dtype  # (not `features`: the program must not keep it alive)
 
         def build():
-            x = torch.empty(features.shape, dtype=features.dtype, device=device)
+            x = torch.empty(features.shape, dtype=dtype, device=device)
             text = torch.empty_strided(g.shape, g.stride(), dtype=g.dtype, device=device)  # g's layout: same GEMM
             b, n, t = features.shape[0], features.shape[1], g.shape[2]
-            bias = torch.empty(b, n, _padded(t), dtype=features.dtype, device=device)[..., :t]
+            bias = torch.empty(b, n, _padded(t), dtype=dtype, device=device)[..., :t]
             fewest = torch.empty((), dtype=torch.long, device=device)
             # the where-values exist before capture: made during it, their fill would only run at replays
-            _where_values(features.dtype, self.negative_value, device)
+            _where_values(dtype, self.negative_value, device)
 
             def program():  # (head and cond_rows are held here, so the ids in the key stay theirs)
                 hard, scores, _, kept = self._hard_gate(head, x, text, cond_rows, exact)
                 fewest.copy_(kept.amin())
                 _keep_argmax_of_empty_rows(hard, kept, scores)  # a no-op where no row is empty
-                bias_from_gate(hard, features.dtype, self.negative_value, out=bias)
+                bias_from_gate(hard, dtype, self.negative_value, out=bias)
 
             return program, {"x": x, "g": text}, {"bias": bias, "fewest": fewest}
 

@@ -155,14 +155,14 @@ def test_graph_copies_the_text_side_once_per_conditioning_and_keeps_one_program_
     with torch.inference_mode():
         rt.fast_bias(key, torch.randn(2, 9, 48), context)
         (graph,) = rt._graphs._graphs.values()
-        g_t = rt._token_cache[0][2]  # g transposed, as the logits' matmul takes it
+        g_t = rt._token_cache[0][1]  # g transposed, as the logits' matmul takes it
         assert graph._last["g"] is g_t and torch.equal(graph.inputs["g"], g_t)
         assert graph.inputs["g"].stride() == g_t.stride()
         rt.fast_bias(key, torch.randn(2, 16, 48), context)  # another resolution: another program
         assert len(rt._graphs) == 2
         x, other = torch.randn(2, 9, 48), torch.randn(2, 77, 40)
         new = rt.fast_bias(key, x, other)  # a new prompt: its text side replaces the old one in the buffer
-        assert graph._last["g"] is rt._token_cache[0][2] and torch.equal(new, rt.compute(key, x, other).bias)
+        assert graph._last["g"] is rt._token_cache[0][1] and torch.equal(new, rt.compute(key, x, other).bias)
 
 
 def test_a_failed_capture_falls_back_to_the_eager_gate_for_good(monkeypatch, caplog):
