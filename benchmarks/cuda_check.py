@@ -4,7 +4,8 @@
 
 Through ComfyUI's KSampler on a tiny random SDXL-topology model on CUDA, in float16 and bfloat16:
 - parity: gates that keep every pair give the untouched model's latents, bit for bit;
-- the fast path gives the straightforward spec path's latents, bit for bit;
+- the fast path gives the straightforward spec path's latents, bit for bit (eager, CUDA graph, skip decided on the
+  device);
 - no NaN/inf and no collapsed (black) output with gating on;
 and, on the raw pieces: the padded bias has the same values as the plain one, and SDPA gives the same output
 with either. Prints one PASS/FAIL line per check; exits 1 if any failed.
@@ -92,6 +93,22 @@ def main(argv=None) -> int:
               torch.equal(replayed, slow) and runtime.stats["graph"] > 0 and runtime.stats["eager"] == 0,
               f"max |diff| {float((replayed - slow).abs().max()):.3g}, calls {runtime.stats}, "
               f"capture failure: {runtime._graphs.failed}")
+        # the skip decided on the device (no host sync): all-kept layers must still give the untouched bits
+        mixed = MaskAttnGates.fresh(chosen, hidden_dim=16, seed=0, stage="all")
+        with torch.no_grad():
+            mixed.heads[0].logit_bias.fill_(30.0)  # the layers head 0 serves keep every pair; the others mask
+        patched, runtime = hooks.install(model, mixed, chosen, threshold=0.5, negative_value=-1e4)
+        _straightforward(runtime)
+        mixed_slow = sample(patched)
+        for graphs in (False, True):
+            label = "device-skip" + (" CUDA-graph" if graphs else "") + " gate"
+            for name, g, ref in (("all-kept gates", open_gates, base), ("mixed gates", mixed, mixed_slow)):
+                patched, runtime = hooks.install(model, g, chosen, threshold=0.5, negative_value=-1e4)
+                runtime.device_skip, runtime.graphs = True, graphs
+                out = sample(patched)
+                check(f"{label}, {name} == {'untouched' if ref is base else 'straightforward path'} ({dtype})",
+                      torch.equal(out, ref) and (runtime.stats["eager"] == 0 or not graphs),
+                      f"max |diff| {float((out - ref).abs().max()):.3g}, calls {runtime.stats}")
         patched, runtime = hooks.install(model, open_gates, chosen, threshold=0.5, negative_value=-1e4)
         runtime.skip_unmasked = False  # all-kept layers then run the masked kernel with a zero bias
         zero_bias = sample(patched)

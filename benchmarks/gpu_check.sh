@@ -2,7 +2,8 @@
 # The device check for a session that is lent a GPU (issue 5), prepared to run once:
 #   bash benchmarks/gpu_check.sh OUT_DIR [HOST ...]
 # HOST: ComfyUI folders to measure (default: as cli/host.py finds one). The first gets the full sampling table
-# (decomposition, variants incl. the opt-in CUDA-graph gate, bit-identity check, profiles); the others the main cases.
+# (decomposition, the opt-in CUDA-graph and device-skip gates and both together, bit-identity check, profiles); the
+# others the main cases. (--sync-free and --low-precision-gate were measured on 2026-11-26; see README, Speed.)
 # Needs torch with CUDA and the hosts' import deps: benchmarks/prepare_device.sh packs what a bare GPU image lacks.
 # Took 8 min on an H100 with two hosts (2026-11-26); --flip-rate and --count-ops are left out (slow under CUDA).
 set -uo pipefail
@@ -25,10 +26,9 @@ for host in "${hosts[@]}"; do
     [ -n "$host" ] || unset COMFYUI_PATH
     timeout 120 python benchmarks/cuda_check.py 2>&1 | quiet | tee "$out/cuda_check_$tag.txt"
     if [ $first = 1 ]; then
-        flags=(--steps 8 --rounds 7 --straightforward --sync-free --decompose --low-precision-gate --graphs --check
-               --profile)
+        flags=(--steps 8 --rounds 7 --straightforward --decompose --graphs --device-skip --check --profile)
     else
-        flags=(--steps 8 --rounds 5 --straightforward --check)
+        flags=(--steps 8 --rounds 5 --straightforward --graphs --device-skip --check)
     fi
     timeout 300 python benchmarks/sampling_overhead.py --sdxl-size "${flags[@]}" 2>&1 | quiet \
         | tee "$out/sampling_$tag.txt"

@@ -47,8 +47,12 @@ def main(argv=None):
                     help="also time the fast path with the gate in the model's dtype (GateRuntime.gate_dtype), with "
                          "and without the sync; only where the model is not float32")
     ap.add_argument("--graphs", action="store_true",
-                    help="also time the gate replayed as a CUDA graph (GateRuntime.graphs=True; CUDA only), and print "
-                         "how many gate calls took each path")
+                    help="also time the gate replayed as a CUDA graph (GateRuntime.graphs=True; on the CPU its eager "
+                         "replay on the same fixed buffers), and print how many gate calls took each path")
+    ap.add_argument("--device-skip", action="store_true",
+                    help="also time the exact path without a host sync (GateRuntime.device_skip=True: both the masked "
+                         "and the unmasked attention run, a device-side select keeps the right one); with --graphs "
+                         "also the two combined")
     ap.add_argument("--decompose", action="store_true",
                     help="also time 'hook only' (the patches installed, no gate, no mask) and 'mask only' (a constant "
                          "all-zero bias: the masked attention kernel without the gate)")
@@ -115,9 +119,15 @@ def main(argv=None):
         if args.decompose:
             add(stage, "hook only", f"  hook only {stage}", gates, chosen, _no_gate)
             add(stage, "mask only", f"  mask only {stage}", gates, chosen, _zero_bias)
-        if args.graphs and cuda:
+        if args.graphs:
             add(stage, "cuda graph", f"  cuda-graph gate {stage}", gates, chosen,
                 lambda rt: setattr(rt, "graphs", True))
+        if args.device_skip:
+            add(stage, "device skip", f"  device-skip {stage}", gates, chosen,
+                lambda rt: setattr(rt, "device_skip", True))
+            if args.graphs:
+                add(stage, "cuda graph device skip", f"  cuda-graph device-skip {stage}", gates, chosen,
+                    lambda rt: (setattr(rt, "graphs", True), setattr(rt, "device_skip", True)))
         if low_precision:
             add(stage, "low-precision gate", f"  {dtype_name(dtype)} gate {stage}", gates, chosen,
                 lambda rt: setattr(rt, "gate_dtype", dtype))
@@ -174,7 +184,8 @@ def main(argv=None):
         from torch.profiler import ProfilerActivity, profile
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        for name in [n for n in cases if n.startswith("maskattn mid") or n.strip() == "cuda-graph gate mid"]:
+        profiled = ("cuda-graph gate mid", "cuda-graph device-skip mid")
+        for name in [n for n in cases if n.startswith("maskattn mid") or n.strip() in profiled]:
             with profile(activities=acts) as prof:
                 run(cases[name])
             print(f"profile of one run of '{name.strip()}':")

@@ -36,14 +36,17 @@ def interleaved(cases: dict[str, Callable[[], object]], rounds: int, warmup: int
 
 
 def print_table(times: dict[str, list[float]], peaks: dict[str, int], base: str, unit: str = "s/run", width=32):
-    """Median per case and its ratio to the `base` case; also the ratio of the fastest rounds (noise on a shared
-    machine only ever adds time, so the minima are the steadier estimate there); CUDA peak memory."""
+    """Median per case and its ratio to the `base` case; the ratio of the fastest rounds (noise on a shared machine
+    only ever adds time); the paired ratio, the median over rounds of (this case / the base case in the same round),
+    which cancels the slow drift of a shared VM (runs of 0.7 s and 1.1 s of the same model minutes apart on the CI
+    machine) that the other two mix in; CUDA peak memory."""
     med_ref, min_ref = statistics.median(times[base]), min(times[base])
-    print(f"{'case':{width}s} {unit:>8s} {'ratio':>6s} {'min-ratio':>9s} {'peak MiB':>9s}")
+    print(f"{'case':{width}s} {unit:>8s} {'ratio':>6s} {'min-ratio':>9s} {'paired':>6s} {'peak MiB':>9s}")
     for name, ts in times.items():
         med = statistics.median(ts)
+        paired = statistics.median(t / b for t, b in zip(ts, times[base]))
         peak = f"{peaks[name] / 2**20:9.0f}" if name in peaks else f"{'n/a':>9s}"
-        print(f"{name:{width}s} {med:8.4f} {med / med_ref:6.3f} {min(ts) / min_ref:9.3f} {peak}")
+        print(f"{name:{width}s} {med:8.4f} {med / med_ref:6.3f} {min(ts) / min_ref:9.3f} {paired:6.3f} {peak}")
 
 
 def device_name() -> str:

@@ -8,6 +8,7 @@ broadcast [B, 1, N, T] bias on CUDA).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -25,16 +26,37 @@ def bias_as_mask(bias: Tensor, dtype: torch.dtype) -> Tensor:
     return bias.to(dtype).unsqueeze(1)
 
 
-def masked_attention(
-    q: Tensor, k: Tensor, v: Tensor, heads: int, bias: Tensor | None, attention_fn: AttentionFn, **fn_kwargs
-) -> Tensor:
-    """q [B, N, H*d], k/v [B, T, H*d], bias [B, N, T] or None -> [B, N, H*d], through `attention_fn`.
+@dataclass
+class DeferredBias:
+    """A gate bias whose "suppresses nothing" is known only on the device (GateRuntime.device_skip).
 
-    With no bias the call is exactly the unpatched one, so untouched layers stay bit-identical.
+    `unmasked` is a 0-dim bool tensor, true where the bias is all zeros: the layer must then give the unmasked call's
+    output, bit for bit, as the straightforward path does by skipping the bias. Reading it on the host would be a
+    device sync per layer; masked_attention selects on the device instead.
+    """
+
+    bias: Tensor  # [B, N, T]
+    unmasked: Tensor  # 0-dim bool, same device
+
+
+def masked_attention(
+    q: Tensor, k: Tensor, v: Tensor, heads: int, bias: Tensor | DeferredBias | None, attention_fn: AttentionFn,
+    masked_fn: AttentionFn | None = None, **fn_kwargs
+) -> Tensor:
+    """q [B, N, H*d], k/v [B, T, H*d], bias [B, N, T] or None -> [B, N, H*d], through `attention_fn` (unmasked calls)
+    and `masked_fn` (calls with a mask; default: attention_fn).
+
+    With no bias the call is exactly the unpatched one, so untouched layers stay bit-identical. A DeferredBias runs
+    both calls and keeps the unmasked one's output where its flag is set: the same bits as the host-side skip, with
+    one more attention call instead of a sync.
     """
     if bias is None:
         return attention_fn(q, k, v, heads, **fn_kwargs)
-    return attention_fn(q, k, v, heads, mask=bias_as_mask(bias, q.dtype), **fn_kwargs)
+    masked_fn = masked_fn or attention_fn
+    if isinstance(bias, DeferredBias):
+        masked = masked_fn(q, k, v, heads, mask=bias_as_mask(bias.bias, q.dtype), **fn_kwargs)
+        return torch.where(bias.unmasked, attention_fn(q, k, v, heads, **fn_kwargs), masked)
+    return masked_fn(q, k, v, heads, mask=bias_as_mask(bias, q.dtype), **fn_kwargs)
 
 
 def explicit_attention(q: Tensor, k: Tensor, v: Tensor, heads: int, mask: Tensor | None = None, **_ignored) -> Tensor:

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .attention import DeferredBias
 from .gate import GateResult, gate_bias
 from .gates import MaskAttnGates
 from .graphs import GraphCache
@@ -30,8 +31,14 @@ class GateRuntime:
     negative_value: float = -1.0e4
     cond_only: bool = False
     # A bias of all zeros is skipped (None) so a layer whose gate keeps everything runs the untouched attention,
-    # bit for bit, on every backend. Costs one device sync per gated layer.
+    # bit for bit, on every backend. Costs one device sync per gated layer (unless device_skip).
     skip_unmasked: bool = True
+    # Make that decision on the device (for CUDA): no host sync per gated layer. The bias comes as a DeferredBias and
+    # the layer runs both the masked and the unmasked attention, keeping the unmasked output where nothing is
+    # suppressed (masks/attention.py): the same bits as the host-side skip, for one more small attention call (77
+    # keys) and a select per layer. The empty-row rule then always runs (a no-op where no row is empty). Opt-in until
+    # a GPU run shows it pays; pointless on the CPU, where a sync costs nothing. Observers take the synced path.
+    device_skip: bool = False
     observers: list[GateObserver] = field(default_factory=list)
     # None: the host's attention backend. Training sets explicit_attention (differentiable on every device).
     attention_override: Callable | None = None
@@ -90,30 +97,36 @@ class GateRuntime:
         return g_t
 
     def fast_bias(self, key: SiteKey, features: Tensor, context: Tensor, cond_rows: Tensor | None = None,
-                  info: dict | None = None) -> Tensor | None:
-        """Sampling-time gate: the same values as `compute` bit for bit, with fewer kernels and one sync.
+                  info: dict | None = None) -> Tensor | DeferredBias | None:
+        """Sampling-time gate: the same values as `compute` bit for bit, with fewer kernels and at most one sync.
 
-        The text side is cached per conditioning; the all-kept / empty-row checks share one host sync; the fallback
-        kernels run only when some row is empty; the bias is made directly in the model's dtype.
+        The text side is cached per conditioning; the all-kept / empty-row checks share one host sync (none with
+        device_skip); the fallback kernels run only when some row is empty; the bias is made directly in the model's
+        dtype.
         """
         exact = self.gate_dtype is None or self.gate_dtype == torch.float32
         index, head = self._head(key, features.device, torch.float32 if exact else self.gate_dtype)
         if torch.is_grad_enabled() and head.logit_bias.requires_grad:  # training: gradients need the plain path
             return self.usable(self.compute(key, features, context, cond_rows, info))
         g = self._token_features(index, head, context)  # [B, h, T]
+        deferred = self.skip_unmasked and self.device_skip and not self.observers
         if self._use_graph(features):
             graph = self._graph(index, head, features, g, cond_rows, exact)
             if graph is not None:
                 self.stats["graph"] += 1
                 out = graph.replay(fresh={"x": features}, shared={"g": g})
-                if self.skip_unmasked and int(out["fewest"]) == g.shape[2]:  # the one host sync, as below
+                if deferred:
+                    return DeferredBias(out["bias"], out["unmasked"])
+                if self.skip_unmasked and bool(out["unmasked"]):  # the one host sync, as below
                     return None
                 return out["bias"]
         self.stats["eager"] += 1
         hard, scores, probabilities, kept = self._hard_gate(head, features, g, cond_rows, exact)
-        if self.skip_unmasked:
+        tokens = hard.shape[-1]
+        if self.skip_unmasked and not deferred:
             fewest = int(kept.amin())  # the one host sync: decides "nothing suppressed" and "some row empty"
-            all_kept, any_empty = fewest == hard.shape[-1], fewest == 0
+            # (after the empty-row rule every row keeps >= 1 token: with a single token nothing is ever suppressed)
+            all_kept, any_empty = fewest == tokens or tokens == 1, fewest == 0
             if all_kept and not self.observers:
                 return None
         else:
@@ -127,6 +140,8 @@ class GateRuntime:
             result = GateResult(probabilities=probabilities, hard=hard.to(probabilities.dtype), bias=bias)
             for observe in self.observers:
                 observe(key, result, info or {})
+        if deferred:
+            return DeferredBias(bias, hard.all())  # (after the empty-row rule: "the bias is all zeros")
         return None if all_kept else bias
 
     def _use_graph(self, features: Tensor) -> bool:
@@ -161,17 +176,17 @@ class GateRuntime:
             text = torch.empty_strided(g.shape, g.stride(), dtype=g.dtype, device=device)  # g's layout: same GEMM
             b, n, t = features.shape[0], features.shape[1], g.shape[2]
             bias = torch.empty(b, n, _padded(t), dtype=dtype, device=device)[..., :t]
-            fewest = torch.empty((), dtype=torch.long, device=device)
+            unmasked = torch.empty((), dtype=torch.bool, device=device)
             # the where-values exist before capture: made during it, their fill would only run at replays
             _where_values(dtype, self.negative_value, device)
 
             def program():  # (head and cond_rows are held here, so the ids in the key stay theirs)
                 hard, scores, _, kept = self._hard_gate(head, x, text, cond_rows, exact)
-                fewest.copy_(kept.amin())
                 _keep_argmax_of_empty_rows(hard, kept, scores)  # a no-op where no row is empty
+                unmasked.copy_(hard.all())  # after the rule, as the straightforward path decides it
                 bias_from_gate(hard, dtype, self.negative_value, out=bias)
 
-            return program, {"x": x, "g": text}, {"bias": bias, "fewest": fewest}
+            return program, {"x": x, "g": text}, {"bias": bias, "unmasked": unmasked}
 
         return self._graphs.get(key, device, build)
 

@@ -39,26 +39,25 @@ def model_sites(model) -> list[CrossAttnSite]:
 _HOST_KWARGS: tuple[bool, bool] | None = None
 
 
-def _host_attention(masked: bool):
+def _host_attention():
     import comfy.ldm.modules.attention as attention
 
     global _HOST_KWARGS
     if _HOST_KWARGS is None:  # newer hosts take attn_precision and transformer_options (optimized_attention_override)
         params = inspect.signature(attention.attention_basic).parameters
         _HOST_KWARGS = ("attn_precision" in params, hasattr(attention, "wrap_attn"))
-    fn = attention.optimized_attention_masked if masked else attention.optimized_attention
-    return fn, _HOST_KWARGS
+    return attention.optimized_attention, attention.optimized_attention_masked, _HOST_KWARGS
 
 
 def host_attention(q, k, v, heads, bias, extra_options):
     """softmax(QK^T/sqrt(d) + bias)V through ComfyUI's configured backend, called as its CrossAttention calls it."""
-    fn, (precision, options) = _host_attention(bias is not None)
+    plain, masked, (precision, options) = _host_attention()
     kwargs = {}
     if precision:
         kwargs["attn_precision"] = extra_options.get("attn_precision")
     if options:
         kwargs["transformer_options"] = extra_options
-    return masked_attention(q, k, v, heads, bias, fn, **kwargs)
+    return masked_attention(q, k, v, heads, bias, plain, masked, **kwargs)
 
 
 # --- per-step state shared by the gate patch and the containers ---------------------------------------------------

@@ -55,6 +55,21 @@ def apply(pack, model, gates, **kw):
     return gate_nodes.MaskAttnApply().apply(model, gates, **args)[0]
 
 
+@pytest.fixture
+def distinct_masked_kernel(host, monkeypatch):
+    """The host's masked attention replaced by one that rounds differently from its unmasked one, as on CUDA (the
+    efficient kernel against flash). On the CPU hosts a zero mask gives the unmasked call's bits, which would hide a
+    layer that took the masked call where the untouched one was due. (Here: the textbook formula in float64.)"""
+    import comfy.ldm.modules.attention as attention
+
+    from comfyui_maskattn.masks.attention import explicit_attention
+
+    def masked_in_float64(q, k, v, heads, mask=None, **_):
+        return explicit_attention(q.double(), k.double(), v.double(), heads, mask).to(q.dtype)
+
+    monkeypatch.setattr(attention, "optimized_attention_masked", masked_in_float64)
+
+
 def conds(host, model, tokens=77, neg_tokens=None, seed=0):
     return (host.make_cond(model, tokens=tokens, seed=seed),
             host.make_cond(model, tokens=neg_tokens or tokens, seed=seed + 1))
@@ -146,7 +161,8 @@ def percent_window_between_steps(model, host, pos, neg):
 
 
 # --- parity: an open gate is the untouched model -------------------------------------------------------------------
-def test_all_ones_gate_strength_zero_and_out_of_range_sigma_match_untouched_model(host, pack, sdxl):
+def test_all_ones_gate_strength_zero_and_out_of_range_sigma_match_untouched_model(host, pack, sdxl,
+                                                                                 distinct_masked_kernel):
     pos, neg = conds(host, sdxl)
     base = host.ksample(sdxl, pos, neg, seed=3)
     ones = make_gates(sdxl, mode="ones")
@@ -435,10 +451,13 @@ def test_clone_does_not_copy_gate_weights(host, pack, sdxl):
 
 # --- issue 5: the fast path changes no pixel -------------------------------------------------------------------------
 @pytest.mark.parametrize("gate_uncond", [True, False])
-@pytest.mark.parametrize("graphs, skip_unmasked", [(False, True), (True, True), (True, False)])
+@pytest.mark.parametrize("graphs, skip_unmasked, device_skip",
+                         [(False, True, False), (True, True, False), (True, False, False), (False, True, True),
+                          (True, True, True)])
 def test_fast_path_samples_bit_identical_to_the_straightforward_path(host, pack, sdxl, monkeypatch, gate_uncond,
-                                                                     graphs, skip_unmasked):
-    """graphs=True: the gate program replayed on its fixed buffers, as a CUDA graph is (eagerly, on the CPU)."""
+                                                                     graphs, skip_unmasked, device_skip):
+    """graphs=True: the gate program replayed on its fixed buffers, as a CUDA graph is (eagerly, on the CPU).
+    device_skip=True: no host sync; both attentions run and a device-side select keeps the right one."""
     from comfyui_maskattn.masks.runtime import GateRuntime
     from comfyui_maskattn.nodes import hooks
 
@@ -446,7 +465,7 @@ def test_fast_path_samples_bit_identical_to_the_straightforward_path(host, pack,
     gates = make_gates(sdxl)
     patched = apply(pack, sdxl, gates, gate_uncond=gate_uncond)
     runtime = hooks.installed_runtime(patched)
-    runtime.graphs, runtime.skip_unmasked = graphs, skip_unmasked
+    runtime.graphs, runtime.skip_unmasked, runtime.device_skip = graphs, skip_unmasked, device_skip
     fast = host.ksample(patched, pos, neg)
     # one program per (head, shape): the tiny SDXL has heads per stage and width, cond+uncond batched
     assert (len(runtime._graphs) > 0) == graphs and len(runtime._graphs) <= len(runtime.sites)
@@ -456,6 +475,47 @@ def test_fast_path_samples_bit_identical_to_the_straightforward_path(host, pack,
 
     monkeypatch.setattr(GateRuntime, "bias", straightforward)
     assert torch.equal(host.ksample(apply(pack, sdxl, gates, gate_uncond=gate_uncond), pos, neg), fast)
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_device_skip_keeps_the_untouched_attention_bit_for_bit_where_a_gate_keeps_everything(
+        host, pack, sdxl, monkeypatch, distinct_masked_kernel, graphs):
+    """Gates that keep every pair at some layers and mask others: with the skip decided on the device, the all-kept
+    layers still give the untouched attention's bits (all-ones gates: the untouched model), the others the masked."""
+    from comfyui_maskattn.masks.attention import DeferredBias
+    from comfyui_maskattn.masks.runtime import GateRuntime
+    from comfyui_maskattn.nodes import hooks
+
+    pos, neg = conds(host, sdxl)
+    base = host.ksample(sdxl, pos, neg, seed=3)
+    ones = apply(pack, sdxl, make_gates(sdxl, mode="ones"))
+    hooks.installed_runtime(ones).device_skip = True
+    assert torch.equal(host.ksample(ones, pos, neg, seed=3), base)
+
+    gates = make_gates(sdxl, mode="random")
+    ones_head = make_gates(sdxl, mode="ones").heads[0]
+    gates.heads[0].load_state_dict(ones_head.state_dict())  # the layers head 0 serves keep every pair
+    patched = apply(pack, sdxl, gates)
+    runtime = hooks.installed_runtime(patched)
+    runtime.device_skip, runtime.graphs = True, graphs
+    flags = []
+    fast_bias = runtime.fast_bias
+
+    def spy(*args, **kwargs):
+        out = fast_bias(*args, **kwargs)
+        flags.append(bool(out.unmasked) if isinstance(out, DeferredBias) else None)
+        return out
+
+    runtime.fast_bias = spy
+    fast = host.ksample(patched, pos, neg, seed=3)
+    assert True in flags and False in flags and None not in flags  # both sides of the select were taken
+
+    def straightforward(self, key, features, context, cond_rows=None, info=None):
+        return self.usable(self.compute(key, features, context, cond_rows, info))
+
+    monkeypatch.setattr(GateRuntime, "bias", straightforward)
+    assert torch.equal(host.ksample(apply(pack, sdxl, gates), pos, neg, seed=3), fast)
+    assert not torch.equal(fast, base)
 
 
 def test_modern_hosts_attention_override_sees_the_masked_attention(host, pack, sdxl):

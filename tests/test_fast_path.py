@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from comfyui_maskattn.masks.attention import DeferredBias
 from comfyui_maskattn.masks.gates import MaskAttnGates
 from comfyui_maskattn.masks.runtime import GateRuntime
 from comfyui_maskattn.masks.topology import CrossAttnSite
@@ -20,11 +21,24 @@ def runtime(bias_fill=None, seed=0, **kw):
     return GateRuntime(gates=gates, sites=frozenset(s.key for s in SITES), **kw)
 
 
+def assert_same_decision(fast, plain):
+    """fast: what fast_bias returned; plain: the straightforward path's usable bias (None: suppresses nothing)."""
+    if isinstance(fast, DeferredBias):  # device_skip: the same bias, and the skip decided on the device
+        assert fast.unmasked.shape == () and fast.unmasked.dtype == torch.bool
+        assert bool(fast.unmasked) == (plain is None)
+        assert torch.equal(fast.bias, torch.zeros_like(fast.bias) if plain is None else plain)
+    elif plain is None:
+        assert fast is None
+    else:
+        assert fast is not None and torch.equal(fast, plain)
+
+
 @pytest.mark.parametrize("bias_fill", [None, 12.0, -12.0])  # mixed, all kept, every row empty (fallback)
 @pytest.mark.parametrize("cond_only", [False, True])
 @pytest.mark.parametrize("threshold", [0.5, 0.3])
-def test_fast_bias_equals_straightforward_bias(bias_fill, cond_only, threshold):
-    rt = runtime(bias_fill, threshold=threshold, cond_only=cond_only)
+@pytest.mark.parametrize("device_skip", [False, True])
+def test_fast_bias_equals_straightforward_bias(bias_fill, cond_only, threshold, device_skip):
+    rt = runtime(bias_fill, threshold=threshold, cond_only=cond_only, device_skip=device_skip)
     torch.manual_seed(1)
     context = torch.randn(4, 77, 40)
     rows = torch.tensor([False, True, False, True]) if cond_only else None
@@ -32,12 +46,63 @@ def test_fast_bias_equals_straightforward_bias(bias_fill, cond_only, threshold):
         for key in rt.sites:  # several layers of one shared head reuse the cached text side
             x = torch.randn(4, 36, 48)
             fast = rt.fast_bias(key, x, context, rows)
-            plain = rt.usable(rt.compute(key, x, context, rows))
-            if plain is None:
-                assert fast is None
-            else:
-                assert fast is not None and torch.equal(fast, plain)
+            assert isinstance(fast, DeferredBias) == device_skip
+            assert_same_decision(fast, rt.usable(rt.compute(key, x, context, rows)))
     assert len(rt._token_cache) == 1 and rt._token_cache[0][0] is context
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+@pytest.mark.parametrize("device_skip", [False, True])
+def test_a_single_token_is_never_suppressed(graphs, device_skip):
+    """With one token every location keeps it (the empty-row rule), so the bias is all zeros and the straightforward
+    path runs the unmasked attention; the fast path decides so too, although rows were empty before the rule."""
+    rt = runtime(-12.0, graphs=graphs, device_skip=device_skip)
+    key = sorted(rt.sites)[0]  # served by head 0, whose logit bias empties every row
+    x, c = torch.randn(2, 9, 48), torch.randn(2, 1, 40)
+    with torch.inference_mode():
+        assert not bool(rt.compute(key, x, c).probabilities.gt(0.5).any())
+        assert rt.usable(rt.compute(key, x, c)) is None
+        assert_same_decision(rt.fast_bias(key, x, c), None)
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_device_skip_reads_nothing_back_from_the_device(graphs):
+    """On the 'meta' device any read of a tensor's value on the host (int(), bool(), .item()) raises: so a gate that
+    runs there end to end makes no host sync. The synced default, run the same way, must raise (the check works)."""
+    rt = runtime(graphs=graphs, device_skip=True)
+    meta = torch.device("meta")
+    x, c = torch.randn(2, 9, 48, device=meta), torch.randn(2, 77, 40, device=meta)
+    with torch.inference_mode():
+        for key in sorted(rt.sites):
+            out = rt.fast_bias(key, x, c)
+            assert isinstance(out, DeferredBias) and out.bias.device == meta and out.unmasked.device == meta
+        rt.device_skip = False
+        with pytest.raises((RuntimeError, NotImplementedError)):
+            rt.fast_bias(sorted(rt.sites)[0], x, c)
+
+
+def test_masked_attention_with_a_deferred_bias_keeps_the_unmasked_output_where_flagged():
+    from comfyui_maskattn.masks.attention import masked_attention
+
+    calls = []
+
+    def plain(q, k, v, heads, **kw):
+        calls.append("plain")
+        return torch.full_like(q, 1.0)
+
+    def masked(q, k, v, heads, mask=None, **kw):
+        calls.append("masked")
+        assert mask.shape == (2, 1, 5, 3)
+        return torch.full_like(q, 2.0)
+
+    q, k = torch.randn(2, 5, 8), torch.randn(2, 3, 8)
+    bias = torch.zeros(2, 5, 3)
+    for flag, value in ((True, 1.0), (False, 2.0)):
+        out = masked_attention(q, k, k, 2, DeferredBias(bias, torch.tensor(flag)), plain, masked)
+        assert torch.equal(out, torch.full_like(q, value))
+    assert calls == ["masked", "plain"] * 2
+    assert torch.equal(masked_attention(q, k, k, 2, None, plain, masked), torch.full_like(q, 1.0))
+    assert torch.equal(masked_attention(q, k, k, 2, bias, plain, masked), torch.full_like(q, 2.0))
 
 
 def test_text_side_is_recomputed_for_a_new_conditioning():
@@ -129,9 +194,10 @@ def test_low_precision_gate_gives_observers_float32_probabilities():
 # --- the gate as a replayed program on fixed buffers (a CUDA graph on CUDA; eager replay here) ------------------------
 @pytest.mark.parametrize("bias_fill", [None, 12.0, -12.0])  # mixed, all kept, every row empty (fallback)
 @pytest.mark.parametrize("cond_only", [False, True])
-@pytest.mark.parametrize("skip_unmasked", [True, False])
-def test_graph_replay_gives_the_straightforward_bias(bias_fill, cond_only, skip_unmasked):
-    rt = runtime(bias_fill, threshold=0.4, cond_only=cond_only, graphs=True, skip_unmasked=skip_unmasked)
+@pytest.mark.parametrize("skip_unmasked, device_skip", [(True, False), (False, False), (True, True)])
+def test_graph_replay_gives_the_straightforward_bias(bias_fill, cond_only, skip_unmasked, device_skip):
+    rt = runtime(bias_fill, threshold=0.4, cond_only=cond_only, graphs=True, skip_unmasked=skip_unmasked,
+                 device_skip=device_skip)
     torch.manual_seed(1)
     context = torch.randn(4, 77, 40)
     rows = torch.tensor([False, True, False, True]) if cond_only else None
@@ -141,7 +207,10 @@ def test_graph_replay_gives_the_straightforward_bias(bias_fill, cond_only, skip_
                 x = torch.randn(4, 36, 48)
                 fast = rt.fast_bias(key, x, context, rows)
                 plain = rt.compute(key, x, context, rows).bias
-                if fast is None:
+                if device_skip:
+                    assert_same_decision(fast, rt.usable(rt.compute(key, x, context, rows)))
+                    assert fast.bias.stride()[-2:] == (80, 1)
+                elif fast is None:
                     assert skip_unmasked and not bool((plain != 0).any())
                 else:
                     assert torch.equal(fast, plain) and fast.stride()[-2:] == (80, 1)
