@@ -64,6 +64,9 @@ def main(argv=None):
                          "bfloat16 gate makes differently from the float32 one")
     ap.add_argument("--count-ops", action="store_true",
                     help="also count torch operator calls per run (noise-free; on a GPU the gate costs launches)")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="CPU: split one run of each default case (and of the untouched model) into gate, attention "
+                         "calls and hook bookkeeping, with wall-clock timers around each (on CUDA see --profile)")
     ap.add_argument("--profile", action="store_true",
                     help="print a torch.profiler table of one run of the default mid-stage case (and of the "
                          "CUDA-graph one with --graphs)")
@@ -180,6 +183,9 @@ def main(argv=None):
         ops0, kernels0 = counts["untouched"]
         for name, (ops, kernels) in counts.items():
             print(f"{name:32s} {ops:12d} {ops - ops0:8d} {kernels:12d} {kernels - kernels0:8d}")
+    if args.breakdown and not cuda:
+        default = {name: m for name, m in cases.items() if name == "untouched" or name.startswith("maskattn")}
+        print_breakdown(default, runtimes, run)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
@@ -192,6 +198,69 @@ def main(argv=None):
             print(prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
                                             row_limit=25))
     return 0
+
+
+def print_breakdown(cases, runtimes, run, runs: int = 3):
+    """Where the extra time of a patched run goes (CPU, one thread: wall time is the work): timers around the gate,
+    the host's attention calls and the two hook objects, each counting its own time only (a timed call inside another
+    is subtracted from the outer one), so "hooks" is the bookkeeping of the patch and the replace themselves. Means
+    over `runs` runs after a warm-up."""
+    import time
+
+    import comfy.ldm.modules.attention as attention
+    from comfyui_maskattn.nodes import hooks
+
+    spent: dict[str, list] = {}
+    stack: list[float] = []  # time spent in timed calls nested in the open ones
+
+    def timed(fn, label):
+        def wrapper(*args, **kwargs):
+            stack.append(0.0)
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                elapsed = time.perf_counter() - t
+                entry = spent.setdefault(label, [0.0, 0])
+                entry[0] += elapsed - stack.pop()
+                entry[1] += 1
+                if stack:
+                    stack[-1] += elapsed
+        return wrapper
+
+    targets = [(attention, "optimized_attention", "attention"), (attention, "optimized_attention_masked", "attention"),
+               (hooks.MaskAttnGatePatch, "__call__", "hooks"), (hooks.MaskAttnAttention, "__call__", "hooks")]
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in targets]
+    rows = {}
+    try:
+        for obj, name, label in targets:
+            setattr(obj, name, timed(getattr(obj, name), label))
+        for name, model in cases.items():
+            runtime = runtimes.get(name)
+            if runtime is not None:
+                runtime.fast_bias = timed(runtime.fast_bias, "gate")
+            run(model)
+            spent.clear()
+            t = time.perf_counter()
+            for _ in range(runs):
+                run(model)
+            rows[name] = ((time.perf_counter() - t) / runs, {k: (v[0] / runs, v[1] // runs) for k, v in spent.items()})
+            if runtime is not None:
+                del runtime.fast_bias
+    finally:
+        for obj, name, fn in saved:
+            setattr(obj, name, fn)
+    base_total, base = rows.pop("untouched")
+    base_attention = base["attention"][0]
+    print(f"breakdown (ms per run, mean of {runs}; untouched {base_total * 1e3:.1f} ms, of which attention "
+          f"{base_attention * 1e3:.1f} ms):")
+    for name, (total, parts) in rows.items():
+        gate, calls = parts.get("gate", (0.0, 0))
+        extra_attention = parts["attention"][0] - base_attention
+        own = parts.get("hooks", (0.0, 0))[0]
+        print(f"  {name.strip()}: {(total - base_total) * 1e3:+.1f} ms = gate {gate * 1e3:.1f} ({gate / max(calls, 1) * 1e6:.0f}"
+              f" us x {calls}) + attention {extra_attention * 1e3:+.1f} + hooks {own * 1e3:.1f} + rest "
+              f"{(total - base_total - gate - extra_attention - own) * 1e3:+.1f}")
 
 
 def dtype_name(dtype) -> str:

@@ -225,10 +225,12 @@ def _padded(tokens: int) -> int:
 
 
 def _keep_argmax_of_empty_rows(hard: Tensor, kept: Tensor, scores: Tensor) -> None:
-    """The empty-row rule, in place: a location that keeps no token keeps its argmax token (an empty row has no
-    other True for the argmax to clash with)."""
-    fallback = torch.zeros_like(hard).scatter_(-1, scores.argmax(dim=-1, keepdim=True), True)
-    hard |= (kept == 0) & fallback
+    """The empty-row rule, in place: a location that keeps no token keeps its argmax token.
+
+    hard[argmax] |= (row is empty): only the argmax reads the full [B, N, T] tensor, the rest is [B, N, 1] (a one-hot
+    of the argmax would be three more full-size kernels; the graph and sync-free paths run this on every call)."""
+    top = scores.argmax(dim=-1, keepdim=True)
+    hard.scatter_(-1, top, hard.gather(-1, top) | (kept == 0))
 
 
 def bias_from_gate(hard: Tensor, dtype: torch.dtype, negative_value: float, padded: bool = False,
