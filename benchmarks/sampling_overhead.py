@@ -157,6 +157,7 @@ def main(argv=None):
             f"{name.strip()}: {rt.stats['graph']} graph, {rt.stats['eager']} eager"
             + (f" (capture failed: {rt._graphs.failed})" if rt._graphs.failed else "")
             for name, rt in runtimes.items() if "graph" in name or name.startswith("maskattn")))
+    print_fastest_exact(times, groups)
     if args.check:
         check_latents(cases, groups, run_latent=lambda m: run(m))
     if args.flip_rate:
@@ -289,6 +290,23 @@ def _zero_bias(runtime):
 def _straightforward(runtime):
     runtime.bias = types.MethodType(
         lambda self, key, f, c, rows=None, info=None: self.usable(self.compute(key, f, c, rows, info)), runtime)
+
+
+EXACT_VARIANTS = ("fast", "cuda graph", "device skip", "cuda graph device skip")  # bit for bit the spec path
+
+
+def print_fastest_exact(times, groups):
+    """The exact variant with the lowest paired ratio per stage: the candidate for the default on this device."""
+    import statistics
+
+    base = times["untouched"]
+    picks = []
+    for stage, variants in groups.items():
+        ratios = {variant: statistics.median(t / b for t, b in zip(times[name], base))
+                  for variant, name in variants.items() if variant in EXACT_VARIANTS}
+        best = min(ratios, key=ratios.get)
+        picks.append(f"{stage}: {best} ({ratios[best]:.3f}x paired)")
+    print("fastest exact variant: " + "; ".join(picks))
 
 
 def check_latents(cases, groups, run_latent):

@@ -34,6 +34,7 @@ def test_sampling_benchmark_times_every_variant_and_finds_them_bit_identical(hos
         for variant in ("hook only", "mask only"):
             assert f"  {stage} {variant} vs untouched: bit-identical" in out
     assert "non-finite latents: none" in out
+    assert "fastest exact variant: mid: " in out and "; all: " in out
     assert "cuda-graph gate mid: 100 graph, 0 eager" in out  # 50 layers, 2 model calls (1 step, cfg batched)
 
 
