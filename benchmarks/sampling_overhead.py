@@ -259,9 +259,10 @@ def print_breakdown(cases, runtimes, run, runs: int = 3):
         gate, calls = parts.get("gate", (0.0, 0))
         extra_attention = parts["attention"][0] - base_attention
         own = parts.get("hooks", (0.0, 0))[0]
-        print(f"  {name.strip()}: {(total - base_total) * 1e3:+.1f} ms = gate {gate * 1e3:.1f} ({gate / max(calls, 1) * 1e6:.0f}"
-              f" us x {calls}) + attention {extra_attention * 1e3:+.1f} + hooks {own * 1e3:.1f} + rest "
-              f"{(total - base_total - gate - extra_attention - own) * 1e3:+.1f}")
+        rest = total - base_total - gate - extra_attention - own
+        print(f"  {name.strip()}: {(total - base_total) * 1e3:+.1f} ms = gate {gate * 1e3:.1f} "
+              f"({gate / max(calls, 1) * 1e6:.0f} us x {calls}) + attention {extra_attention * 1e3:+.1f} + hooks "
+              f"{own * 1e3:.1f} + rest {rest * 1e3:+.1f}")
 
 
 def dtype_name(dtype) -> str:

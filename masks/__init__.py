@@ -8,8 +8,8 @@ from .runtime import GateRuntime
 from .topology import CrossAttnSite, UnsupportedModelError, discover_sites, select_sites
 
 __all__ = [
-    "NEGATIVE_VALUE", "CrossAttnSite", "DeferredBias", "GateFileError", "GateHead", "GateMismatchError", "GateResult", "GateRuntime",
-    "MaskAttnGates", "UnsupportedModelError", "discover_sites", "explicit_attention", "gate_bias", "hard_gate",
-    "import_reference_checkpoint", "load_gates", "masked_attention", "save_gates", "select_sites",
+    "NEGATIVE_VALUE", "CrossAttnSite", "DeferredBias", "GateFileError", "GateHead", "GateMismatchError", "GateResult",
+    "GateRuntime", "MaskAttnGates", "UnsupportedModelError", "discover_sites", "explicit_attention", "gate_bias",
+    "hard_gate", "import_reference_checkpoint", "load_gates", "masked_attention", "save_gates", "select_sites",
     "strength_to_negative_value",
 ]

@@ -22,7 +22,7 @@ def test_sampling_benchmark_times_every_variant_and_finds_them_bit_identical(hos
     import sampling_overhead
 
     assert sampling_overhead.main(["--size", "64", "--steps", "1", "--rounds", "1", "--straightforward", "--decompose",
-                                   "--graphs", "--device-skip", "--check"]) == 0
+                                   "--graphs", "--device-skip", "--check", "--breakdown"]) == 0
     out = capsys.readouterr().out
     header = out.index("paired")
     for stage in ("mid", "all"):
@@ -35,6 +35,8 @@ def test_sampling_benchmark_times_every_variant_and_finds_them_bit_identical(hos
             assert f"  {stage} {variant} vs untouched: bit-identical" in out
     assert "non-finite latents: none" in out
     assert "fastest exact variant: mid: " in out and "; all: " in out
+    breakdown = out[out.index("breakdown ("):]
+    assert "us x 50) + attention" in breakdown and "us x 70) + attention" in breakdown  # one model call per run
     assert "cuda-graph gate mid: 100 graph, 0 eager" in out  # 50 layers, 2 model calls (1 step, cfg batched)
 
 
