@@ -364,7 +364,11 @@ def stand_in_ipadapter(model, calls, weight=0.3):
 
 
 @pytest.mark.parametrize("order", ["ipadapter_first", "maskattn_first"])
-def test_ipadapter_style_container_composes_in_both_orders(host, pack, sdxl, order):
+@pytest.mark.parametrize("device_skip", [False, True])
+def test_ipadapter_style_container_composes_in_both_orders(host, pack, sdxl, distinct_masked_kernel, order,
+                                                           device_skip):
+    from comfyui_maskattn.nodes.hooks import installed_runtime
+
     pos, neg = conds(host, sdxl)
     calls = []
     adapter_only = host.ksample(stand_in_ipadapter(sdxl, calls), pos, neg)
@@ -374,8 +378,11 @@ def test_ipadapter_style_container_composes_in_both_orders(host, pack, sdxl, ord
 
     def both(gates):
         if order == "ipadapter_first":
-            return apply(pack, stand_in_ipadapter(sdxl, calls), gates)
-        return stand_in_ipadapter(apply(pack, sdxl, gates), calls)
+            model = apply(pack, stand_in_ipadapter(sdxl, calls), gates)
+        else:
+            model = stand_in_ipadapter(apply(pack, sdxl, gates), calls)
+        installed_runtime(model).device_skip = device_skip  # (the runtime is shared by a model and its clones)
+        return model
 
     calls.clear()
     assert torch.equal(host.ksample(both(make_gates(sdxl, mode="ones")), pos, neg), adapter_only)
