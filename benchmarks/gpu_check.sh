@@ -24,7 +24,7 @@ for host in "${hosts[@]}"; do
     tag=$(basename "${host:-default}")
     export COMFYUI_PATH="$host"
     [ -n "$host" ] || unset COMFYUI_PATH
-    timeout 120 python benchmarks/cuda_check.py 2>&1 | quiet | tee "$out/cuda_check_$tag.txt"
+    timeout 180 python benchmarks/cuda_check.py 2>&1 | quiet | tee "$out/cuda_check_$tag.txt"
     if [ $first = 1 ]; then
         flags=(--steps 8 --rounds 7 --straightforward --decompose --graphs --device-skip --check --profile)
     else
