@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from timing import device_name, interleaved, print_table  # noqa: E402
+from timing import device_name, interleaved, paired_ratio, print_table  # noqa: E402
 
 
 def main(argv=None):
@@ -298,12 +298,9 @@ EXACT_VARIANTS = ("fast", "cuda graph", "device skip", "cuda graph device skip")
 
 def print_fastest_exact(times, groups):
     """The exact variant with the lowest paired ratio per stage: the candidate for the default on this device."""
-    import statistics
-
-    base = times["untouched"]
     picks = []
     for stage, variants in groups.items():
-        ratios = {variant: statistics.median(t / b for t, b in zip(times[name], base))
+        ratios = {variant: paired_ratio(times[name], times["untouched"])
                   for variant, name in variants.items() if variant in EXACT_VARIANTS}
         best = min(ratios, key=ratios.get)
         picks.append(f"{stage}: {best} ({ratios[best]:.3f}x paired)")

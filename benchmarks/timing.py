@@ -44,9 +44,14 @@ def print_table(times: dict[str, list[float]], peaks: dict[str, int], base: str,
     print(f"{'case':{width}s} {unit:>8s} {'ratio':>6s} {'min-ratio':>9s} {'paired':>6s} {'peak MiB':>9s}")
     for name, ts in times.items():
         med = statistics.median(ts)
-        paired = statistics.median(t / b for t, b in zip(ts, times[base]))
+        paired = paired_ratio(ts, times[base])
         peak = f"{peaks[name] / 2**20:9.0f}" if name in peaks else f"{'n/a':>9s}"
         print(f"{name:{width}s} {med:8.4f} {med / med_ref:6.3f} {min(ts) / min_ref:9.3f} {paired:6.3f} {peak}")
+
+
+def paired_ratio(times: list[float], base_times: list[float]) -> float:
+    """Median over rounds of (this case / the base case in the same round)."""
+    return statistics.median(t / b for t, b in zip(times, base_times))
 
 
 def device_name() -> str:
