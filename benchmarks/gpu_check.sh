@@ -2,8 +2,9 @@
 # The device check for a session that is lent a GPU (issue 5), prepared to run once:
 #   bash benchmarks/gpu_check.sh OUT_DIR [HOST ...]
 # HOST: ComfyUI folders to measure (default: as cli/host.py finds one). The first gets the full sampling table
-# (decomposition, the opt-in CUDA-graph and device-skip gates and both together, bit-identity check, profiles); the
-# others the main cases. (--sync-free and --low-precision-gate were measured on 2026-11-26; see README, Speed.)
+# (decomposition, the opt-in CUDA-graph and device-skip gates and both together, bit-identity check, and the
+# device time per case: the floor each case would reach if its host side were free); the others the main cases.
+# (--sync-free and --low-precision-gate were measured on 2026-11-26; see README, Speed.)
 # Needs torch with CUDA and the hosts' import deps: benchmarks/prepare_device.sh packs what a bare GPU image lacks.
 # Took 8 min on an H100 with two hosts (2026-11-26); --flip-rate and --count-ops are left out (slow under CUDA).
 set -uo pipefail
@@ -26,7 +27,7 @@ for host in "${hosts[@]}"; do
     [ -n "$host" ] || unset COMFYUI_PATH
     timeout 180 python benchmarks/cuda_check.py 2>&1 | quiet | tee "$out/cuda_check_$tag.txt"
     if [ $first = 1 ]; then
-        flags=(--steps 8 --rounds 7 --straightforward --decompose --graphs --device-skip --check --profile)
+        flags=(--steps 8 --rounds 7 --straightforward --decompose --graphs --device-skip --check --device-time)
     else
         flags=(--steps 8 --rounds 5 --straightforward --graphs --device-skip --check)
     fi

@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from timing import device_name, interleaved, paired_ratio, print_table  # noqa: E402
+from timing import busy_time, device_name, interleaved, paired_ratio, print_table  # noqa: E402
 
 
 def main(argv=None):
@@ -67,6 +67,10 @@ def main(argv=None):
     ap.add_argument("--breakdown", action="store_true",
                     help="CPU: split one run of each default case (and of the untouched model) into gate, attention "
                          "calls and hook bookkeeping, with wall-clock timers around each (on CUDA see --profile)")
+    ap.add_argument("--device-time", action="store_true",
+                    help="profile one run per case and print the time the device worked (the union of its kernels' "
+                         "spans; on the CPU, of the torch operators'), per step and against the untouched model's "
+                         "wall time: the floor a case cannot beat however cheap its host side gets")
     ap.add_argument("--profile", action="store_true",
                     help="print a torch.profiler table of one run of the default mid-stage case (and of the "
                          "CUDA-graph one with --graphs)")
@@ -160,6 +164,11 @@ def main(argv=None):
     print_fastest_exact(times, groups)
     if args.check:
         check_latents(cases, groups, run_latent=lambda m: run(m))
+    if args.device_time:
+        try:
+            print_device_time(cases, times, run, args.steps)
+        except Exception as error:  # a profiler that cannot trace this device must not cost the rest of the report
+            print(f"device time: the profiler failed ({type(error).__name__}: {error})")
     if args.flip_rate:
         for stage in ("mid", "all"):
             chosen = select_sites(sites, stage, "encoder_decoder")
@@ -263,6 +272,35 @@ def print_breakdown(cases, runtimes, run, runs: int = 3):
         print(f"  {name.strip()}: {(total - base_total) * 1e3:+.1f} ms = gate {gate * 1e3:.1f} "
               f"({gate / max(calls, 1) * 1e6:.0f} us x {calls}) + attention {extra_attention * 1e3:+.1f} + hooks "
               f"{own * 1e3:.1f} + rest {rest * 1e3:+.1f}")
+
+
+def print_device_time(cases, times, run, steps: int):
+    """Per case (the spec path aside), from one profiled run: how long the device worked per step (the union of its
+    kernels' spans, memory copies included) and how many kernels it ran, against the untouched model's median wall
+    time from the timed rounds. "floor" = busy / untouched wall: the least ratio the case can reach even if its
+    host-side work were free; a case whose timed ratio sits well above its floor is host-bound. On the CPU the
+    "device" is the torch operators (their union; the rest is Python), inflated by the profiler's own cost per
+    operator, so there the columns only compare cases. Kernels a CUDA graph replays count only if the profiler reports
+    them: a graph case whose kernels/step is well below its eager twin's was under-counted."""
+    import statistics
+
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    kind, unit = ("CUDA", "kernels") if cuda else ("CPU", "ops")
+    wall = statistics.median(times["untouched"])
+    print(f"device time ({'CUDA kernels' if cuda else 'CPU: torch operators, profiler-inflated'}, one profiled run "
+          f"per case; floor = busy / untouched wall of {wall / steps * 1e3:.1f} ms per step):")
+    print(f"  {'case':32s} {'busy ms/step':>12s} {unit + '/step':>12s} {'floor':>6s} {'busy/own wall':>13s}")
+    for name, model in cases.items():
+        if name.strip().startswith("straightforward"):
+            continue
+        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+            run(model)
+        spans = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type.name == kind]
+        busy = busy_time(spans) / 1e6  # (microseconds)
+        print(f"  {name.strip():32s} {busy / steps * 1e3:12.2f} {len(spans) / steps:12.0f} {busy / wall:6.3f} "
+              f"{busy / statistics.median(times[name]):13.0%}")
 
 
 def dtype_name(dtype) -> str:

@@ -54,5 +54,15 @@ def paired_ratio(times: list[float], base_times: list[float]) -> float:
     return statistics.median(t / b for t, b in zip(times, base_times))
 
 
+def busy_time(spans) -> float:
+    """Length of the union of (start, end) spans: the time a device worked, overlapping or nested work counted once."""
+    total, end = 0.0, float("-inf")
+    for start, stop in sorted(spans):
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total
+
+
 def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"

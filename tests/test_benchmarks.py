@@ -22,7 +22,7 @@ def test_sampling_benchmark_times_every_variant_and_finds_them_bit_identical(hos
     import sampling_overhead
 
     assert sampling_overhead.main(["--size", "64", "--steps", "1", "--rounds", "1", "--straightforward", "--decompose",
-                                   "--graphs", "--device-skip", "--check", "--breakdown"]) == 0
+                                   "--graphs", "--device-skip", "--check", "--breakdown", "--device-time"]) == 0
     out = capsys.readouterr().out
     header = out.index("paired")
     for stage in ("mid", "all"):
@@ -38,6 +38,20 @@ def test_sampling_benchmark_times_every_variant_and_finds_them_bit_identical(hos
     breakdown = out[out.index("breakdown ("):]
     assert "us x 50) + attention" in breakdown and "us x 70) + attention" in breakdown  # one model call per run
     assert "cuda-graph gate mid: 100 graph, 0 eager" in out  # 50 layers, 2 model calls (1 step, cfg batched)
+    device = out[out.index("device time ("):out.index("breakdown (")]
+    ops = {line.split("  ")[1].strip(): float(line.split()[-3]) for line in device.splitlines()[2:]}
+    assert "straightforward mid" not in ops and len(ops) == 13
+    for stage in ("mid", "all"):  # the profiled runs see the gate's operators
+        gated = next(v for k, v in ops.items() if k.startswith(f"maskattn {stage}"))
+        assert gated > ops[f"hook only {stage}"] and ops[f"mask only {stage}"] >= ops[f"hook only {stage}"]
+
+
+def test_busy_time_counts_overlapping_and_nested_spans_once():
+    from timing import busy_time
+
+    assert busy_time([]) == 0.0
+    assert busy_time([(5, 6), (0, 2), (1, 3), (5.5, 5.7)]) == 4.0  # [0, 3] and [5, 6]
+    assert busy_time([(0, 10), (2, 3), (4, 12)]) == 12.0
 
 
 def test_cuda_check_passes_its_dry_run_on_the_cpu(host, capsys, no_progress_bars):
