@@ -132,7 +132,9 @@ class GateRuntime:
         else:
             all_kept, any_empty = False, True
         if any_empty:
-            _keep_argmax_of_empty_rows(hard, kept, scores)
+            # Knowing it on the host (synced), the CPU searches only the empty rows: a full argmax over rows of 77
+            # tokens cost it up to 100 us a call. The row search syncs again, so CUDA keeps the one-kernel argmax.
+            _keep_argmax_of_empty_rows(hard, kept, scores, only_empty=not deferred and not hard.is_cuda)
         bias = bias_from_gate(hard, features.dtype, self.negative_value, padded=features.is_cuda)
         if self.observers:
             if probabilities is None:
@@ -163,7 +165,8 @@ class GateRuntime:
             hard = logits > self._logit_threshold()
         if cond_rows is not None:  # rows left ungated keep every token
             hard |= ~cond_rows.to(hard.device)[:, None, None]
-        return hard, scores, probabilities, hard.sum(dim=-1, keepdim=True)
+        # int32 counts: summing bools to the default int64 makes the CPU copy the whole mask first (2x the time)
+        return hard, scores, probabilities, hard.sum(dim=-1, keepdim=True, dtype=torch.int32)
 
     def _graph(self, index: int, head, features: Tensor, g: Tensor, cond_rows: Tensor | None, exact: bool):
         """The captured gate program for this head and these shapes (built on first use)."""
@@ -224,11 +227,18 @@ def _padded(tokens: int) -> int:
     return -(-tokens // 8) * 8
 
 
-def _keep_argmax_of_empty_rows(hard: Tensor, kept: Tensor, scores: Tensor) -> None:
+def _keep_argmax_of_empty_rows(hard: Tensor, kept: Tensor, scores: Tensor, only_empty: bool = False) -> None:
     """The empty-row rule, in place: a location that keeps no token keeps its argmax token.
 
     hard[argmax] |= (row is empty): only the argmax reads the full [B, N, T] tensor, the rest is [B, N, 1] (a one-hot
-    of the argmax would be three more full-size kernels; the graph and sync-free paths run this on every call)."""
+    of the argmax would be three more full-size kernels; the graph and sync-free paths run this on every call).
+    only_empty: take the argmax of the empty rows alone (finding them is a host sync; the same first-maximum index
+    per row, so the same bits)."""
+    if only_empty:
+        tokens = hard.shape[-1]
+        rows = (kept.reshape(-1) == 0).nonzero().squeeze(1)
+        hard.view(-1, tokens)[rows, scores.reshape(-1, tokens)[rows].argmax(dim=-1)] = True
+        return
     top = scores.argmax(dim=-1, keepdim=True)
     hard.scatter_(-1, top, hard.gather(-1, top) | (kept == 0))
 

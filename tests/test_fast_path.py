@@ -33,7 +33,8 @@ def assert_same_decision(fast, plain):
         assert fast is not None and torch.equal(fast, plain)
 
 
-@pytest.mark.parametrize("bias_fill", [None, 12.0, -12.0])  # mixed, all kept, every row empty (fallback)
+# mixed, all kept, every row empty (fallback), about a quarter of the rows empty
+@pytest.mark.parametrize("bias_fill", [None, 12.0, -12.0, -3.0])
 @pytest.mark.parametrize("cond_only", [False, True])
 @pytest.mark.parametrize("threshold", [0.5, 0.3])
 @pytest.mark.parametrize("device_skip", [False, True])
@@ -49,6 +50,24 @@ def test_fast_bias_equals_straightforward_bias(bias_fill, cond_only, threshold, 
             assert isinstance(fast, DeferredBias) == device_skip
             assert_same_decision(fast, rt.usable(rt.compute(key, x, context, rows)))
     assert len(rt._token_cache) == 1 and rt._token_cache[0][0] is context
+
+
+def test_empty_row_rule_searching_only_the_empty_rows_matches_the_full_argmax():
+    """The CPU's synced path takes the argmax of the empty rows alone; it must pick what the full argmax picks, the
+    first maximum (ties here are frequent: scores come in steps of 0.25), and leave the other rows alone."""
+    from comfyui_maskattn.masks.runtime import _keep_argmax_of_empty_rows
+
+    torch.manual_seed(0)
+    for shape in [(2, 50, 77), (3, 7, 5), (1, 1, 1)]:
+        scores = torch.randint(0, 4, shape).float() / 4
+        hard = (torch.rand(shape) > 0.9) & (torch.rand(shape[:-1] + (1,)) > 0.5)  # about half the rows empty
+        kept = hard.sum(-1, keepdim=True, dtype=torch.int32)
+        assert shape[-1] == 1 or 0 < int((kept == 0).sum()) < kept.numel()
+        full, rows_only = hard.clone(), hard.clone()
+        _keep_argmax_of_empty_rows(full, kept, scores)
+        _keep_argmax_of_empty_rows(rows_only, kept, scores, only_empty=True)
+        assert torch.equal(full, rows_only) and bool(full.any(-1).all())
+        assert torch.equal(full[kept.squeeze(-1) > 0], hard[kept.squeeze(-1) > 0])
 
 
 @pytest.mark.parametrize("graphs", [False, True])
