@@ -133,8 +133,8 @@ class GateRuntime:
             all_kept, any_empty = False, True
         if any_empty:
             # Knowing it on the host (synced), the CPU searches only the empty rows: a full argmax over rows of 77
-            # tokens cost it up to 100 us a call. The row search syncs again, so CUDA keeps the one-kernel argmax.
-            _keep_argmax_of_empty_rows(hard, kept, scores, only_empty=not deferred and not hard.is_cuda)
+            # tokens cost it up to 100 us a call. The row search syncs again, so other devices keep the one argmax.
+            _keep_argmax_of_empty_rows(hard, kept, scores, only_empty=hard.device.type == "cpu")
         bias = bias_from_gate(hard, features.dtype, self.negative_value, padded=features.is_cuda)
         if self.observers:
             if probabilities is None:
