@@ -165,7 +165,7 @@ class GateRuntime:
             hard = logits > self._logit_threshold()
         if cond_rows is not None:  # rows left ungated keep every token
             hard |= ~cond_rows.to(hard.device)[:, None, None]
-        # int32 counts: summing bools to the default int64 makes the CPU copy the whole mask first (2x the time)
+        # int32 counts: summing bools to the default int64 makes the CPU copy the whole mask first (up to 2x the time)
         return hard, scores, probabilities, hard.sum(dim=-1, keepdim=True, dtype=torch.int32)
 
     def _graph(self, index: int, head, features: Tensor, g: Tensor, cond_rows: Tensor | None, exact: bool):
