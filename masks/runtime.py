@@ -123,7 +123,8 @@ class GateRuntime:
         self.stats["eager"] += 1
         hard, scores, probabilities, kept = self._hard_gate(head, features, g, cond_rows, exact)
         tokens = hard.shape[-1]
-        if self.skip_unmasked and not deferred:
+        synced = self.skip_unmasked and not deferred
+        if synced:
             fewest = int(kept.amin())  # the one host sync: decides "nothing suppressed" and "some row empty"
             # (after the empty-row rule every row keeps >= 1 token: with a single token nothing is ever suppressed)
             all_kept, any_empty = fewest == tokens or tokens == 1, fewest == 0
@@ -132,9 +133,10 @@ class GateRuntime:
         else:
             all_kept, any_empty = False, True
         if any_empty:
-            # Knowing it on the host (synced), the CPU searches only the empty rows: a full argmax over rows of 77
-            # tokens cost it up to 100 us a call. The row search syncs again, so other devices keep the one argmax.
-            _keep_argmax_of_empty_rows(hard, kept, scores, only_empty=hard.device.type == "cpu")
+            # Knowing some row is empty (synced), the CPU searches only the empty rows: a full argmax over rows of 77
+            # tokens cost it up to 100 us a call. Finding them syncs again (and gives torch.compile a data-dependent
+            # shape), so other devices and the sync-free paths keep the one argmax.
+            _keep_argmax_of_empty_rows(hard, kept, scores, only_empty=synced and hard.device.type == "cpu")
         bias = bias_from_gate(hard, features.dtype, self.negative_value, padded=features.is_cuda)
         if self.observers:
             if probabilities is None:
