@@ -167,8 +167,10 @@ class GateRuntime:
             hard = logits > self._logit_threshold()
         if cond_rows is not None:  # rows left ungated keep every token
             hard |= ~cond_rows.to(hard.device)[:, None, None]
-        # int32 counts: summing bools to the default int64 makes the CPU copy the whole mask first (up to 2x the time)
-        return hard, scores, probabilities, hard.sum(dim=-1, keepdim=True, dtype=torch.int32)
+        # int32 counts on the CPU: summing bools to the default int64 makes it copy the whole mask first (up to 2x the
+        # time); other devices keep the default, which every backend has
+        count_dtype = torch.int32 if hard.device.type == "cpu" else None
+        return hard, scores, probabilities, hard.sum(dim=-1, keepdim=True, dtype=count_dtype)
 
     def _graph(self, index: int, head, features: Tensor, g: Tensor, cond_rows: Tensor | None, exact: bool):
         """The captured gate program for this head and these shapes (built on first use)."""
