@@ -23,7 +23,7 @@ def bias_as_mask(bias: Tensor, dtype: torch.dtype) -> Tensor:
     [B, 1, N, T] float is the one mask layout every ComfyUI backend accepts on old and new hosts ([B, N, T] is
     silently misread by the 2024 pytorch backend when B equals the head count).
     """
-    return bias.to(dtype).unsqueeze(1)
+    return (bias if bias.dtype == dtype else bias.to(dtype)).unsqueeze(1)
 
 
 @dataclass

@@ -42,8 +42,12 @@ class GateHead(nn.Module):
             nn.LayerNorm(token_dim), nn.Linear(token_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, hidden_dim)
         )
         self.logit_bias = nn.Parameter(torch.zeros(()))
-        # Plain references for the sampling fast path (fast_logits): skips nn.Module call overhead, same ops.
-        self._feature_layers = (self.feature_net[0], self.feature_net[1], self.feature_net[3])
+        # For the sampling fast path (fast_logits): the LayerNorm and the parameter dicts of the feature MLP and of this
+        # head. Reading a dict skips nn.Module's call and attribute machinery (same ops, a few µs per gated layer), and
+        # is never stale: a module keeps its dict for life, and every way of replacing a parameter (.to() with
+        # overwritten parameters, load_state_dict(assign=True)) writes into it; deepcopy maps the tuple to the copies.
+        self._fast_parts = (self.feature_net[0], self.feature_net[0]._parameters, self.feature_net[1]._parameters,
+                            self.feature_net[3]._parameters, self._parameters)
 
     @property
     def dims(self) -> tuple[int, int, int]:
@@ -74,10 +78,10 @@ class GateHead(nn.Module):
         """`logits(features, _, g)` bit for bit from g transposed ([B, h, T], cached per prompt by the caller), minus
         the checks and the Python-side calls (this runs once per gated layer per sampling step, where each operator
         call costs more than its arithmetic: the 0-dim logit bias broadcasts inside baddbmm without an expand)."""
-        norm, first, second = self._feature_layers
-        f = F.layer_norm(features, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-        f = F.linear(F.silu(F.linear(f, first.weight, first.bias)), second.weight, second.bias)
-        bias = self.logit_bias
+        norm, norm_params, first, second, own = self._fast_parts
+        f = F.layer_norm(features, norm.normalized_shape, norm_params["weight"], norm_params["bias"], norm.eps)
+        f = F.linear(F.silu(F.linear(f, first["weight"], first["bias"])), second["weight"], second["bias"])
+        bias = own["logit_bias"]
         return torch.baddbmm(bias if bias.dtype == f.dtype else bias.to(f.dtype), f, token_features_t,
                              alpha=self.hidden_dim ** -0.5)
 

@@ -194,7 +194,7 @@ class MaskAttnAttention:
             for callback, kw in zip(self.callback, self.kwargs):
                 if sigma is None or kw.get("sigma_end", 0.0) <= sigma <= kw.get("sigma_start", float("inf")):
                     out = out + callback(out, q, k, v, extra_options, **kw)
-        return out.to(q.dtype)
+        return out if out.dtype == q.dtype else out.to(q.dtype)
 
 
 def _chainable(obj) -> bool:

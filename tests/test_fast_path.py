@@ -21,16 +21,23 @@ def runtime(bias_fill=None, seed=0, **kw):
     return GateRuntime(gates=gates, sites=frozenset(s.key for s in SITES), **kw)
 
 
+def bits(t):
+    """The raw bits of a float tensor: torch.equal takes -0.0 for 0.0, the attention's logits + bias may not."""
+    return t.view({4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
 def assert_same_decision(fast, plain):
     """fast: what fast_bias returned; plain: the straightforward path's usable bias (None: suppresses nothing)."""
     if isinstance(fast, DeferredBias):  # device_skip: the same bias, and the skip decided on the device
         assert fast.unmasked.shape == () and fast.unmasked.dtype == torch.bool
         assert bool(fast.unmasked) == (plain is None)
         assert torch.equal(fast.bias, torch.zeros_like(fast.bias) if plain is None else plain)
+        if plain is not None:
+            assert torch.equal(bits(fast.bias), bits(plain))
     elif plain is None:
         assert fast is None
     else:
-        assert fast is not None and torch.equal(fast, plain)
+        assert fast is not None and fast.dtype == plain.dtype and torch.equal(bits(fast), bits(plain))
 
 
 # mixed, all kept, every row empty (fallback), about a quarter of the rows empty
@@ -68,6 +75,47 @@ def test_empty_row_rule_searching_only_the_empty_rows_matches_the_full_argmax():
         _keep_argmax_of_empty_rows(rows_only, kept, scores, only_empty=True)
         assert torch.equal(full, rows_only) and bool(full.any(-1).all())
         assert torch.equal(full[kept.squeeze(-1) > 0], hard[kept.squeeze(-1) > 0])
+
+
+class _LogitsHead:
+    """Stands in for a GateHead: hands _hard_gate chosen logits (the comparison is what is under test)."""
+
+    def __init__(self, logits):
+        self._logits = logits
+
+    def fast_logits(self, features, token_features_t):
+        return self._logits
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.3, 0.1, 0.7, 1 / 3, 0.0, 1.0])
+@pytest.mark.parametrize("negative_value", [-1.0e4, -0.6931471805599453])
+def test_the_cpu_float_mask_decides_and_biases_exactly_as_the_bool_mask(threshold, negative_value):
+    """The CPU's synced path compares into a float 0/1 tensor (vector code) instead of a bool one, counts and builds
+    the bias from it. Same decisions at and around the threshold (float32(t) itself, its neighbours, sigmoid's 0 and 1,
+    NaN), same counts, and the same bias bits, -0.0 on kept pairs included."""
+    from comfyui_maskattn.masks.runtime import _keep_argmax_of_empty_rows, bias_from_gate, bias_from_keep
+
+    near = [torch.tensor(threshold, dtype=torch.float32)] * 2  # float32(t), then 30 neighbours each way
+    for _ in range(30):
+        near += [torch.nextafter(near[-2], torch.tensor(2.0)), torch.nextafter(near[-1], torch.tensor(-1.0))]
+    probabilities = torch.cat([torch.stack(near), torch.tensor([0.0, 1.0, float("nan")]), torch.rand(400)])
+    logits = torch.logit(probabilities.double()).float()  # sigmoid(logit(p)) lands on or next to p
+    logits = torch.cat([logits, torch.randn(6)])[torch.randperm(470, generator=torch.Generator().manual_seed(0))]
+    logits = torch.stack([logits, logits.flip(0)]).view(2, -1, 47)  # cond and uncond rows, 10 locations each
+    logits[:, :3] = -200.0  # three rows emptied (sigmoid gives 0.0): the fallback runs on both
+    rt = GateRuntime(gates=runtime().gates, sites=frozenset(), threshold=threshold, negative_value=negative_value)
+    for cond_rows in (None, torch.tensor([True, False])):
+        hard, scores, _, kept = rt._hard_gate(_LogitsHead(logits), logits, logits, cond_rows, exact=True)
+        keep, scores_f, _, kept_f = rt._hard_gate(_LogitsHead(logits), logits, logits, cond_rows, exact=True,
+                                                  as_float=True)
+        assert keep.dtype == torch.float32 and torch.equal(keep, hard.float()) and torch.equal(kept_f, kept.float())
+        assert int((kept == 0).sum()) >= 3
+        _keep_argmax_of_empty_rows(hard, kept, scores, only_empty=True)
+        _keep_argmax_of_empty_rows(keep, kept_f, scores_f, only_empty=True)
+        assert torch.equal(keep, hard.float())
+        assert torch.equal(bits(bias_from_keep(keep, negative_value)),
+                           bits(bias_from_gate(hard, torch.float32, negative_value)))
+        assert bool(torch.signbit(bias_from_keep(keep, negative_value)[keep == 1]).all())  # -0.0, as the spec's
 
 
 @pytest.mark.parametrize("graphs", [False, True])
@@ -146,6 +194,7 @@ def test_half_precision_features_get_a_half_bias_with_the_same_values():
 
 
 def test_observers_see_probabilities_hard_gate_and_bias():
+    torch.manual_seed(0)  # (unseeded, an unlucky draw of weights and features leaves a pair under the threshold)
     rt = runtime(bias_fill=12.0)
     seen = []
     rt.observers.append(lambda key, result, info: seen.append((key, result)))
@@ -164,7 +213,7 @@ def test_padded_bias_is_one_aligned_view_with_the_same_values(dtype):
     hard = torch.rand(2, 33, 77) > 0.4
     plain = bias_from_gate(hard, dtype, -1.0e4)
     padded = bias_from_gate(hard, dtype, -1.0e4, padded=True)
-    assert padded.dtype == dtype and padded.shape == plain.shape and torch.equal(padded, plain)
+    assert padded.dtype == dtype and padded.shape == plain.shape and torch.equal(bits(padded), bits(plain))
     # SDPA's efficient kernel takes a mask as it is only when every stride but the last is a multiple of 8
     assert padded.stride() == (33 * 80, 80, 1)
     mask = padded.unsqueeze(1)
@@ -232,7 +281,7 @@ def test_graph_replay_gives_the_straightforward_bias(bias_fill, cond_only, skip_
                 elif fast is None:
                     assert skip_unmasked and not bool((plain != 0).any())
                 else:
-                    assert torch.equal(fast, plain) and fast.stride()[-2:] == (80, 1)
+                    assert torch.equal(bits(fast), bits(plain)) and fast.stride()[-2:] == (80, 1)
     assert len(rt._graphs) == len(set(rt.gates.site_heads[k] for k in rt.sites))  # one per head at one shape
 
 

@@ -149,3 +149,36 @@ def test_strength_scales_suppressed_weights_by_one_minus_s():
         torch.testing.assert_close(got, unnorm / unnorm.sum(-1, keepdim=True))
     with pytest.raises(ValueError):
         strength_to_negative_value(0.0)
+
+
+def test_fast_logits_follow_the_head_through_copies_moves_and_replaced_parameters():
+    """fast_logits reads the head's parameter dicts directly (the sampling path); it must keep giving logits() bit
+    for bit after a deepcopy and a dtype change, a load_state_dict(assign=True) and a .to() that replaces parameters."""
+    head = random_head(seed=3)
+    x, e = torch.randn(2, 9, 32), torch.randn(2, 5, 24)
+
+    def check(h, dtype=torch.float32):
+        with torch.no_grad():
+            g_t = h.token_features(e.to(dtype)).transpose(1, 2)
+            assert torch.equal(h.fast_logits(x.to(dtype), g_t), h.logits(x.to(dtype), e.to(dtype), g_t.transpose(1, 2)))
+
+    check(head)
+    import copy
+
+    double = copy.deepcopy(head).to(torch.float64)
+    check(double, torch.float64)
+    check(head)  # the original keeps its own parameters
+
+    other = random_head(seed=4).state_dict()
+    head.load_state_dict({k: v.clone() for k, v in other.items()}, assign=True)
+    check(head)
+    assert torch.equal(head.fast_logits(x, head.token_features(e).transpose(1, 2)),
+                       random_head(seed=4).fast_logits(x, random_head(seed=4).token_features(e).transpose(1, 2)))
+
+    previous = torch.__future__.get_overwrite_module_params_on_conversion()
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        moved = head.to(torch.float64)
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(previous)
+    check(moved, torch.float64)
