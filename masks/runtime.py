@@ -174,7 +174,7 @@ class GateRuntime:
         if exact:
             scores = probabilities = torch.sigmoid(logits)
             if as_float:
-                threshold = _float32_scalar(self.threshold)
+                threshold = _constant(self.threshold, probabilities.dtype, probabilities.device)
                 hard = torch.gt(probabilities, threshold, out=torch.empty_like(probabilities))
             else:
                 hard = probabilities > self.threshold
@@ -272,20 +272,9 @@ def _keep_argmax_of_empty_rows(hard: Tensor, kept: Tensor, scores: Tensor, only_
 def bias_from_keep(keep: Tensor, negative_value: float) -> Tensor:
     """(1 - M) * negative_value in `keep`'s dtype from M as float 0/1: the same bits as bias_from_gate, -0.0 on kept
     pairs included ((1 - 1) * negative_value)."""
-    return torch.rsub(keep, _float32_scalar(1.0)).mul_(_float32_scalar(negative_value))
-
-
-_FLOAT32_SCALARS: dict = {}
-
-
-def _float32_scalar(value: float) -> Tensor:
-    """`value` as a 0-dim float32 CPU tensor, made once. A Python float operand of a float32 operation is rounded to
-    float32 all the same (the same round to nearest), but the CPU pays a wrapping tensor and a cast per call for it."""
-    scalar = _FLOAT32_SCALARS.get(value)
-    if scalar is None:
-        with torch.inference_mode(False):  # a normal tensor: usable in and out of inference mode
-            scalar = _FLOAT32_SCALARS[value] = torch.tensor(value, dtype=torch.float32)
-    return scalar
+    # 0-dim operands, not Python floats: the CPU wraps and casts a Python float per call, to the same float32 value
+    return torch.rsub(keep, _constant(1.0, keep.dtype, keep.device)).mul_(_constant(negative_value, keep.dtype,
+                                                                                     keep.device))
 
 
 def bias_from_gate(hard: Tensor, dtype: torch.dtype, negative_value: float, padded: bool = False,
@@ -305,20 +294,25 @@ def bias_from_gate(hard: Tensor, dtype: torch.dtype, negative_value: float, padd
     return torch.where(hard, *_where_values(dtype, negative_value, out.device), out=out)
 
 
-_WHERE_VALUES: dict = {}
+_CONSTANTS: dict = {}
 
 
 def _where_values(dtype: torch.dtype, negative_value: float, device: torch.device) -> tuple[Tensor, Tensor]:
-    """(-0.0, negative_value) as 0-dim tensors in `dtype` on `device`, made once per device: -0.0 is what the spec's
-    (1 - M) * negative_value gives a kept pair, so every path makes the same bias bits.
+    """(-0.0, negative_value) in `dtype` on `device`: -0.0 is what the spec's (1 - M) * negative_value gives a kept
+    pair, so every path makes the same bias bits.
 
     On the device, not the CPU: torch.where moves 0-dim CPU operands to the output's device with a blocking copy, a
     host sync per call on CUDA, and an operation a CUDA graph capture refuses.
     """
-    key = (dtype, negative_value, device)
-    values = _WHERE_VALUES.get(key)
-    if values is None:
-        with torch.inference_mode(False):  # normal tensors: usable in and out of inference mode
-            values = _WHERE_VALUES[key] = (torch.full((), -0.0, dtype=dtype, device=device),
-                                           torch.full((), negative_value, dtype=dtype, device=device))
-    return values
+    return _constant(-0.0, dtype, device), _constant(negative_value, dtype, device)
+
+
+def _constant(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """`value` as a 0-dim tensor in `dtype` on `device`, made once (a Python float operand of a float32 operation is
+    rounded to float32 all the same)."""
+    key = (value, math.copysign(1.0, value), dtype, device)  # (-0.0 and 0.0 are one dict key otherwise)
+    constant = _CONSTANTS.get(key)
+    if constant is None:
+        with torch.inference_mode(False):  # a normal tensor: usable in and out of inference mode
+            constant = _CONSTANTS[key] = torch.full((), value, dtype=dtype, device=device)
+    return constant
