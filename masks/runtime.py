@@ -187,11 +187,10 @@ class GateRuntime:
                 hard.masked_fill_(ungated, 1.0)
             else:
                 hard |= ungated
-        if as_float:  # (exact: counts are integers far below 2**24)
-            return hard, scores, probabilities, hard.sum(dim=-1, keepdim=True)
-        # int32 counts on the CPU: summing bools to the default int64 makes it copy the whole mask first (up to 2x the
-        # time); other devices keep the default, which every backend has
-        count_dtype = torch.int32 if hard.device.type == "cpu" else None
+        # A float mask counts in its own dtype (exact: integers far below 2**24). A bool one in int32 on the CPU:
+        # summing bools to the default int64 makes it copy the whole mask first (up to 2x the time); other devices keep
+        # the default, which every backend has.
+        count_dtype = torch.int32 if hard.dtype == torch.bool and hard.device.type == "cpu" else None
         return hard, scores, probabilities, hard.sum(dim=-1, keepdim=True, dtype=count_dtype)
 
     def _graph(self, index: int, head, features: Tensor, g: Tensor, cond_rows: Tensor | None, exact: bool):
