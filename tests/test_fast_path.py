@@ -330,7 +330,29 @@ def test_graph_cache_drops_the_least_recently_used_beyond_its_limit(monkeypatch)
     with torch.inference_mode():
         for n in (4, 5, 4, 6):
             rt.fast_bias(key, torch.randn(1, n, 48), c)
-    assert [k[2][1] for k in rt._graphs._graphs] == [4, 6]
+    assert [k[3][1] for k in rt._graphs._graphs] == [4, 6]
+
+
+def test_a_graph_is_recaptured_when_its_heads_parameters_are_replaced_not_when_updated_in_place():
+    """A CUDA graph reads the parameters at their capture-time addresses: replacing them must not replay it."""
+    rt = runtime(graphs=True)
+    key = sorted(rt.sites)[0]
+    x, c = torch.randn(2, 9, 48), torch.randn(2, 77, 40)
+    head = rt.gates.heads[rt.gates.site_heads[key]]
+    with torch.inference_mode():
+        rt.fast_bias(key, x, c)
+    assert len(rt._graphs) == 1
+    with torch.no_grad():
+        head.feature_net[1].weight.mul_(-1.0)  # in place: same addresses, the graph reads the new values
+    with torch.inference_mode():
+        updated = rt.fast_bias(key, x, c)
+    assert len(rt._graphs) == 1 and torch.equal(bits(updated), bits(rt.compute(key, x, c).bias))
+    state = {name: value.clone() * 0.5 for name, value in head.state_dict().items()}
+    head.load_state_dict(state, assign=True)  # new tensors: a replay would read the old, freed storage on CUDA
+    c = c.clone()  # (a new conditioning: the text side is cached per conditioning, and the text MLP changed too)
+    with torch.inference_mode():
+        replaced = rt.fast_bias(key, x, c)
+    assert len(rt._graphs) == 2 and torch.equal(bits(replaced), bits(rt.compute(key, x, c).bias))
 
 
 def test_graphs_are_opt_in_and_observers_take_the_eager_path():
