@@ -204,11 +204,14 @@ class GateRuntime:
         device, dtype = features.device, features.dtype  # (not `features`: the program must not keep it alive)
 
         def build():
-            x = torch.empty(features.shape, dtype=dtype, device=device)
-            text = torch.empty_strided(g.shape, g.stride(), dtype=g.dtype, device=device)  # g's layout: same GEMM
-            b, n, t = features.shape[0], features.shape[1], g.shape[2]
-            bias = torch.empty(b, n, _padded(t), dtype=dtype, device=device)[..., :t]
-            unmasked = torch.empty((), dtype=torch.bool, device=device)
+            # normal tensors, not inference ones: a graph made while ComfyUI samples (inference mode) is also
+            # replayed under plain no_grad, where copying into an inference tensor raises
+            with torch.inference_mode(False):
+                x = torch.empty(features.shape, dtype=dtype, device=device)
+                text = torch.empty_strided(g.shape, g.stride(), dtype=g.dtype, device=device)  # g's layout
+                b, n, t = features.shape[0], features.shape[1], g.shape[2]
+                bias = torch.empty(b, n, _padded(t), dtype=dtype, device=device)[..., :t]
+                unmasked = torch.empty((), dtype=torch.bool, device=device)
             # the where-values exist before capture: made during it, their fill would only run at replays
             _where_values(dtype, self.negative_value, device)
 

@@ -355,6 +355,22 @@ def test_a_graph_is_recaptured_when_its_heads_parameters_are_replaced_not_when_u
     assert len(rt._graphs) == 2 and torch.equal(bits(replaced), bits(rt.compute(key, x, c).bias))
 
 
+@pytest.mark.parametrize("first, then", [("inference", "no_grad"), ("no_grad", "inference")])
+def test_a_graph_made_in_one_grad_mode_replays_in_the_other(first, then):
+    """ComfyUI samples in inference mode; other callers (previews, other packs) run the model under no_grad."""
+    modes = {"inference": torch.inference_mode, "no_grad": torch.no_grad}
+    rt = runtime(graphs=True)
+    key = sorted(rt.sites)[0]
+    x, c = torch.randn(2, 9, 48), torch.randn(2, 77, 40)
+    with modes[first]():
+        a = rt.fast_bias(key, x, c)
+        a = a.clone()  # (the graph's output buffer is rewritten by the next replay)
+    with modes[then]():
+        b = rt.fast_bias(key, x, c)
+    assert len(rt._graphs) == 1 and rt.stats == {"graph": 2, "eager": 0}
+    assert torch.equal(bits(a), bits(b)) and torch.equal(bits(b), bits(rt.compute(key, x, c).bias))
+
+
 def test_graphs_are_opt_in_and_observers_take_the_eager_path():
     rt = runtime()
     key = sorted(rt.sites)[0]
