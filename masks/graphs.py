@@ -6,8 +6,10 @@ replays the same kernels (so the same values, bit for bit) from fixed buffers: p
 layer's features into the graph's input buffer and replays it; the bias comes back in the graph's output buffer.
 Opt-in (GateRuntime.graphs) until a GPU run shows it pays.
 
-Buffers are per graph, so a bias stays valid until the same graph is replayed again. That is enough: ComfyUI runs
-a layer's attention, which reads the bias, on the same stream before the next layer's gate is replayed.
+A bias stays valid until the next replay of a graph that shares its buffer (the runtime shares input and output
+buffers between graphs of one shape). That is enough: ComfyUI runs a layer's attention, which reads the bias, on
+the same stream before the next layer's gate is replayed. The graphs' intermediates live in one memory pool per
+device; no graph's output is allocated there, so the graphs may replay in any order.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from torch import Tensor
 
 log = logging.getLogger("MaskAttn")
 
-#: Graphs kept per runtime (one per head, input shape and dtype; SDXL at one resolution and batch needs 1-3).
-MAX_GRAPHS = 16
+#: Graphs kept per runtime: one per head, input shape and dtype. SDXL at one resolution and batch needs one per head
+#: and level (about 6 with the reference's per-stage heads, up to 140 with a head per layer). A graph holds only its
+#: text-side buffer (79 KB) beyond the shared ones, and a capture costs a device sync and empties the allocator's cache.
+MAX_GRAPHS = 256
 
 
 class GateGraph:
@@ -69,6 +73,7 @@ class GraphCache:
     def __init__(self):
         self._graphs: OrderedDict = OrderedDict()
         self._pools: dict = {}
+        self._buffers: dict = {}
         self.failed: str | None = None  # why capture failed once; the runtime then stays on the eager path
 
     def get(self, key, device: torch.device, build: Callable[[], tuple]) -> GateGraph | None:
@@ -94,6 +99,13 @@ class GraphCache:
         while len(self._graphs) > MAX_GRAPHS:
             self._graphs.popitem(last=False)
         return graph
+
+    def buffers(self, key, make: Callable[[], tuple]) -> tuple:
+        """Buffers shared by the graphs that ask with the same key (made by `make` on first use, kept for good)."""
+        shared = self._buffers.get(key)
+        if shared is None:
+            shared = self._buffers[key] = make()
+        return shared
 
     def __len__(self):
         return len(self._graphs)

@@ -207,11 +207,15 @@ class GateRuntime:
             # normal tensors, not inference ones: a graph made while ComfyUI samples (inference mode) is also
             # replayed under plain no_grad, where copying into an inference tensor raises
             with torch.inference_mode(False):
-                x = torch.empty(features.shape, dtype=dtype, device=device)
                 text = torch.empty_strided(g.shape, g.stride(), dtype=g.dtype, device=device)  # g's layout
                 b, n, t = features.shape[0], features.shape[1], g.shape[2]
-                bias = torch.empty(b, n, _padded(t), dtype=dtype, device=device)[..., :t]
-                unmasked = torch.empty((), dtype=torch.bool, device=device)
+                # The feature input and the outputs are shared by every graph of this shape (heads of one level; a
+                # gate file with a head per layer has dozens): a layer's attention reads its bias, on the same
+                # stream, before the next layer's gate is replayed. The text side stays per graph (per head).
+                x, bias, unmasked = self._graphs.buffers((tuple(features.shape), dtype, device, t), lambda: (
+                    torch.empty(features.shape, dtype=dtype, device=device),
+                    torch.empty(b, n, _padded(t), dtype=dtype, device=device)[..., :t],
+                    torch.empty((), dtype=torch.bool, device=device)))
             # the where-values exist before capture: made during it, their fill would only run at replays
             _where_values(dtype, self.negative_value, device)
 

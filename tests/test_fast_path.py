@@ -285,6 +285,30 @@ def test_graph_replay_gives_the_straightforward_bias(bias_fill, cond_only, skip_
     assert len(rt._graphs) == len(set(rt.gates.site_heads[k] for k in rt.sites))  # one per head at one shape
 
 
+@pytest.mark.parametrize("device_skip", [False, True])
+def test_graphs_of_one_shape_share_their_feature_and_output_buffers_and_stay_exact(device_skip):
+    """A gate file with a head per layer: one graph per head, but one feature buffer and one bias per shape."""
+    gates = MaskAttnGates.fresh(SITES, hidden_dim=16, share_by_stage=False, seed=3)
+    with torch.no_grad():
+        for p in gates.heads.parameters():
+            p.normal_(0, 0.4)
+    rt = GateRuntime(gates=gates, sites=frozenset(s.key for s in SITES), graphs=True, device_skip=device_skip)
+    torch.manual_seed(2)
+    context = torch.randn(2, 77, 40)
+    with torch.inference_mode():
+        for n in (36, 16, 36):  # two resolutions, interleaved
+            for key in sorted(rt.sites):
+                x = torch.randn(2, n, 48)
+                assert_same_decision(rt.fast_bias(key, x, context), rt.usable(rt.compute(key, x, context)))
+    graphs = list(rt._graphs._graphs.values())
+    assert len(graphs) == 2 * len(SITES) and rt.stats["eager"] == 0
+    for n in (36, 16):
+        same = [gr for gr in graphs if gr.inputs["x"].shape[1] == n]
+        assert len({id(gr.inputs["x"]) for gr in same}) == 1 and len({id(gr.outputs["bias"]) for gr in same}) == 1
+        assert len({id(gr.inputs["g"]) for gr in same}) == len(SITES)  # the text side is per head
+    assert graphs[0].inputs["x"] is not graphs[-1].inputs["x"]
+
+
 def test_graph_copies_the_text_side_once_per_conditioning_and_keeps_one_program_per_shape():
     rt = runtime(graphs=True)
     key = sorted(rt.sites)[0]
