@@ -93,6 +93,19 @@ def main(argv=None) -> int:
               torch.equal(replayed, slow) and runtime.stats["graph"] > 0 and runtime.stats["eager"] == 0,
               f"max |diff| {float((replayed - slow).abs().max()):.3g}, calls {runtime.stats}, "
               f"capture failure: {runtime._graphs.failed}")
+        # a head per layer: one graph each, sharing the feature and bias buffers of their shape
+        per_layer = MaskAttnGates.fresh(chosen, hidden_dim=16, share_by_stage=False, seed=0, stage="all")
+        patched, runtime = hooks.install(model, per_layer, chosen, threshold=0.5, negative_value=-1e4)
+        _straightforward(runtime)
+        per_layer_slow = sample(patched)
+        patched, runtime = hooks.install(model, per_layer, chosen, threshold=0.5, negative_value=-1e4)
+        runtime.graphs = True
+        replayed = sample(patched)
+        check(f"CUDA-graph gate, a head per layer == straightforward path ({dtype})",
+              torch.equal(replayed, per_layer_slow) and runtime.stats["eager"] == 0
+              and len(runtime._graphs) >= len(per_layer.heads),
+              f"max |diff| {float((replayed - per_layer_slow).abs().max()):.3g}, calls {runtime.stats}, "
+              f"{len(runtime._graphs)} graphs for {len(per_layer.heads)} heads")
         # the skip decided on the device (no host sync): all-kept layers must still give the untouched bits
         mixed = MaskAttnGates.fresh(chosen, hidden_dim=16, seed=0, stage="all")
         with torch.no_grad():

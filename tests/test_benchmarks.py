@@ -60,3 +60,4 @@ def test_cuda_check_passes_its_dry_run_on_the_cpu(host, capsys, no_progress_bars
     assert cuda_check.main(["--cpu"]) == 0
     out = capsys.readouterr().out
     assert "cuda_check: 0 failed" in out and "device-skip CUDA-graph gate, mixed gates" in out
+    assert "CUDA-graph gate, a head per layer == straightforward path" in out
