@@ -289,6 +289,7 @@ def test_graph_replay_gives_the_straightforward_bias(bias_fill, cond_only, skip_
 def test_graphs_of_one_shape_share_their_feature_and_output_buffers_and_stay_exact(device_skip):
     """A gate file with a head per layer: one graph per head, but one feature buffer and one bias per shape."""
     gates = MaskAttnGates.fresh(SITES, hidden_dim=16, share_by_stage=False, seed=3)
+    torch.manual_seed(3)
     with torch.no_grad():
         for p in gates.heads.parameters():
             p.normal_(0, 0.4)
@@ -359,7 +360,8 @@ def test_graph_cache_drops_the_least_recently_used_beyond_its_limit(monkeypatch)
 
 def test_a_graph_is_recaptured_when_its_heads_parameters_are_replaced_not_when_updated_in_place():
     """A CUDA graph reads the parameters at their capture-time addresses: replacing them must not replay it."""
-    rt = runtime(graphs=True)
+    torch.manual_seed(4)
+    rt = runtime(-3.0, graphs=True)  # (a negative logit bias: many pairs suppressed before and after the changes)
     key = sorted(rt.sites)[0]
     x, c = torch.randn(2, 9, 48), torch.randn(2, 77, 40)
     head = rt.gates.heads[rt.gates.site_heads[key]]
@@ -370,28 +372,31 @@ def test_a_graph_is_recaptured_when_its_heads_parameters_are_replaced_not_when_u
         head.feature_net[1].weight.mul_(-1.0)  # in place: same addresses, the graph reads the new values
     with torch.inference_mode():
         updated = rt.fast_bias(key, x, c)
-    assert len(rt._graphs) == 1 and torch.equal(bits(updated), bits(rt.compute(key, x, c).bias))
+    assert len(rt._graphs) == 1 and updated is not None
+    assert torch.equal(bits(updated), bits(rt.compute(key, x, c).bias))
     state = {name: value.clone() * 0.5 for name, value in head.state_dict().items()}
     head.load_state_dict(state, assign=True)  # new tensors: a replay would read the old, freed storage on CUDA
     c = c.clone()  # (a new conditioning: the text side is cached per conditioning, and the text MLP changed too)
     with torch.inference_mode():
         replaced = rt.fast_bias(key, x, c)
-    assert len(rt._graphs) == 2 and torch.equal(bits(replaced), bits(rt.compute(key, x, c).bias))
+    assert len(rt._graphs) == 2 and replaced is not None
+    assert torch.equal(bits(replaced), bits(rt.compute(key, x, c).bias))
 
 
 @pytest.mark.parametrize("first, then", [("inference", "no_grad"), ("no_grad", "inference")])
 def test_a_graph_made_in_one_grad_mode_replays_in_the_other(first, then):
     """ComfyUI samples in inference mode; other callers (previews, other packs) run the model under no_grad."""
     modes = {"inference": torch.inference_mode, "no_grad": torch.no_grad}
-    rt = runtime(graphs=True)
+    torch.manual_seed(5)
+    rt = runtime(-3.0, graphs=True)
     key = sorted(rt.sites)[0]
     x, c = torch.randn(2, 9, 48), torch.randn(2, 77, 40)
     with modes[first]():
         a = rt.fast_bias(key, x, c)
-        a = a.clone()  # (the graph's output buffer is rewritten by the next replay)
+        a = None if a is None else a.clone()  # (the graph's output buffer is rewritten by the next replay)
     with modes[then]():
         b = rt.fast_bias(key, x, c)
-    assert len(rt._graphs) == 1 and rt.stats == {"graph": 2, "eager": 0}
+    assert a is not None and b is not None and len(rt._graphs) == 1 and rt.stats == {"graph": 2, "eager": 0}
     assert torch.equal(bits(a), bits(b)) and torch.equal(bits(b), bits(rt.compute(key, x, c).bias))
 
 
