@@ -24,7 +24,7 @@ from torch import Tensor
 log = logging.getLogger("MaskAttn")
 
 #: Graphs kept per runtime: one per head, input shape and dtype. SDXL at one resolution and batch needs one per head
-#: and level (about 6 with the reference's per-stage heads, up to 140 with a head per layer). A graph holds only its
+#: and level (about 6 with the reference's per-stage heads, 70 with a head per layer). A graph holds only its
 #: text-side buffer (79 KB) beyond the shared ones, and a capture costs a device sync and empties the allocator's cache.
 MAX_GRAPHS = 256
 
