@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+import os
 
 import torch
 
@@ -197,6 +198,27 @@ class MaskAttnAttention:
         return out if out.dtype == q.dtype else out.to(q.dtype)
 
 
+# --- which exact gate variant CUDA devices run ------------------------------------------------------------------
+#: Every variant gives the straightforward path's bits (tests, cuda_check.py); they differ only in how the GPU is
+#: driven: (GateRuntime.graphs, GateRuntime.device_skip). Which is fastest is for a GPU run to say
+#: (benchmarks/gpu_check.sh prints it); until one has, CUDA keeps the measured eager gate.
+CUDA_GATE_VARIANTS = {"eager": (False, False), "graphs": (True, False), "device_skip": (False, True),
+                      "graphs+device_skip": (True, True)}
+CUDA_GATE_DEFAULT = "eager"
+CUDA_GATE_ENV = "MASKATTN_CUDA_GATE"
+
+
+def cuda_gate_variant() -> str:
+    """The exact gate variant for CUDA devices: $MASKATTN_CUDA_GATE if set, else CUDA_GATE_DEFAULT."""
+    name = os.environ.get(CUDA_GATE_ENV, "").strip() or CUDA_GATE_DEFAULT
+    if name not in CUDA_GATE_VARIANTS:
+        raise ValueError(
+            f"Apply MaskAttn: the environment variable {CUDA_GATE_ENV}={name!r} names no gate variant; use one of "
+            f"{', '.join(CUDA_GATE_VARIANTS)}, or unset it for the default ({CUDA_GATE_DEFAULT}), then restart ComfyUI."
+        )
+    return name
+
+
 def _chainable(obj) -> bool:
     lists = isinstance(getattr(obj, "callback", None), list) and isinstance(getattr(obj, "kwargs", None), list)
     return lists and callable(obj)
@@ -205,6 +227,8 @@ def _chainable(obj) -> bool:
 def install(model, gates: MaskAttnGates, sites: list[CrossAttnSite], *, threshold: float, negative_value: float,
             sigma_start: float | None = None, sigma_end: float | None = None, cond_only: bool = False):
     """A patched clone of `model` (a ModelPatcher); the input model is never changed."""
+    on_cuda = torch.device(getattr(model, "load_device", None) or "cpu").type == "cuda"
+    cuda_variant = CUDA_GATE_VARIANTS[cuda_gate_variant()] if on_cuda else None  # (a bad setting fails here, first)
     patched = model.clone()
     to = patched.model_options.setdefault("transformer_options", {})
     replaces = to.get("patches_replace", {}).get("attn2", {})
@@ -227,6 +251,8 @@ def install(model, gates: MaskAttnGates, sites: list[CrossAttnSite], *, threshol
 
     runtime = GateRuntime(gates=gates, sites=frozenset(s.key for s in sites), threshold=threshold,
                           negative_value=negative_value, cond_only=cond_only)
+    if cuda_variant is not None:
+        runtime.graphs, runtime.device_skip = cuda_variant
     gate_patch = MaskAttnGatePatch(runtime, StepClock(sigma_start, sigma_end))
     patched.set_model_attn2_patch(gate_patch)
     for site in sites:

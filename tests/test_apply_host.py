@@ -484,6 +484,33 @@ def test_fast_path_samples_bit_identical_to_the_straightforward_path(host, pack,
     assert torch.equal(host.ksample(apply(pack, sdxl, gates, gate_uncond=gate_uncond), pos, neg), fast)
 
 
+def test_cuda_models_run_the_gate_variant_the_environment_names_and_a_bad_name_is_a_clear_error(
+        host, pack, sdxl, monkeypatch):
+    from comfyui_maskattn.nodes import hooks
+
+    gates = make_gates(sdxl)
+    cuda_model = sdxl.clone()
+    cuda_model.load_device = torch.device("cuda")  # never sampled: install only reads where the model runs
+
+    def flags(model):
+        runtime = hooks.installed_runtime(apply(pack, model, gates))
+        return runtime.graphs, runtime.device_skip
+
+    monkeypatch.delenv(hooks.CUDA_GATE_ENV, raising=False)
+    assert hooks.CUDA_GATE_DEFAULT == "eager" and flags(cuda_model) == (False, False)
+    for name, expected in hooks.CUDA_GATE_VARIANTS.items():
+        monkeypatch.setenv(hooks.CUDA_GATE_ENV, f" {name} ")
+        assert flags(cuda_model) == expected
+        assert flags(sdxl) == (False, False)  # the CPU keeps the eager gate: a host sync costs it nothing
+    assert len(set(hooks.CUDA_GATE_VARIANTS.values())) == 4
+    monkeypatch.setenv(hooks.CUDA_GATE_ENV, "fastest")
+    options = copy.deepcopy(cuda_model.model_options)
+    with pytest.raises(ValueError, match=r"MASKATTN_CUDA_GATE='fastest' names no gate variant; use one of eager, "
+                                         r"graphs, device_skip, graphs\+device_skip, or unset it"):
+        apply(pack, cuda_model, gates)
+    assert cuda_model.model_options == options
+
+
 @pytest.mark.parametrize("graphs", [False, True])
 def test_device_skip_keeps_the_untouched_attention_bit_for_bit_where_a_gate_keeps_everything(
         host, pack, sdxl, monkeypatch, distinct_masked_kernel, graphs):

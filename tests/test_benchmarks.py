@@ -4,11 +4,14 @@ Timings are printed by these scripts, never asserted; what is asserted is that e
 bit-identity checks they print hold.
 """
 
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from comfy_host import REPO_ROOT
+from comfy_host import HOST_PATH, REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 
@@ -35,6 +38,8 @@ def test_sampling_benchmark_times_every_variant_and_finds_them_bit_identical(hos
             assert f"  {stage} {variant} vs untouched: bit-identical" in out
     assert "non-finite latents: none" in out
     assert "fastest exact variant: mid: " in out and "; all: " in out
+    overall = out[out.index("fastest exact variant overall: "):].split(": ", 1)[1].split()[0]
+    assert overall in ("eager", "graphs", "device_skip", "graphs+device_skip")
     breakdown = out[out.index("breakdown ("):]
     assert "us x 50) + attention" in breakdown and "us x 70) + attention" in breakdown  # one model call per run
     assert "cuda-graph gate mid: 100 graph, 0 eager" in out  # 50 layers, 2 model calls (1 step, cfg batched)
@@ -61,3 +66,30 @@ def test_cuda_check_passes_its_dry_run_on_the_cpu(host, capsys, no_progress_bars
     out = capsys.readouterr().out
     assert "cuda_check: 0 failed" in out and "device-skip CUDA-graph gate, mixed gates" in out
     assert "CUDA-graph gate, a head per layer == straightforward path" in out
+
+
+def test_the_gpu_script_measures_picks_a_variant_and_confirms_it_on_every_host(tmp_path):
+    """benchmarks/gpu_check.sh's own dry run (GPU_CHECK_DRY=1: the CPU, tiny settings), with two hosts as a GPU
+    session passes them: the first gets the full table and the pick, every later one the confirmation."""
+    second = tmp_path / "second"
+    second.symlink_to(HOST_PATH)
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k not in ("MASKATTN_CUDA_GATE", "GPU_CHECK_MODE")}
+    env.update(GPU_CHECK_DRY="1", MASKATTN_TEST_THREADS="1")
+    done = subprocess.run(["bash", str(REPO_ROOT / "benchmarks" / "gpu_check.sh"), str(out), str(HOST_PATH),
+                           str(second)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and f"done: {out}" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+    first = Path(HOST_PATH).name
+    for tag in (first, "second"):
+        assert "cuda_check: 0 failed" in (out / f"cuda_check_{tag}.txt").read_text()
+    table = (out / f"sampling_{first}.txt").read_text()
+    for stage in ("mid", "all"):
+        for variant in ("fast", "cuda graph", "device skip", "cuda graph device skip"):
+            assert f"  {stage} {variant} vs straightforward: bit-identical" in table
+    picked = (out / "picked.txt").read_text().split(": ", 1)[1].strip()
+    assert picked in ("eager", "graphs", "device_skip", "graphs+device_skip")
+    assert f"fastest exact variant overall: {picked} " in table
+    confirm = (out / "confirm_second.txt").read_text()
+    for stage in ("mid", "all"):
+        assert f"  {stage} fast vs straightforward: bit-identical" in confirm
+
