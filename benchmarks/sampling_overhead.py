@@ -130,12 +130,12 @@ def main(argv=None):
             add(stage, "hook only", f"  hook only {stage}", gates, chosen, _no_gate)
             add(stage, "mask only", f"  mask only {stage}", gates, chosen, _zero_bias)
         if args.graphs:
-            add(stage, "cuda graph", f"  cuda-graph gate {stage}", gates, chosen, _variant(True, False))
+            add(stage, "cuda graph", f"  cuda-graph gate {stage}", gates, chosen, _variant("graphs"))
         if args.device_skip:
-            add(stage, "device skip", f"  device-skip {stage}", gates, chosen, _variant(False, True))
+            add(stage, "device skip", f"  device-skip {stage}", gates, chosen, _variant("device_skip"))
             if args.graphs:
                 add(stage, "cuda graph device skip", f"  cuda-graph device-skip {stage}", gates, chosen,
-                    _variant(True, True))
+                    _variant("graphs+device_skip"))
         if low_precision:
             add(stage, "low-precision gate", f"  {dtype_name(dtype)} gate {stage}", gates, chosen,
                 lambda rt: setattr(rt, "gate_dtype", dtype))
@@ -333,7 +333,11 @@ def _straightforward(runtime):
         lambda self, key, f, c, rows=None, info=None: self.usable(self.compute(key, f, c, rows, info)), runtime)
 
 
-def _variant(graphs: bool, device_skip: bool):
+def _variant(name: str):
+    """Setup for the case that runs the exact variant $MASKATTN_CUDA_GATE calls `name`."""
+    from comfyui_maskattn.nodes.hooks import CUDA_GATE_VARIANTS
+
+    graphs, device_skip = CUDA_GATE_VARIANTS[name]
     return lambda rt: (setattr(rt, "graphs", graphs), setattr(rt, "device_skip", device_skip))
 
 

@@ -23,6 +23,7 @@ def no_progress_bars(monkeypatch):
 
 def test_sampling_benchmark_times_every_variant_and_finds_them_bit_identical(host, capsys, no_progress_bars):
     import sampling_overhead
+    from comfyui_maskattn.nodes.hooks import CUDA_GATE_VARIANTS
 
     assert sampling_overhead.main(["--size", "64", "--steps", "1", "--rounds", "1", "--straightforward", "--decompose",
                                    "--graphs", "--device-skip", "--check", "--breakdown", "--device-time"]) == 0
@@ -39,7 +40,7 @@ def test_sampling_benchmark_times_every_variant_and_finds_them_bit_identical(hos
     assert "non-finite latents: none" in out
     assert "fastest exact variant: mid: " in out and "; all: " in out
     overall = out[out.index("fastest exact variant overall: "):].split(": ", 1)[1].split()[0]
-    assert overall in ("eager", "graphs", "device_skip", "graphs+device_skip")
+    assert overall in CUDA_GATE_VARIANTS
     breakdown = out[out.index("breakdown ("):]
     assert "us x 50) + attention" in breakdown and "us x 70) + attention" in breakdown  # one model call per run
     assert "cuda-graph gate mid: 100 graph, 0 eager" in out  # 50 layers, 2 model calls (1 step, cfg batched)
@@ -68,9 +69,11 @@ def test_cuda_check_passes_its_dry_run_on_the_cpu(host, capsys, no_progress_bars
     assert "CUDA-graph gate, a head per layer == straightforward path" in out
 
 
-def test_the_gpu_script_measures_picks_a_variant_and_confirms_it_on_every_host(tmp_path):
+def test_the_gpu_script_measures_picks_a_variant_and_confirms_it_on_every_host(host, tmp_path):
     """benchmarks/gpu_check.sh's own dry run (GPU_CHECK_DRY=1: the CPU, tiny settings), with two hosts as a GPU
     session passes them: the first gets the full table and the pick, every later one the confirmation."""
+    from comfyui_maskattn.nodes.hooks import CUDA_GATE_VARIANTS
+
     second = tmp_path / "second"
     second.symlink_to(HOST_PATH)
     out = tmp_path / "out"
@@ -87,9 +90,8 @@ def test_the_gpu_script_measures_picks_a_variant_and_confirms_it_on_every_host(t
         for variant in ("fast", "cuda graph", "device skip", "cuda graph device skip"):
             assert f"  {stage} {variant} vs straightforward: bit-identical" in table
     picked = (out / "picked.txt").read_text().split(": ", 1)[1].strip()
-    assert picked in ("eager", "graphs", "device_skip", "graphs+device_skip")
+    assert picked in CUDA_GATE_VARIANTS
     assert f"fastest exact variant overall: {picked} " in table
     confirm = (out / "confirm_second.txt").read_text()
     for stage in ("mid", "all"):
         assert f"  {stage} fast vs straightforward: bit-identical" in confirm
-
