@@ -85,6 +85,12 @@ class GateHead(nn.Module):
         return torch.baddbmm(bias if bias.dtype == f.dtype else bias.to(f.dtype), f, token_features_t,
                              alpha=self.hidden_dim ** -0.5)
 
+    def fast_parameters(self) -> tuple[Tensor, ...]:
+        """The parameters fast_logits reads (the feature side and the logit bias), as it reads them."""
+        _, norm, first, second, own = self._fast_parts
+        return (norm["weight"], norm["bias"], first["weight"], first["bias"], second["weight"], second["bias"],
+                own["logit_bias"])
+
     def forward(self, features: Tensor, tokens: Tensor) -> Tensor:
         """Gate probabilities P [B, N, T]."""
         return torch.sigmoid(self.logits(features, tokens))

@@ -198,7 +198,7 @@ class GateRuntime:
         # A captured graph reads the head's parameters at the addresses they had at capture: keyed on them, a head
         # whose parameters were replaced (moved away and back, load_state_dict(assign=True)) gets a new capture
         # instead of a replay from freed memory. In-place updates keep the addresses and are read as they are.
-        key = (index, id(head), tuple(p.data_ptr() for p in _fast_parameters(head)), tuple(features.shape),
+        key = (index, id(head), tuple(p.data_ptr() for p in head.fast_parameters()), tuple(features.shape),
                features.dtype, tuple(g.shape), g.dtype, None if cond_rows is None else id(cond_rows), exact,
                self.threshold, self.negative_value)
         device, dtype = features.device, features.dtype  # (not `features`: the program must not keep it alive)
@@ -257,13 +257,6 @@ class GateRuntime:
              info: dict | None = None) -> Tensor | None:
         """The additive bias [B, N, T] for one site from its input features, or None when it suppresses nothing."""
         return self.fast_bias(key, features, context, cond_rows, info)
-
-
-def _fast_parameters(head) -> tuple[Tensor, ...]:
-    """The parameters GateHead.fast_logits reads (all of the feature side and the logit bias)."""
-    _, norm, first, second, own = head._fast_parts
-    return (norm["weight"], norm["bias"], first["weight"], first["bias"], second["weight"], second["bias"],
-            own["logit_bias"])
 
 
 def _padded(tokens: int) -> int:
