@@ -8,6 +8,7 @@ broadcast [B, 1, N, T] bias on CUDA).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable
 
@@ -57,6 +58,19 @@ def masked_attention(
         masked = masked_fn(q, k, v, heads, mask=bias_as_mask(bias.bias, q.dtype), **fn_kwargs)
         return torch.where(bias.unmasked, attention_fn(q, k, v, heads, **fn_kwargs), masked)
     return masked_fn(q, k, v, heads, mask=bias_as_mask(bias, q.dtype), **fn_kwargs)
+
+
+_FALLBACKS_WARNED: set[str] = set()
+
+
+def warn_mask_fallback(backend: str, fallback: str) -> None:
+    """One warning per backend, the first time a masked layer has to leave it (not one per call)."""
+    if backend in _FALLBACKS_WARNED:
+        return
+    _FALLBACKS_WARNED.add(backend)
+    logging.getLogger("MaskAttn").warning(
+        "MaskAttn: ComfyUI's attention backend (%s) cannot apply an attention mask; the cross-attention layers "
+        "MaskAttn masks run %s instead (every other attention call keeps %s).", backend, fallback, backend)
 
 
 def explicit_attention(q: Tensor, k: Tensor, v: Tensor, heads: int, mask: Tensor | None = None, **_ignored) -> Tensor:

@@ -22,6 +22,11 @@ from .topology import SiteKey
 
 GateObserver = Callable[[SiteKey, GateResult, dict], None]
 
+#: info key: [R] long, the rows that carry the positive prompt itself, set by the host adapter when another pack
+#: changed the batch (an attention couple's region rows carry other prompts); gate sources tied to one prompt
+#: (zero-shot) read it instead of guessing rows from the batch size.
+PROMPT_ROWS_KEY = "maskattn_prompt_rows"
+
 
 @dataclass(eq=False)
 class GateRuntime:
@@ -257,6 +262,48 @@ class GateRuntime:
              info: dict | None = None) -> Tensor | None:
         """The additive bias [B, N, T] for one site from its input features, or None when it suppresses nothing."""
         return self.fast_bias(key, features, context, cond_rows, info)
+
+
+def rows_by_text(before_features: Tensor, before_context: Tensor, negative_before: Tensor, features: Tensor,
+                 context: Tensor) -> tuple[Tensor, Tensor]:
+    """After another pack changed the batch, which rows are the negative prompt's and which the positive prompt's.
+
+    before_*: the batch as the sampler made it ([B, N, C], [B, T, D]) with negative_before [B] bool (its uncond rows);
+    features/context: the batch attention runs ([B', N, C], [B', T', D]). A row belongs to a prompt when its text is
+    that prompt's text for some row of the sampler's batch, up to repetition along the tokens (ComfyUI and the
+    attention couples repeat a prompt to a common token count). A row whose text is both (the same prompt on both
+    sides) is decided by its features; one that matches neither (a region's own prompt) is neither. Returns
+    (negative [B'] bool, positive [B'] bool) on the device, without a host sync.
+    """
+    text = _same_rows(context, before_context, tiled=True)  # [B', B]
+    feats = _same_rows(features, before_features)
+    neg = negative_before.to(text.device)[None, :]
+    text_neg, text_pos = (text & neg).any(1), (text & ~neg).any(1)
+    feat_neg, feat_pos = (feats & neg).any(1), (feats & ~neg).any(1)
+    negative = text_neg & (~text_pos | (feat_neg & ~feat_pos))
+    positive = text_pos & (~text_neg | (feat_pos & ~feat_neg))
+    return negative, positive
+
+
+def _same_rows(after: Tensor, before: Tensor, tiled: bool = False) -> Tensor:
+    """[B', B] bool: row i of `after` equals row j of `before` exactly (tiled: either is the other repeated along
+    dim 1). One original row at a time, so the comparison never holds more than one [B', ...] mask."""
+    b_after, b_before = after.shape[0], before.shape[0]
+    out = torch.zeros(b_after, b_before, dtype=torch.bool, device=after.device)
+    if after.shape[2:] != before.shape[2:] or after.dtype != before.dtype:
+        return out
+    t_after, t_before = after.shape[1], before.shape[1]
+    if t_after != t_before and not (tiled and (t_after % t_before == 0 or t_before % t_after == 0)):
+        return out
+    rest = after.shape[2:]
+    for j in range(b_before):
+        row = before[j].to(after.device)
+        if t_after >= t_before:
+            same = after.reshape(b_after, t_after // t_before, t_before, *rest) == row
+        else:
+            same = after[:, None] == row.reshape(t_before // t_after, t_after, *rest)
+        out[:, j] = same.flatten(1).all(1)
+    return out
 
 
 def _padded(tokens: int) -> int:

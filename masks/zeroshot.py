@@ -28,6 +28,7 @@ from torch import Tensor
 
 from .gate import NEGATIVE_VALUE
 from .gates import GateMismatchError
+from .runtime import PROMPT_ROWS_KEY
 from .topology import STAGE_CHOICES, CrossAttnSite, SiteKey, architecture_name
 
 # Where zero-shot gating starts by default, as a fraction of the sampling schedule (ComfyUI's start_percent).
@@ -626,6 +627,9 @@ class ZeroShotGates:
 
     def _cond_rows(self, batch: int, info: dict, device) -> Tensor | None | list:
         """Row indices of the cond chunks ([] when none; None when every row is cond), cached per layout."""
+        prompt_rows = (info or {}).get(PROMPT_ROWS_KEY)  # another pack changed the batch: the rows of this prompt
+        if prompt_rows is not None:
+            return prompt_rows if prompt_rows.numel() else []
         chunks = tuple((info or {}).get("cond_or_uncond") or (0,))
         if batch % len(chunks):
             chunks = (0,)

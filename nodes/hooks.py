@@ -1,9 +1,11 @@
 """The only module that touches ModelPatcher / transformer_options: puts MaskAttn into a (cloned) model.
 
 Per gated cross-attention site ComfyUI runs, in this order and with the SAME `extra_options` dict:
-  1. every `attn2_patch(n, context, value, extra_options)`: ours (MaskAttnGatePatch, one for all sites) sees
-     n = norm2(x) and the text states, exactly the gate's inputs, computes the bias and leaves it in
-     extra_options[BIAS_KEY];
+  1. every `attn2_patch(n, context, value, extra_options)`, in list order. MaskAttn has two there, kept at the ends
+     of the list by OrderedPatchList whatever order the nodes were applied in: MaskAttnLayoutPatch first (notes the
+     batch before other packs change it), MaskAttnGatePatch last: it sees n = norm2(x) and the text states exactly
+     as attention will run them (after an attention couple has expanded the batch, say), computes the bias and
+     leaves it in extra_options[BIAS_KEY];
   2. the `attn2` replace at (block, number, index): ours (MaskAttnAttention) takes q/k/v, pops the bias and runs
      masked attention through the host's own attention function, then adds the terms of any callbacks other
      packs registered (IPAdapter-style containers: `.callback`/`.kwargs` lists and `.add()`).
@@ -15,20 +17,28 @@ import copy
 import inspect
 import logging
 import os
+import weakref
 
 import torch
 
-from ..masks.attention import masked_attention
+from ..masks.attention import masked_attention, warn_mask_fallback
 from ..masks.gates import MaskAttnGates
-from ..masks.runtime import GateRuntime
+from ..masks.runtime import PROMPT_ROWS_KEY, GateRuntime, rows_by_text
 from ..masks.topology import CrossAttnSite, SiteKey, discover_sites, key_to_name
 
 log = logging.getLogger("MaskAttn")
 BIAS_KEY = "maskattn_bias"
+LAYOUT_KEY = "maskattn_layout"  # (n, context) as the sampler batched them, before any pack's attn2_patch
+SEEN_KEY = "maskattn_seen"  # (rows, tokens) the gate ran on, checked against the attention's q/k
+ROWS_KEY = "maskattn_rows"  # [B] bool, the rows to gate when gate_uncond is off (None: every row)
 
 
 class ForeignPatchError(RuntimeError):
     """Another node's attention replace sits where MaskAttn must go, and it cannot be chained."""
+
+
+class PatchOrderError(RuntimeError):
+    """Attention ran on another batch or prompt than MaskAttn's gate saw: a node bypassed the patch order."""
 
 
 def model_sites(model) -> list[CrossAttnSite]:
@@ -58,7 +68,50 @@ def host_attention(q, k, v, heads, bias, extra_options):
         kwargs["attn_precision"] = extra_options.get("attn_precision")
     if options:
         kwargs["transformer_options"] = extra_options
+    if bias is not None:
+        masked = _mask_taking(masked)
     return masked_attention(q, k, v, heads, bias, plain, masked, **kwargs)
+
+
+# masked function -> the name of its backend when that backend cannot take a mask, else ""
+_MASKLESS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _mask_taking(masked):
+    """The host's masked attention function, unless its backend cannot take a mask: flash attention refuses one
+    (ComfyUI then retries in SDPA and logs a warning per call) and sageattention without an `attn_mask` argument
+    drops it silently. Those layers run ComfyUI's PyTorch attention instead, with one warning per backend."""
+    import comfy.ldm.modules.attention as attention
+
+    try:
+        backend = _MASKLESS.get(masked)
+    except TypeError:  # (not weak-referenceable: a callable object without __weakref__)
+        backend = None
+    if backend is None:
+        backend = _maskless_backend(attention, masked) or ""
+        try:
+            _MASKLESS[masked] = backend
+        except TypeError:
+            pass
+    fallback = getattr(attention, "attention_pytorch", None)
+    if not backend or fallback is None:
+        return masked
+    warn_mask_fallback(backend, "ComfyUI's PyTorch attention (scaled_dot_product_attention)")
+    return fallback
+
+
+def _maskless_backend(attention, fn) -> str | None:
+    """The name of `fn`'s backend when it is one of ComfyUI's that cannot apply an attention mask, else None."""
+    if fn is getattr(attention, "attention_flash", None):
+        return "flash attention"
+    if fn is getattr(attention, "attention_sage", None):
+        try:
+            takes_mask = "attn_mask" in inspect.signature(getattr(attention, "sageattn")).parameters
+        except (AttributeError, TypeError, ValueError):
+            takes_mask = False
+        if not takes_mask:
+            return "sage attention"
+    return None
 
 
 # --- per-step state shared by the gate patch and the containers ---------------------------------------------------
@@ -91,13 +144,107 @@ class StepClock:
                 and (self.sigma_start is None or sigma <= self.sigma_start))
 
 
+# --- the attn2_patch list: MaskAttn at its ends ---------------------------------------------------------------------
+def _position(patch) -> int:
+    """-1: first (MaskAttn's layout patch), 1: last (its gate patch), 0: any other pack's patch."""
+    return -1 if isinstance(patch, MaskAttnLayoutPatch) else 1 if isinstance(patch, MaskAttnGatePatch) else 0
+
+
+def describe_patch(patch) -> str:
+    """A patch as a person can find it: the module and name of the function (or class) that made it."""
+    fn = patch if inspect.isfunction(patch) or inspect.ismethod(patch) else type(patch)
+    module = getattr(fn, "__module__", "") or ""
+    return f"{module}.{getattr(fn, '__qualname__', repr(fn))}".lstrip(".")
+
+
+class OrderedPatchList(list):
+    """The "attn2_patch" list of a model MaskAttn patched. MaskAttn's layout patch stays first and its gate patch
+    last, whatever other packs add before or after Apply MaskAttn, so the gate reads n/context exactly as the
+    attention runs them and the two orders of applying nodes give the same model.
+
+    ComfyUI and packs grow the list with `old + [new]` (ModelPatcher.set_model_patch), `[new] + old`, `.append`,
+    `.extend` (0.3.64 merges hook patches so), `.copy()` (copy_nested_dicts, at every sampling run) and deepcopy
+    (ModelPatcher.clone): each keeps this type and MaskAttn at the ends. Iterating (what the transformer block does)
+    yields that order even after an index assignment.
+    """
+
+    def __init__(self, items=()):
+        super().__init__(sorted(items, key=_position))  # (stable: other packs keep their relative order)
+        self._note_neighbours()
+
+    def _storage(self) -> list:
+        return list(list.__iter__(self))
+
+    def _reorder(self):
+        list.__setitem__(self, slice(None), sorted(list.__iter__(self), key=_position))
+        self._note_neighbours()
+
+    def _note_neighbours(self):
+        """Tell our gate patch which other patches share the list (named in its error messages)."""
+        entries = self._storage()
+        others = [describe_patch(p) for p in entries if _position(p) == 0]
+        for p in entries:
+            if isinstance(p, MaskAttnGatePatch):
+                p.neighbours.update(others)
+
+    def __iter__(self):
+        return iter(sorted(list.__iter__(self), key=_position))
+
+    def __add__(self, other):
+        return OrderedPatchList([*self._storage(), *other])
+
+    def __radd__(self, other):
+        return OrderedPatchList([*other, *self._storage()])
+
+    def __iadd__(self, other):
+        self.extend(other)
+        return self
+
+    def append(self, patch):
+        list.append(self, patch)
+        self._reorder()
+
+    def extend(self, patches):
+        list.extend(self, patches)
+        self._reorder()
+
+    def insert(self, index, patch):
+        list.insert(self, index, patch)
+        self._reorder()
+
+    def copy(self):
+        return OrderedPatchList(self._storage())
+
+    __copy__ = copy
+
+    def __deepcopy__(self, memo):
+        return OrderedPatchList(copy.deepcopy(self._storage(), memo))
+
+
+class MaskAttnLayoutPatch:
+    """attn2_patch, first in the list: notes n and the context as the sampler batched them (references only), so the
+    gate patch can tell the rows apart after another pack has changed the batch."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def to(self, *args, **kwargs):
+        return self
+
+    def __call__(self, n, context, value, extra_options):
+        extra_options[LAYOUT_KEY] = (n, context)
+        return n, context, value
+
+
 class MaskAttnGatePatch:
-    """attn2_patch: computes the gate bias of a gated site from norm2(x) and the context, leaves it for the replace."""
+    """attn2_patch, last in the list: computes the gate bias of a gated site from the n/context attention will run
+    (after every other pack's attn2_patch), leaves it for the replace."""
 
     def __init__(self, runtime: GateRuntime, clock: StepClock):
         self.runtime, self.clock = runtime, clock
         self._pending: tuple | None = None  # (site, sigmas) of a bias not yet consumed, to detect overwrites
         self._warned: set = set()
+        self.neighbours: set[str] = set()  # other attn2 patches seen beside ours (for error messages)
 
     def __deepcopy__(self, memo):
         return self
@@ -106,6 +253,7 @@ class MaskAttnGatePatch:
         return self
 
     def __call__(self, n, context, value, extra_options):
+        layout = extra_options.pop(LAYOUT_KEY, None)
         block = extra_options.get("block")
         if block is None:
             return n, context, value
@@ -117,9 +265,13 @@ class MaskAttnGatePatch:
                 "MaskAttn: the attention at %s was replaced by another node applied after 'Apply MaskAttn'; that "
                 "layer runs unmasked. Put 'Apply MaskAttn' after that node.", key_to_name(self._pending[0]))
         self._pending = None
-        if key not in self.runtime.sites or self.runtime.gates.needs_attention or not self.clock.active(extra_options):
+        if key not in self.runtime.sites or not self.clock.active(extra_options):
             return n, context, value
-        rows = _cond_rows(self.runtime, extra_options, n.shape[0], n.device)
+        rows = _row_layout(self.runtime, extra_options, layout, n, context, key)
+        extra_options[SEEN_KEY] = (n.shape[0], context.shape[1])
+        if self.runtime.gates.needs_attention:  # (the bias comes from q/k, in the replace)
+            extra_options[ROWS_KEY] = rows
+            return n, context, value
         bias = self.runtime.bias(key, n, context, rows, extra_options)
         if bias is not None:
             extra_options[BIAS_KEY] = bias
@@ -129,24 +281,90 @@ class MaskAttnGatePatch:
     def consumed(self):
         self._pending = None
 
+    def order_message(self, key: SiteKey, seen: tuple, ran: tuple) -> str:
+        after = self._patches_after_us()
+        if after:
+            who = "another node's attention patch (" + ", ".join(after) + ")"
+        elif self.neighbours:
+            who = "another node's attention patch (patches on this model: " + ", ".join(sorted(self.neighbours)) + ")"
+        else:
+            who = "another node"
+        return (
+            f"Apply MaskAttn: the cross-attention at {key_to_name(key)} ran on {ran[0]} rows and {ran[1]} tokens, "
+            f"but MaskAttn's gate saw {seen[0]} rows and {seen[1]} tokens: {who} changed the batch or the prompt "
+            f"after MaskAttn's gate had run, bypassing its place at the end of the attention patches. Apply MaskAttn "
+            f"after that node (for example Attention Couple -> Apply MaskAttn -> KSampler)."
+        )
+
+    def _patches_after_us(self) -> list[str]:
+        """On the error path only: the attn2 patches that ran after ours, read from the transformer block that called
+        the replace (its `transformer_patches`), when the host's frames can be read."""
+        frame = inspect.currentframe()
+        try:
+            for _ in range(6):
+                frame = frame.f_back if frame is not None else None
+                patches = frame.f_locals.get("transformer_patches") if frame is not None else None
+                if isinstance(patches, dict):
+                    entries = list(patches.get("attn2_patch", []))
+                    if self in entries:
+                        return [describe_patch(p) for p in entries[entries.index(self) + 1:]]
+                    return []
+            return []
+        finally:
+            del frame
+
 
 _ROWS_CACHE: dict = {}
 
 
-def _cond_rows(runtime: GateRuntime, extra_options, batch: int, device):
-    """[batch] bool on `device`: which rows belong to cond chunks (only when gating cond alone). Made once per batch
-    layout and device, so the hook does not copy a new host tensor to the device at every layer."""
-    if not runtime.cond_only:
-        return None
+def _cond_rows(runtime: GateRuntime, extra_options, batch: int, device, key: SiteKey | None = None):
+    """Which rows to gate when gating cond alone ([batch] bool), else None; see _chunk_rows."""
+    return _chunk_rows(extra_options, batch, device, key) if runtime.cond_only else None
+
+
+def _chunk_rows(extra_options, batch: int, device, key: SiteKey | None = None):
+    """[batch] bool on `device`: which rows belong to cond chunks, by position: the sampler batches the
+    `cond_or_uncond` chunks in equal parts. Made once per batch layout and device, so the hook does not copy a new
+    host tensor to the device at every layer."""
     chunks = tuple(extra_options.get("cond_or_uncond") or [0])
-    key = (chunks, batch, str(device))
-    rows = _ROWS_CACHE.get(key)
+    cache_key = (chunks, batch, str(device))
+    rows = _ROWS_CACHE.get(cache_key)
     if rows is None:
+        if batch % len(chunks):
+            where = f" at {key_to_name(key)}" if key is not None else ""
+            raise PatchOrderError(
+                f"Apply MaskAttn: the cross-attention{where} runs {batch} rows, which do not split into the sampler's "
+                f"{len(chunks)} chunks (cond/uncond): another node changed the batch where MaskAttn could not see it, "
+                f"so it cannot tell the negative prompt's rows. Apply MaskAttn after that node, or turn gate_uncond "
+                f"on.")
         per = batch // len(chunks)
         with torch.inference_mode(False):  # a normal tensor: training may use it after sampling did
             rows = torch.tensor([c == 0 for c in chunks for _ in range(per)], dtype=torch.bool)
-            rows = _ROWS_CACHE[key] = rows.to(device) if rows.numel() == batch else None
+            rows = _ROWS_CACHE[cache_key] = rows.to(device)
     return rows
+
+
+def _row_layout(runtime: GateRuntime, extra_options, layout, n, context, key: SiteKey):
+    """The rows to gate when gate_uncond is off ([B] bool; None: every row). Also leaves, for gate sources that read
+    it (zero-shot), which rows carry the positive prompt itself (PROMPT_ROWS_KEY) when the batch was changed.
+
+    While the batch is the sampler's, rows are known by position (cond_or_uncond chunks of equal size). When another
+    pack changed it (an attention couple turns each cond row into base + region rows, each with its own prompt), rows
+    are matched by content against the batch as the sampler made it (noted by MaskAttnLayoutPatch): a row is the
+    negative prompt's when its text is an uncond row's text (up to ComfyUI's token repetition). See
+    masks.runtime.rows_by_text.
+    """
+    batch = n.shape[0]
+    if layout is None or layout[0].shape[0] == batch:
+        return _cond_rows(runtime, extra_options, batch, n.device, key)
+    if not (runtime.cond_only or runtime.gates.needs_attention):
+        return None
+    before_n, before_context = layout
+    negative_before = _chunk_rows(extra_options, before_n.shape[0], n.device, key).logical_not()
+    negative, positive = rows_by_text(before_n, before_context, negative_before, n, context)
+    if runtime.gates.needs_attention:
+        extra_options[PROMPT_ROWS_KEY] = positive.nonzero().flatten()
+    return negative.logical_not() if runtime.cond_only else None
 
 
 class MaskAttnAttention:
@@ -155,11 +373,15 @@ class MaskAttnAttention:
     def __init__(self, patch: MaskAttnGatePatch, key: SiteKey, adopt=None):
         self.patch, self.key = patch, key
         self.callback, self.kwargs = [], []
+        # the class of the container adopted (directly or through an earlier MaskAttn container): its own methods
+        # (`.to()` and the per-device kwargs) run on this container, which carries its attributes
+        self.adopted_type = None
         if adopt is not None:  # keep every attribute another pack may read (IPAdapter sets kwargs as attributes)
             for name, value in vars(adopt).items():
-                if name not in ("callback", "kwargs", "patch", "key"):
-                    setattr(self, name, value)
+                if name not in ("callback", "kwargs", "patch", "key", "adopted_type"):
+                    setattr(self, name, dict(value) if isinstance(value, dict) else value)  # (own per-device dicts)
             self.callback, self.kwargs = list(adopt.callback), list(adopt.kwargs)
+            self.adopted_type = adopt.adopted_type if isinstance(adopt, MaskAttnAttention) else type(adopt)
 
     def add(self, callback, **kwargs):
         self.callback.append(callback)
@@ -167,24 +389,46 @@ class MaskAttnAttention:
         for name, value in kwargs.items():
             setattr(self, name, value)
 
+    def _adopted(self, name: str):
+        method = getattr(self.adopted_type, name, None) if self.adopted_type is not None else None
+        return method if callable(method) else None
+
     def to(self, *args, **kwargs):
-        return self
+        """ModelPatcher.model_patches_to: an adopted container's own `.to` runs on this container (IPAdapter_plus
+        builds per-device kwargs there for multi-GPU work units); MaskAttn's own state moves lazily, per device."""
+        move = self._adopted("to")
+        if move is None:
+            return self
+        moved = move(self, *args, **kwargs)
+        if moved is None or moved is self:
+            return self
+        return MaskAttnAttention(self.patch, self.key, moved) if _chainable(moved) else self
 
     def __deepcopy__(self, memo):
-        # A clone gets its own callback lists (IPAdapter .add()s to the clone's container in place) but shares the
-        # heavy objects (gates, adapter weights) with the model it was cloned from.
+        # A clone gets its own callback lists and dicts (IPAdapter .add()s to the clone's container in place; its
+        # .to() fills a per-device dict) but shares the heavy objects (gates, adapter weights) with the model it was
+        # cloned from.
         new = copy.copy(self)
+        for name, value in vars(self).items():
+            if isinstance(value, dict):
+                setattr(new, name, dict(value))
         new.callback, new.kwargs = list(self.callback), [dict(kw) for kw in self.kwargs]
         return new
 
     def __call__(self, q, k, v, extra_options):
         bias = extra_options.pop(BIAS_KEY, None)
+        seen = extra_options.pop(SEEN_KEY, None)
+        rows = extra_options.pop(ROWS_KEY, None)
         self.patch.consumed()
+        if seen is not None and seen != (q.shape[0], k.shape[1]):
+            raise PatchOrderError(self.patch.order_message(self.key, seen, (q.shape[0], k.shape[1])))
         runtime = self.patch.runtime
         if runtime.gates.needs_attention and self.key in runtime.sites and self.patch.clock.active(extra_options):
             heads = extra_options["n_heads"]
-            rows = _cond_rows(runtime, extra_options, q.shape[0], q.device)
+            if seen is None:  # (our gate patch did not run here: rows by position)
+                rows = _cond_rows(runtime, extra_options, q.shape[0], q.device, self.key)
             bias = runtime.usable(runtime.compute_from_attention(self.key, q, k, heads, rows, extra_options))
+            extra_options.pop(PROMPT_ROWS_KEY, None)
         override = runtime.attention_override
         if override is None:
             out = host_attention(q, k, v, extra_options["n_heads"], bias, extra_options)
@@ -192,9 +436,12 @@ class MaskAttnAttention:
             out = masked_attention(q, k, v, extra_options["n_heads"], bias, override)
         if self.callback:
             sigma = self.patch.clock.sigma(extra_options)
-            for callback, kw in zip(self.callback, self.kwargs):
+            device_kwargs = self._adopted("get_multigpu_kwargs")  # IPAdapter_plus: kwargs moved to q's device
+            per_device = device_kwargs(self, q.device) if device_kwargs is not None else self.kwargs
+            for i, (callback, kw) in enumerate(zip(self.callback, self.kwargs)):
                 if sigma is None or kw.get("sigma_end", 0.0) <= sigma <= kw.get("sigma_start", float("inf")):
-                    out = out + callback(out, q, k, v, extra_options, **kw)
+                    call_kw = per_device[i] if i < len(per_device) else kw
+                    out = out + callback(out, q, k, v, extra_options, **call_kw)
         return out if out.dtype == q.dtype else out.to(q.dtype)
 
 
@@ -232,10 +479,9 @@ def install(model, gates: MaskAttnGates, sites: list[CrossAttnSite], *, threshol
     patched = model.clone()
     to = patched.model_options.setdefault("transformer_options", {})
     replaces = to.get("patches_replace", {}).get("attn2", {})
-    # A second Apply MaskAttn replaces the first: drop our earlier gate patch, keep callbacks adopted by it.
-    patches = to.get("patches", {})
-    if "attn2_patch" in patches:
-        patches["attn2_patch"] = [p for p in patches["attn2_patch"] if not isinstance(p, MaskAttnGatePatch)]
+    # A second Apply MaskAttn replaces the first: drop our earlier patches, keep callbacks adopted by it.
+    others = [p for p in to.get("patches", {}).get("attn2_patch", [])
+              if not isinstance(p, (MaskAttnGatePatch, MaskAttnLayoutPatch))]
     foreign = {}
     for site in sites:
         existing = replaces.get(site.key)
@@ -254,7 +500,7 @@ def install(model, gates: MaskAttnGates, sites: list[CrossAttnSite], *, threshol
     if cuda_variant is not None:
         runtime.graphs, runtime.device_skip = cuda_variant
     gate_patch = MaskAttnGatePatch(runtime, StepClock(sigma_start, sigma_end))
-    patched.set_model_attn2_patch(gate_patch)
+    to.setdefault("patches", {})["attn2_patch"] = OrderedPatchList([MaskAttnLayoutPatch(), *others, gate_patch])
     for site in sites:
         existing = replaces.get(site.key)
         adopt = existing if isinstance(existing, MaskAttnAttention) or site.key in foreign else None
