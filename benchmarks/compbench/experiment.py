@@ -1,24 +1,31 @@
-"""The CompBench experiment: does MaskAttn gating improve binding in the tiny world, and at what cost?
+"""The CompBench experiment: gate sources side by side with their ceilings, per failure mode, at stages with authority.
 
-    python -m benchmarks.compbench.experiment                       # the published table (12 min on 2 CPU cores)
-    python -m benchmarks.compbench.experiment --prompts 24 --seeds 2 --gate-steps 50   # a smoke run (~1 min)
+    python -m benchmarks.compbench.experiment --quick                # the smoke run CI uses (about 1 min, 1 thread)
+    python -m benchmarks.compbench.experiment                        # the full design: 400 prompts x 4 seeds, stages
+                                                                     # high and all (the README's commands and sizes)
 
-Conditions, all sampled through ComfyUI's KSampler (`nodes.common_ksampler`, euler / normal, 20 steps, cfg 4) on the
-tiny SDXL-architecture model (`tinyt2i.py`), with this pack's nodes:
+Every arm is sampled through ComfyUI's KSampler (`nodes.common_ksampler`, euler / normal, 20 steps, cfg 4) on the
+tiny SDXL-architecture model (`tinyt2i.py`) with this pack's own nodes; an arm is one entry of `ARMS` (a class with
+`model_for(ctx, prompt indices, seed)`), so a new gate source is one more entry, not a fork of the experiment:
 
 - base: the model as trained;
-- learned: "Train MaskAttn Gates" (the part-3 trainer, the model frozen) on --gate-captions captions drawn from the
-  *train* split of `world.split_combos()`, images rendered by the world, then "Apply MaskAttn" (stage mid);
-- zero-shot: "MaskAttn Zero-Shot Gates" (part 5, no training) built from the prompt, then "Apply MaskAttn".
+- learned: "Train MaskAttn Gates" (the part-3 trainer, model frozen) on captions of the *train* split, then Apply;
+- zero-shot: "MaskAttn Zero-Shot Gates" (training-free), then Apply;
+- region oracle: "MaskAttn Region Gates" fed each object's true box (the ground-truth layout drawn for that prompt
+  and seed), its colour + shape words kept only there; end/padding tokens kept everywhere ("keep");
+- region oracle, end hidden: the same with end/padding tokens hidden inside the boxes ("hide_in_regions");
+- layout mask: Region Gates with half-image masks from the caption alone (A's words in the half the relation names);
+- attention couple: one prompt per region ("a red circle", "a blue square") on the same boxes, cross-attention
+  outputs blended by the masks (`couple.py`, a restatement of the public algorithm), at every cross-attention layer.
 
-Evaluation prompts come from the *held-out* split only (every one contains a colour-shape pairing that never occurs
-in gate training); each prompt is sampled with the same --seeds noise seeds in every condition, so comparisons are
-paired. The judge (`judge.py`) scores presence, binding, relation and all three; intervals are 95% percentile
-bootstraps over prompts (seeds stay together), differences are paired the same way. Quality/diversity proxies:
-the share of images with exactly two objects the judge can read, and the per-prompt diversity across seeds (mean
-pairwise RMS pixel distance; ground-truth renders of the same prompts give the reference value).
-
-Writes results.json, results.md and samples.png (a few prompts, every condition) into --out.
+Gated arms run at each --stages entry; base and attention couple do not depend on the stage and are sampled once.
+The tiny model draws 32 px pixel latents: stage high is its 16x16 map, mid and low are 8x8 (why high and all, not
+mid: see the README). Evaluation prompts are held-out combinations (every one contains a colour-shape pairing never
+seen in gate training), balanced over the four relations; each prompt is sampled with the same noise seeds in every
+arm, so comparisons are paired. Metrics per failure mode (see `score_image`), 95% percentile bootstrap intervals over
+prompts (a prompt's seeds stay together; ratios are ratios of sums, so "given both present" rates are weighted by
+how often both are present), paired differences against base on the same resamples, and the share of the way from
+base to the region oracle. Writes results.json, results.md, samples.png and spotcheck_base.png into --out.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import json
 import platform
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +48,20 @@ if str(ROOT) not in sys.path:
 from benchmarks.compbench import judge, tinyt2i, world  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-METRICS = ("presence", "binding", "relation", "correct")
-CONDITIONS = ("base", "learned", "zero-shot")
+# name -> (label, higher is better); each metric is a ratio of per-image (numerator, denominator) sums
+METRICS = {
+    "presence": ("both colours present", True),
+    "binding_given_present": ("binding given both present", True),
+    "colour_leak": ("colour leak", False),
+    "shape": ("shape right (per object present)", True),
+    "relation_given_present": ("relation given both present", True),
+    "correct": ("all correct", True),
+    "two_objects": ("two readable objects", True),
+}
+HEADLINE = ("correct", "binding_given_present", "colour_leak", "relation_given_present")
+CEILING = "region oracle"
+QUICK = {"prompts": 8, "seeds": 2, "steps": 10, "gate_captions": 64, "gate_steps": 20, "gate_batch": 8,
+         "stages": ["high"]}
 
 
 def load_pack() -> dict:
@@ -65,88 +85,294 @@ def evaluation_prompts(n: int, seed: int) -> list[world.Triple]:
 
 
 def structure(t: world.Triple) -> str:
-    """Prompts with the same word positions share one zero-shot grouping ("to the left of" is 4 words, "above" 1)."""
+    """Prompts with the same word positions share token positions ("to the left of" is 4 words, "above" 1)."""
     return "horizontal" if t.relation in ("left of", "right of") else "vertical"
 
 
-def sample(model, clip, triples, seeds, steps, cfg, size) -> dict:
-    """(prompt index, seed) -> uint8 image, sampling every prompt of one structure in one batch per seed."""
+# --- the layouts the region arms are given --------------------------------------------------------------------------
+def layout_seed(prompt: int, seed: int) -> int:
+    """The world seed of the ground-truth scene for (prompt, noise seed): its boxes feed the oracle arms."""
+    return 10_000 * prompt + seed
+
+
+def box_mask(box, size: int) -> torch.Tensor:
+    """[size, size] 0/1: pixels whose centre lies in the box (x0, y0, x1, y1)."""
+    x0, y0, x1, y1 = box
+    c = torch.arange(size, dtype=torch.float32) + 0.5
+    inside_x = (c >= x0) & (c <= x1)
+    inside_y = (c >= y0) & (c <= y1)
+    return (inside_y[:, None] & inside_x[None, :]).float()
+
+
+def half_masks(relation: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A's half, B's half) for "A <relation> B": the layout a caption alone implies."""
+    first = torch.zeros(size, size)
+    half = size // 2
+    if relation == "left of":
+        first[:, :half] = 1
+    elif relation == "right of":
+        first[:, half:] = 1
+    elif relation == "above":
+        first[:half] = 1
+    else:
+        first[half:] = 1
+    return first, 1.0 - first
+
+
+def region_masks(ctx: "Context", idx: list[int], seed: int, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image masks of objects A and B ([len(idx), size, size] each): true boxes or caption halves."""
+    a, b = [], []
+    for i in idx:
+        t = ctx.triples[i]
+        if kind == "boxes":
+            boxes = world.sample(layout_seed(i, seed), triple=t, size=ctx.size).boxes
+            a.append(box_mask(boxes["a"], ctx.size))
+            b.append(box_mask(boxes["b"], ctx.size))
+        else:
+            ma, mb = half_masks(t.relation, ctx.size)
+            a.append(ma)
+            b.append(mb)
+    return torch.stack(a), torch.stack(b)
+
+
+# --- arms -----------------------------------------------------------------------------------------------------------
+@dataclass
+class Context:
+    nodes: dict
+    model: object
+    clip: object
+    triples: list
+    seeds: list
+    size: int
+    args: argparse.Namespace
+    stage: str = "all"
+    info: dict = field(default_factory=dict)  # per-arm notes for the report
+
+    def apply(self, gates):
+        (patched,) = self.nodes["MaskAttnApply"]().apply(self.model, gates, 0.5, 1.0, self.stage, "encoder_decoder",
+                                                         0.0, 1.0)
+        return patched
+
+
+class Arm:
+    """One condition of the experiment. `model_for` returns the MODEL to sample prompts `idx` (one structure) with
+    noise seed `seed`; `prepare` runs once per stage (e.g. gate training)."""
+
+    name = ""
+    staged = True  # gated at a stage (sampled once per --stages entry); False: sampled once
+    gated = True  # has a gate runtime whose kept share is reported
+
+    def prepare(self, ctx: Context) -> None:
+        pass
+
+    def model_for(self, ctx: Context, idx: list[int], seed: int):
+        raise NotImplementedError
+
+
+class BaseArm(Arm):
+    name, staged, gated = "base", False, False
+
+    def model_for(self, ctx, idx, seed):
+        return ctx.model
+
+
+class LearnedArm(Arm):
+    name = "learned"
+
+    def prepare(self, ctx):
+        a = ctx.args
+        train_split, _ = world.split_combos(seed=0)
+        data = world.dataset(a.gate_captions, seed=1000, combos=train_split, size=ctx.size)
+        latents = {"samples": tinyt2i.encode_images(np.stack([d.image for d in data]))}
+        cond = ctx.clip.conditioning([d.caption for d in data])
+        t0 = time.time()
+        gates, _curve = ctx.nodes["MaskAttnTrainGates"]().train(ctx.model, latents, cond, a.gate_steps, a.gate_batch,
+                                                                a.gate_lr, ctx.stage, "encoder_decoder", 128, 0)
+        self.gated_model = ctx.apply(gates)
+        ctx.info[self.name] = {"train_s": round(time.time() - t0, 1), "distinct_captions":
+                               len({d.caption for d in data})}
+
+    def model_for(self, ctx, idx, seed):
+        return self.gated_model
+
+
+class ZeroShotArm(Arm):
+    name = "zero-shot"
+
+    def prepare(self, ctx):
+        self.models = {}
+
+    def model_for(self, ctx, idx, seed):
+        key = structure(ctx.triples[idx[0]])
+        if key not in self.models:
+            result = ctx.nodes["MaskAttnZeroShotGates"]().build(ctx.clip, world.caption(ctx.triples[idx[0]]),
+                                                                ctx.stage, 0.2)["result"]
+            self.models[key] = ctx.apply(result[0])
+            ctx.info.setdefault(self.name, {})[key] = result[1].splitlines()[0]
+        return self.models[key]
+
+
+class RegionArm(Arm):
+    """MaskAttn Region Gates (the node) with one mask per object: true boxes (oracle) or caption halves."""
+
+    def __init__(self, name: str, masks: str, end_tokens: str):
+        self.name, self.masks, self.end_tokens = name, masks, end_tokens
+
+    def model_for(self, ctx, idx, seed):
+        from comfyui_maskattn.masks.region import phrase_tokens
+
+        first = ctx.triples[idx[0]]
+        text = world.caption(first)
+        phrases = [f"{first.colour_a} {first.shape_a}", f"{first.colour_b} {first.shape_b}"]
+        # every prompt of one structure puts its object words at the same token positions: one gate set serves all
+        vocab = ctx.clip.tokenizer.clip_l.inv_vocab
+        expected = phrase_tokens(text, phrases, ctx.clip.tokenize(text, return_word_ids=True), vocab)
+        for i in idx[1:]:
+            t = ctx.triples[i]
+            other = world.caption(t)
+            got = phrase_tokens(other, [f"{t.colour_a} {t.shape_a}", f"{t.colour_b} {t.shape_b}"],
+                                ctx.clip.tokenize(other, return_word_ids=True), vocab)
+            assert got == expected, (text, other)
+        mask_a, mask_b = region_masks(ctx, idx, seed, self.masks)
+        gates, _ = ctx.nodes["MaskAttnRegionGates"]().build(ctx.clip, text, "\n".join(phrases), ctx.stage,
+                                                            self.end_tokens, mask_1=mask_a, mask_2=mask_b)["result"]
+        return ctx.apply(gates)
+
+
+class CoupleArm(Arm):
+    """Attention couple on the true boxes: one prompt per object, outputs blended by the masks (`couple.py`)."""
+
+    name, staged, gated = "attention couple", False, False
+
+    def model_for(self, ctx, idx, seed):
+        from benchmarks.compbench.couple import couple_model
+
+        mask_a, mask_b = region_masks(ctx, idx, seed, "boxes")
+        prompts_a = [f"{world.article(ctx.triples[i].colour_a)} {ctx.triples[i].colour_a} {ctx.triples[i].shape_a}"
+                     for i in idx]
+        prompts_b = [f"{world.article(ctx.triples[i].colour_b)} {ctx.triples[i].colour_b} {ctx.triples[i].shape_b}"
+                     for i in idx]
+        contexts = torch.stack([ctx.clip.conditioning(prompts_a)[0][0], ctx.clip.conditioning(prompts_b)[0][0]])
+        return couple_model(ctx.model, contexts, torch.stack([mask_a, mask_b]))
+
+
+ARMS = {
+    "base": BaseArm,
+    "learned": LearnedArm,
+    "zero-shot": ZeroShotArm,
+    "region oracle": lambda: RegionArm("region oracle", "boxes", "keep"),
+    "region oracle, end hidden": lambda: RegionArm("region oracle, end hidden", "boxes", "hide_in_regions"),
+    "layout mask": lambda: RegionArm("layout mask", "halves", "keep"),
+    "attention couple": CoupleArm,
+}
+
+
+# --- sampling -------------------------------------------------------------------------------------------------------
+def watch_kept(model, kept: dict) -> None:
+    """Adds, per gated layer call, the share of (location, token) pairs of the positive rows the gate kept, by
+    stage of the layer (into kept[stage] = [sum, count])."""
+    from comfyui_maskattn.nodes import hooks
+
+    runtime = hooks.installed_runtime(model)
+    if runtime is None or getattr(runtime, "_compbench_watched", None) is kept:
+        return
+    runtime._compbench_watched = kept
+    stages = {s.key: s.stage for s in hooks.model_sites(model)}
+
+    def observe(key, result, info):
+        chunks = list(info.get("cond_or_uncond") or [0])
+        hard = result.hard
+        per = hard.shape[0] // len(chunks) if hard.shape[0] % len(chunks) == 0 else hard.shape[0]
+        rows = [c * per + j for c, k in enumerate(chunks) if k == 0 for j in range(per)] or list(range(per))
+        entry = kept.setdefault(stages.get(key, "?"), [0.0, 0])
+        entry[0] += float(hard[rows].float().mean())
+        entry[1] += 1
+
+    runtime.observers.append(observe)
+
+
+def sample_arm(arm: Arm, ctx: Context) -> tuple[dict, dict]:
+    """(prompt index, seed) -> uint8 image, every prompt of one structure in one batch per seed; and the kept
+    shares by stage."""
     import nodes
 
-    out = {}
+    images, kept = {}, {}
     groups: dict[str, list[int]] = {}
-    for i, t in enumerate(triples):
+    for i, t in enumerate(ctx.triples):
         groups.setdefault(structure(t), []).append(i)
     for _, idx in sorted(groups.items()):
-        pos = clip.conditioning([world.caption(triples[i]) for i in idx])
-        neg = clip.conditioning([""] * len(idx))
-        for s in seeds:
-            latent = {"samples": torch.zeros(len(idx), 4, size, size)}
+        pos = ctx.clip.conditioning([world.caption(ctx.triples[i]) for i in idx])
+        neg = ctx.clip.conditioning([""] * len(idx))
+        for s in ctx.seeds:
+            model = arm.model_for(ctx, idx, s)
+            if arm.gated:
+                watch_kept(model, kept)
+            latent = {"samples": torch.zeros(len(idx), 4, ctx.size, ctx.size)}
             with torch.inference_mode():
-                (res,) = nodes.common_ksampler(model, s, steps, cfg, "euler", "normal", pos, neg, latent)
+                (res,) = nodes.common_ksampler(model, s, ctx.args.steps, ctx.args.cfg, "euler", "normal", pos, neg,
+                                               latent)
             for i, img in zip(idx, tinyt2i.decode_latents(res["samples"])):
-                out[(i, s)] = img
+                images[(i, s)] = img
+    return images, {k: round(v[0] / max(v[1], 1), 4) for k, v in sorted(kept.items())}
+
+
+# --- scoring --------------------------------------------------------------------------------------------------------
+def score_image(image: np.ndarray, t: world.Triple) -> dict:
+    """Per metric (numerator, denominator) for one image:
+
+    presence: both named colours found; binding_given_present: both colours' largest objects have the named shapes,
+    among images with both present; colour_leak (lower is better): an object drawn in one named colour with the
+    *other* object's shape (e.g. a blue circle for "a red circle ... a blue square"), among prompts whose two
+    shapes differ; shape: per named object whose colour is found, its shape is right; relation_given_present: the
+    centroids' relation holds, among images with both present; correct: all three; two_objects: exactly two
+    objects, both shapes readable (a quality proxy)."""
+    sc = judge.score(image, t)
+    present = int(sc.presence)
+    found = [(sc.matched.get(k), shape) for k, shape in (("a", t.shape_a), ("b", t.shape_b))]
+    found = [(d, shape) for d, shape in found if d is not None]
+    differ = t.shape_a != t.shape_b
+    leak = differ and any((d.colour, d.shape) in ((t.colour_b, t.shape_a), (t.colour_a, t.shape_b))
+                          for d in sc.objects)
+    readable = [o for o in sc.objects if o.shape != "unknown"]
+    return {
+        "presence": (present, 1),
+        "binding_given_present": (int(sc.binding), present),
+        "colour_leak": (int(leak), int(differ)),
+        "shape": (sum(d.shape == shape for d, shape in found), len(found)),
+        "relation_given_present": (int(sc.relation), present),
+        "correct": (int(sc.correct), 1),
+        "two_objects": (int(len(sc.objects) == 2 and len(readable) == 2), 1),
+    }
+
+
+def per_prompt_counts(images: dict, triples) -> dict[str, np.ndarray]:
+    """metric -> [prompts, 2] (numerator, denominator) summed over a prompt's seeds."""
+    out = {m: np.zeros((len(triples), 2)) for m in METRICS}
+    for (i, _s), img in images.items():
+        for m, (num, den) in score_image(img, triples[i]).items():
+            out[m][i] += (num, den)
     return out
 
 
-def zero_shot_models(nodes_map, model, clip, triples, stage):
-    """One zero-shot-gated model per prompt structure (token positions of the groups are the same within one)."""
-    build = nodes_map["MaskAttnZeroShotGates"]()
-    apply = nodes_map["MaskAttnApply"]()
-    models, groupings = {}, {}
-    for t in triples:
-        key = structure(t)
-        if key in models:
-            continue
-        result = build.build(clip, world.caption(t), stage, 0.2)["result"]
-        gates, groupings[key] = result
-        (models[key],) = apply.apply(model, gates, 0.5, 1.0, stage, "encoder_decoder", 0.0, 1.0)
-    return models, groupings
+def resamples(n_prompts: int, n: int = 4000, seed: int = 0) -> np.ndarray:
+    """The bootstrap's prompt indices, shared by every arm so differences are paired."""
+    return np.random.default_rng(seed).integers(0, n_prompts, size=(n, n_prompts))
 
 
-def train_gates(nodes_map, model, clip, n_captions, steps, batch, lr, stage, seed):
-    train_split, _ = world.split_combos(seed=0)
-    data = world.dataset(n_captions, seed=1000 + seed, combos=train_split, size=32)
-    latents = {"samples": tinyt2i.encode_images(np.stack([d.image for d in data]))}
-    cond = clip.conditioning([d.caption for d in data])
-    t0 = time.time()
-    gates, _curve = nodes_map["MaskAttnTrainGates"]().train(model, latents, cond, steps, batch, lr, stage,
-                                                             "encoder_decoder", 128, seed)
-    return gates, time.time() - t0, len({d.caption for d in data})
+def ratio(counts: np.ndarray, index: np.ndarray | None = None) -> np.ndarray | float:
+    if index is None:
+        num, den = counts[:, 0].sum(), counts[:, 1].sum()
+        return float(num / den) if den else float("nan")
+    num, den = counts[index, 0].sum(axis=1), counts[index, 1].sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return num / den
 
 
-def watch_kept(model) -> list:
-    """Collects, per gated layer call while sampling, the fraction of (location, token) pairs the gate kept."""
-    from comfyui_maskattn.nodes import hooks
-
-    kept: list = []
-    hooks.installed_runtime(model).observers.append(lambda key, result, info: kept.append(float(result.hard.mean())))
-    return kept
-
-
-def score_images(images: dict, triples) -> list[dict]:
-    rows = []
-    for (i, s), img in sorted(images.items()):
-        sc = judge.score(img, triples[i])
-        readable = [o for o in sc.objects if o.shape != "unknown"]
-        rows.append({"prompt": i, "seed": s, **{m: bool(getattr(sc, m)) for m in METRICS},
-                     "two_objects": len(sc.objects) == 2 and len(readable) == 2})
-    return rows
-
-
-def per_prompt(rows: list[dict], key: str, n_prompts: int) -> np.ndarray:
-    total, count = np.zeros(n_prompts), np.zeros(n_prompts)
-    for r in rows:
-        total[r["prompt"]] += r[key]
-        count[r["prompt"]] += 1
-    return total / np.maximum(count, 1)
-
-
-def bootstrap(values: np.ndarray, n: int = 4000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean and 95% percentile interval over prompts (values: one per prompt, seeds already averaged)."""
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), size=(n, len(values)))].mean(axis=1)
-    return float(values.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+def interval(point: float, draws: np.ndarray) -> list:
+    draws = draws[np.isfinite(draws)]
+    if not draws.size or not np.isfinite(point):
+        return [point, float("nan"), float("nan")]
+    return [float(point), float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))]
 
 
 def diversity(images: dict, n_prompts: int, seeds) -> np.ndarray:
@@ -156,6 +382,33 @@ def diversity(images: dict, n_prompts: int, seeds) -> np.ndarray:
         imgs = [images[(i, s)].astype(np.float32) / 255.0 for s in seeds]
         d = [np.sqrt(((a - b) ** 2).mean()) for k, a in enumerate(imgs) for b in imgs[k + 1:]]
         out[i] = float(np.mean(d)) if d else 0.0
+    return out
+
+
+def summarise(images_by_arm: dict, triples, seeds, ceiling: str | None) -> dict:
+    """Per arm: each metric with its interval, the paired difference against base, and the share of the way from
+    base to `ceiling` (same resamples throughout)."""
+    idx = resamples(len(triples))
+    counts = {name: per_prompt_counts(imgs, triples) for name, imgs in images_by_arm.items()}
+    out = {}
+    for name, c in counts.items():
+        entry = {m: interval(ratio(c[m]), ratio(c[m], idx)) for m in METRICS}
+        div = diversity(images_by_arm[name], len(triples), seeds)
+        entry["diversity"] = interval(float(div.mean()), div[idx].mean(axis=1))
+        if name not in ("base", "ground truth") and "base" in counts:
+            b = counts["base"]
+            entry["vs_base"] = {m: interval(ratio(c[m]) - ratio(b[m]), ratio(c[m], idx) - ratio(b[m], idx))
+                                for m in METRICS}
+            if ceiling in counts:
+                top = counts[ceiling]
+                share = {}
+                for m in HEADLINE:
+                    with np.errstate(invalid="ignore", divide="ignore"):
+                        gap, gaps = ratio(top[m]) - ratio(b[m]), ratio(top[m], idx) - ratio(b[m], idx)
+                        point = (ratio(c[m]) - ratio(b[m])) / gap if abs(gap) > 1e-9 else float("nan")
+                        share[m] = interval(point, (ratio(c[m], idx) - ratio(b[m], idx)) / gaps)
+                entry["share_of_ceiling"] = share
+        out[name] = entry
     return out
 
 
@@ -194,7 +447,8 @@ def spotcheck_sheet(images: dict, triples, path: Path, count: int = 36, scale: i
         canvas.paste(Image.fromarray(images[(i, s)]).resize((side, side), Image.NEAREST), (x, y))
         sc = judge.score(images[(i, s)], triples[i])
         seen = "; ".join(f"{o.colour} {o.shape}" for o in sc.objects) or "nothing"
-        verdict = "".join(f"{m[0].upper()}{'+' if getattr(sc, m) else '-'} " for m in METRICS[:3])
+        verdict = "".join(f"{m[0].upper()}{'+' if getattr(sc, m) else '-'} " for m in ("presence", "binding",
+                                                                                     "relation"))
         draw.text((x + side + 4, y + 2), f"#{n}", fill=(0, 0, 0))
         draw.text((x + side + 4, y + 16), verdict, fill=(0, 0, 0))
         words = world.caption(triples[i]).split()
@@ -203,98 +457,80 @@ def spotcheck_sheet(images: dict, triples, path: Path, count: int = 36, scale: i
     canvas.save(path)
 
 
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=str(HERE / "tiny_t2i.safetensors"))
     ap.add_argument("--out", default=str(HERE / "results"))
-    ap.add_argument("--prompts", type=int, default=200, help="held-out prompts, balanced over relations")
-    ap.add_argument("--seeds", type=int, default=4, help="noise seeds per prompt (the same in every condition)")
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--quick", action="store_true",
+                    help=f"the smoke run: {', '.join(f'{k}={v}' for k, v in QUICK.items())} (explicit flags win)")
+    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    ap.add_argument("--stages", nargs="+", default=None, help="gated stages to run (default: high all)")
+    ap.add_argument("--prompts", type=int, default=None, help="held-out prompts, balanced over relations (400)")
+    ap.add_argument("--seeds", type=int, default=None, help="noise seeds per prompt, the same in every arm (4)")
+    ap.add_argument("--steps", type=int, default=None, help="sampling steps (20)")
     ap.add_argument("--cfg", type=float, default=4.0)
-    ap.add_argument("--stage", default="mid")
-    ap.add_argument("--gate-captions", type=int, default=1000)
-    ap.add_argument("--gate-steps", type=int, default=600)
-    ap.add_argument("--gate-batch", type=int, default=16)
+    ap.add_argument("--gate-captions", type=int, default=None, help="images for gate training (1000)")
+    ap.add_argument("--gate-steps", type=int, default=None, help="gate training steps (600)")
+    ap.add_argument("--gate-batch", type=int, default=None, help="gate training batch (16)")
     ap.add_argument("--gate-lr", type=float, default=1e-3)
-    ap.add_argument("--gate-seeds", type=int, default=1, help="independent gate trainings (each evaluated)")
-    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    defaults = {"prompts": 400, "seeds": 4, "steps": 20, "gate_captions": 1000, "gate_steps": 600, "gate_batch": 16,
+                "stages": ["high", "all"]}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, QUICK[key] if args.quick and key in QUICK else value)
+    torch.set_num_threads(args.threads)
     started = time.time()
     nodes_map = load_pack()
     model, clip, cfg, meta = tinyt2i.load(args.model)
-    size = cfg.image_size
     triples = evaluation_prompts(args.prompts, seed=7)
     seeds = list(range(args.seeds))
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    timings, images, extra = {}, {}, {}
-
-    t0 = time.time()
-    images["base"] = sample(model, clip, triples, seeds, args.steps, args.cfg, size)
-    timings["sample base"] = time.time() - t0
-
-    for g in range(args.gate_seeds):
-        name = "learned" if args.gate_seeds == 1 else f"learned (gate seed {g})"
-        gates, seconds, distinct = train_gates(nodes_map, model, clip, args.gate_captions, args.gate_steps,
-                                               args.gate_batch, args.gate_lr, args.stage, g)
-        timings[f"train gates {g}"] = seconds
-        extra[name] = {"distinct_captions": distinct}
-        (gated,) = nodes_map["MaskAttnApply"]().apply(model, gates, 0.5, 1.0, args.stage, "encoder_decoder", 0.0, 1.0)
-        kept = watch_kept(gated)
+    ctx = Context(nodes_map, model, clip, triples, seeds, cfg.image_size, args)
+    arms = [ARMS[name]() for name in args.arms]
+    timings, kept, images = {}, {}, {}
+    for arm in [a for a in arms if not a.staged]:
         t0 = time.time()
-        images[name] = sample(gated, clip, triples, seeds, args.steps, args.cfg, size)
-        extra[name]["kept_fraction"] = round(float(np.mean(kept)), 4) if kept else None
-        timings[f"sample {name}"] = time.time() - t0
+        images[arm.name], _ = sample_arm(arm, ctx)
+        timings[f"sample {arm.name}"] = time.time() - t0
+    for stage in args.stages:
+        ctx.stage = stage
+        for arm in [a for a in arms if a.staged]:
+            t0 = time.time()
+            arm.prepare(ctx)
+            images[(stage, arm.name)], kept[f"{stage}: {arm.name}"] = sample_arm(arm, ctx)
+            timings[f"{stage}: {arm.name}"] = time.time() - t0
 
-    zs_models, groupings = zero_shot_models(nodes_map, model, clip, triples, args.stage)
-    extra["zero-shot"] = {"groupings": {k: v.splitlines()[0] for k, v in groupings.items()}}
-    kept = [watch_kept(m) for m in zs_models.values()]
-    t0 = time.time()
-    zs_images = {}
-    for key, m in zs_models.items():
-        subset = [i for i, t in enumerate(triples) if structure(t) == key]
-        part = sample(m, clip, [triples[i] for i in subset], seeds, args.steps, args.cfg, size)
-        zs_images.update({(subset[j], s): img for (j, s), img in part.items()})
-    images["zero-shot"] = zs_images
-    timings["sample zero-shot"] = time.time() - t0
-    values = [v for k in kept for v in k]
-    extra["zero-shot"]["kept_fraction"] = round(float(np.mean(values)), 4) if values else None
-
-    truth = {(i, s): world.sample(10_000 * i + s, triple=t, size=size).image
+    truth = {(i, s): world.sample(layout_seed(i, s), triple=t, size=ctx.size).image
              for i, t in enumerate(triples) for s in seeds}
-    images_all = {"ground truth": truth, **images}
-
     t0 = time.time()
-    n = len(triples)
-    results = {}
-    base_rows = None
-    for name, imgs in images_all.items():
-        rows = score_images(imgs, triples)
-        entry = {m: bootstrap(per_prompt(rows, m, n)) for m in (*METRICS, "two_objects")}
-        entry["diversity"] = bootstrap(diversity(imgs, n, seeds))
-        if name == "base":
-            base_rows = rows
-        elif name != "ground truth" and base_rows is not None:
-            entry["vs_base"] = {m: bootstrap(per_prompt(rows, m, n) - per_prompt(base_rows, m, n))
-                                for m in (*METRICS, "two_objects")}
-        results[name] = entry
+    tables = {}
+    for stage in args.stages:
+        by_arm = {"ground truth": truth}
+        by_arm.update({a.name: images[a.name if not a.staged else (stage, a.name)] for a in arms})
+        tables[stage] = summarise(by_arm, triples, seeds, CEILING if CEILING in by_arm else None)
     timings["judge"] = time.time() - t0
 
-    show = [i for i in range(0, n, max(1, n // 8))][:8]
-    grid(images_all, triples, seeds, show, out_dir / "samples.png")
-    spotcheck_sheet(images["base"], triples, out_dir / "spotcheck_base.png")
+    first = args.stages[0]
+    shown = {"ground truth": truth, **{a.name: images[a.name if not a.staged else (first, a.name)] for a in arms}}
+    n = len(triples)
+    grid(shown, triples, seeds, [i for i in range(0, n, max(1, n // 8))][:8], out_dir / "samples.png")
+    if "base" in images:
+        spotcheck_sheet(images["base"], triples, out_dir / "spotcheck_base.png")
     report = {
         "model": {"file": Path(args.model).name, **{k: meta.get(k) for k in ("steps", "batch", "seconds",
                                                                             "parameters", "final_loss")}},
         "settings": {k: v for k, v in vars(args).items() if k not in ("model", "out")},
         "prompts": [world.caption(t) for t in triples],
-        "results": results,
-        "extra": extra,
+        "tables": tables,
+        "kept_fraction": kept,
+        "arm_notes": ctx.info,
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "total_s": round(time.time() - started, 1),
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s), "
                    f"torch {torch.__version__}",
     }
     (out_dir / "results.json").write_text(json.dumps(report, indent=1))
@@ -303,33 +539,47 @@ def main(argv=None) -> int:
     return 0
 
 
-def _fmt(v, pct=True):
+def _fmt(v, scale=100.0, digits=1, signed=False):
     mean, lo, hi = v
-    k = 100.0 if pct else 1.0
-    d = 1 if pct else 3
-    return f"{mean * k:.{d}f} [{lo * k:.{d}f}, {hi * k:.{d}f}]"
+    if not np.isfinite(mean):
+        return "n/a"
+    sign = "+" if signed else ""
+    if not np.isfinite(lo):
+        return f"{mean * scale:{sign}.{digits}f}"
+    return f"{mean * scale:{sign}.{digits}f} [{lo * scale:.{digits}f}, {hi * scale:.{digits}f}]"
 
 
 def markdown(report: dict) -> str:
     s = report["settings"]
     lines = [f"{len(report['prompts'])} held-out prompts x {s['seeds']} seeds, {s['steps']} steps euler/normal, "
-             f"cfg {s['cfg']}, gates at stage {s['stage']}. Rates in % with 95% bootstrap intervals over prompts.",
-             "", "| condition | presence | binding | relation | all correct | two readable objects | diversity |",
-             "|---|---|---|---|---|---|---|"]
-    for name, r in report["results"].items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(r[m]) for m in (*METRICS, "two_objects"))
-                     + f" | {_fmt(r['diversity'], pct=False)} |")
-    lines += ["", "Paired differences against base (percentage points, 95% bootstrap intervals over prompts):", "",
-              "| condition | presence | binding | relation | all correct | two readable objects |",
-              "|---|---|---|---|---|---|"]
-    for name, r in report["results"].items():
-        if "vs_base" in r:
-            lines.append(f"| {name} | " + " | ".join(_fmt(r["vs_base"][m]) for m in (*METRICS, "two_objects"))
-                         + " |")
-    kept = {k: v.get("kept_fraction") for k, v in report.get("extra", {}).items() if v.get("kept_fraction")}
-    if kept:
-        lines += ["", "Share of (location, token) pairs the gates kept, over gated layer calls (cond and uncond): "
-                  + ", ".join(f"{k} {100 * v:.1f}%" for k, v in kept.items()) + "."]
+             f"cfg {s['cfg']}. Rates in % with 95% bootstrap intervals over prompts; colour leak: lower is better.",
+             "Ceiling for \"% of the way\": the region oracle (Region Gates on the true boxes)."]
+    names = list(METRICS)
+    for stage, table in report["tables"].items():
+        lines += ["", f"### Stage {stage}", "",
+                  "| arm | " + " | ".join(METRICS[m][0] for m in names) + " | diversity |",
+                  "|---" * (len(names) + 2) + "|"]
+        for arm, r in table.items():
+            lines.append(f"| {arm} | " + " | ".join(_fmt(r[m]) for m in names)
+                         + f" | {_fmt(r['diversity'], 1.0, 3)} |")
+        lines += ["", "Paired differences against base (percentage points):", "",
+                  "| arm | " + " | ".join(METRICS[m][0] for m in names) + " |", "|---" * (len(names) + 1) + "|"]
+        for arm, r in table.items():
+            if "vs_base" in r:
+                lines.append(f"| {arm} | " + " | ".join(_fmt(r["vs_base"][m], signed=True) for m in names) + " |")
+        shares = {arm: r["share_of_ceiling"] for arm, r in table.items() if "share_of_ceiling" in r}
+        if shares:
+            lines += ["", "Share of the way from base to the region oracle (%; 100 = the oracle):", "",
+                      "| arm | " + " | ".join(METRICS[m][0] for m in HEADLINE) + " |",
+                      "|---" * (len(HEADLINE) + 1) + "|"]
+            for arm, sh in shares.items():
+                lines.append(f"| {arm} | " + " | ".join(_fmt(sh[m], digits=0) for m in HEADLINE) + " |")
+        kept = {k.split(": ", 1)[1]: v for k, v in report["kept_fraction"].items() if k.startswith(f"{stage}: ")}
+        if kept:
+            lines += ["", "Kept share of (location, token) pairs of the positive prompt, per gated layer call, by the "
+                      "stage of the layer: " + "; ".join(
+                          f"{arm} " + ", ".join(f"{st} {100 * v:.1f}%" for st, v in by.items())
+                          for arm, by in kept.items() if by) + "."]
     lines += ["", "Times (s): " + ", ".join(f"{k} {v}" for k, v in report["timings_s"].items())
               + f"; total {report['total_s']} s on {report['machine']}."]
     return "\n".join(lines) + "\n"

@@ -126,6 +126,21 @@ class TinyClip:
         return {"g": [chunk], "l": [list(chunk)]}
 
     @torch.no_grad()
+    def encode_from_tokens(self, tokens: dict, return_pooled=False, return_dict=False):
+        """ComfyUI's CLIP.encode_from_tokens on what `tokenize` returned (so CLIP Text Encode runs on it)."""
+        ids = torch.tensor([[int(item[0]) for item in tokens["l"][0]]], device=self.encoder.position.device)
+        states, pooled = self.encoder(ids)
+        states, pooled = states.float(), pooled.float()
+        if return_dict:
+            return {"cond": states, "pooled_output": pooled}
+        return (states, pooled) if return_pooled else states
+
+    def encode_from_tokens_scheduled(self, tokens: dict, unprojected=False, add_dict=None, show_pbar=True):
+        out = self.encode_from_tokens(tokens, return_dict=True)
+        cond = out.pop("cond")
+        return [[cond, {**out, **(add_dict or {})}]]
+
+    @torch.no_grad()
     def conditioning(self, texts: list[str]) -> list:
         states, pooled = self.encoder.encode(list(texts))
         return [[states.float(), {"pooled_output": pooled.float()}]]
