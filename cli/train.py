@@ -9,6 +9,10 @@ and RUN_DIR/<name>.safetensors, the gate file the Load MaskAttn Gates node reads
 
 Several GPUs (or CPU processes): `torchrun --nproc_per_node N -m cli.train ...` runs DistributedDataParallel over
 the gate parameters, each rank on its own shard of the data; rank 0 alone writes files.
+
+The loop, its defaults (`TRAIN_DEFAULTS`) and the objectives are the Train node's (masks/train.py,
+masks/objectives.py); the model session is the host adapter both share (nodes/train.py: hooks.install is the only
+way into a ModelPatcher).
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ EXIT_USAGE = 3
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from comfyui_maskattn.masks.objectives import OBJECTIVES
+    from comfyui_maskattn.masks.train import TRAIN_DEFAULTS as D
+
     p = argparse.ArgumentParser(
         prog="python -m cli.train",
         description=__doc__.split("\n\n")[0],
@@ -43,24 +50,40 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--name", default="maskattn_gates", help="file name of the final gate file")
     src.add_argument("--model-factory", help=argparse.SUPPRESS)  # "module:function" or "file.py:function" (tests)
     g = p.add_argument_group("gates")
-    g.add_argument("--stage", default="mid", choices=["mid", "high", "low", "all"])
-    g.add_argument("--placement", default="encoder_decoder", choices=["encoder_decoder", "encoder", "decoder"])
-    g.add_argument("--hidden", type=int, default=128, help="gate MLP width")
+    g.add_argument("--stage", default=D["stage"], choices=["mid", "high", "low", "all"])
+    g.add_argument("--placement", default=D["placement"], choices=["encoder_decoder", "encoder", "decoder"])
+    g.add_argument("--hidden", type=int, default=D["hidden"], help="gate MLP width")
     g.add_argument("--init", help="start from this gate file (.safetensors) instead of fresh heads")
     g.add_argument(
         "--init-bias",
         type=float,
         default=None,
-        help="logit bias of fresh heads (default 2: start open, every pair kept; 0: the reference's init)",
+        help="logit bias of fresh heads (default: the objective's; 2 starts open, every pair kept; 0 is the "
+        "reference's init)",
     )
     t = p.add_argument_group("optimisation")
-    t.add_argument("--steps", type=int, default=2000)
-    t.add_argument("--batch-size", type=int, default=1, help="per process")
-    t.add_argument("--lr", type=float, default=1e-4)
-    t.add_argument("--weight-decay", type=float, default=0.01)
-    t.add_argument("--warmup", type=int, default=-1, help="warmup steps (-1: 5%% of --steps)")
-    t.add_argument("--grad-clip", type=float, default=1.0)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument(
+        "--objective",
+        default=D["objective"],
+        choices=list(OBJECTIVES),
+        help="how the gates learn: "
+        + "; ".join(f"{o.name}: {o.summary}" for o in OBJECTIVES.values()).replace("%", "%%"),
+    )
+    t.add_argument(
+        "--mask-steps",
+        type=int,
+        default=D["mask_steps"],
+        help="the first N steps train the gates to predict the dataset's object masks (beyond the paper), the rest "
+        "use --objective; -1: every step",
+    )
+    t.add_argument("--steps", type=int, default=D["steps"])
+    t.add_argument("--batch-size", type=int, default=D["batch_size"], help="per process")
+    t.add_argument("--lr", type=float, default=D["lr"])
+    t.add_argument("--weight-decay", type=float, default=D["weight_decay"])
+    share = f"{D['warmup_fraction']:.0%}".replace("%", "%%")  # (argparse formats help with %)
+    t.add_argument("--warmup", type=int, default=-1, help=f"warmup steps (-1: {share} of --steps)")
+    t.add_argument("--grad-clip", type=float, default=D["grad_clip"])
+    t.add_argument("--seed", type=int, default=D["seed"])
     t.add_argument(
         "--precision",
         default="auto",
@@ -74,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--cpu", action="store_true", help="train on the CPU")
     r = p.add_argument_group("checkpoints")
-    r.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (0: only at the end)")
+    r.add_argument(
+        "--save-every", type=int, default=D["save_every"], help="checkpoint every N steps (0: only at the end)"
+    )
     r.add_argument(
         "--resume", nargs="?", const="auto", help="continue from a checkpoint (.pt); without a value: RUN_DIR/latest.pt"
     )
@@ -237,6 +262,42 @@ def encode_dataset(args, examples, model, clip, vae, fingerprint: str, dist: Dis
     return prepared
 
 
+def clip_tokens(clip, text: str) -> tuple[dict, dict]:
+    """(ComfyUI tokenization with word ids, the tokenizer's id -> BPE string) of `text`, for phrase -> token maps."""
+    try:
+        tokens = clip.tokenize(text, return_word_ids=True)
+    except TypeError:
+        tokens = clip.tokenize(text)
+    if not isinstance(tokens, dict):
+        tokens = {"l": tokens}
+    encoder = "l" if "l" in tokens else next(iter(tokens))
+    vocab = getattr(getattr(getattr(clip, "tokenizer", None), f"clip_{encoder}", None), "inv_vocab", None)
+    if not isinstance(vocab, dict) or not vocab:
+        import comfy.sd1_clip  # every SD text encoder shares CLIP's BPE vocabulary
+
+        vocab = comfy.sd1_clip.SDTokenizer().inv_vocab
+    return tokens, vocab
+
+
+def encode_objects(examples, clip, resolution: int):
+    """ObjectMasks per example (None without objects): masks cropped like the images, phrases mapped to tokens."""
+    from comfyui_maskattn.cli.dataset import load_object_mask
+    from comfyui_maskattn.masks.supervised import object_masks
+
+    out = []
+    for ex in examples:
+        if not ex.objects:
+            out.append(None)
+            continue
+        tokens, vocab = clip_tokens(clip, ex.caption)
+        planes = [load_object_mask(ex, obj, resolution) for obj in ex.objects]
+        try:
+            out.append(object_masks(ex.caption, [o.phrase for o in ex.objects], planes, tokens, vocab))
+        except ValueError as e:
+            raise SystemExit(f"error: {ex.image.name}: object masks: {e}") from None
+    return out
+
+
 # --- the run --------------------------------------------------------------------------------------------------------
 def _precision(choice: str, device) -> str:
     import torch
@@ -291,12 +352,28 @@ def main(argv=None) -> int:
 def _run(args, examples, dist: Dist, fingerprint) -> int:
 
     from comfyui_maskattn.masks.gatefile import load_gates, save_gates
-    from comfyui_maskattn.masks.train import GateTrainer, TrainConfig, load_state, save_state
-    from comfyui_maskattn.nodes import train as train_nodes
+    from comfyui_maskattn.masks.objectives import get_objective
+    from comfyui_maskattn.masks.train import (
+        GateTrainer,
+        TrainConfig,
+        load_state,
+        resolve_warmup,
+        run_training,
+        save_state,
+    )
+    from comfyui_maskattn.nodes import train as train_nodes  # the host adapter: the model session
 
     if len(examples) < dist.world:
         say(dist, f"error: {len(examples)} examples cannot be shared by {dist.world} processes")
         return EXIT_DATASET
+    if args.mask_steps and not any(ex.objects for ex in examples):
+        say(dist, "error: --mask-steps needs object masks in the dataset (NAME.objects.json files or \"objects\" in "
+                  "the captions JSONL); none were found")
+        return EXIT_DATASET
+    mask_steps = args.steps if args.mask_steps < 0 else args.mask_steps
+    if mask_steps > args.steps:
+        say(dist, f"error: --mask-steps {args.mask_steps} is more than --steps {args.steps}")
+        return EXIT_USAGE
     out = Path(args.output)
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -308,27 +385,30 @@ def _run(args, examples, dist: Dist, fingerprint) -> int:
         examples, args.resolution, getattr(model.model, "model_type", ""), args.checkpoint or args.model_factory
     )
     data = encode_dataset(args, shard, model, clip, vae, key, dist)
+    if any(ex.objects for ex in shard):
+        data = data.with_objects(encode_objects(shard, clip, args.resolution))
     del clip, vae
     import comfy.model_management as mm
 
     mm.soft_empty_cache()
 
     precision = _precision(args.precision, dist.device)
-    warmup = max(0, args.steps // 20 if args.warmup < 0 else args.warmup)
     config = TrainConfig(
         steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,
         weight_decay=args.weight_decay,
-        warmup_steps=warmup,
+        warmup_steps=resolve_warmup(args.warmup, args.steps),
         grad_clip=args.grad_clip,
         seed=args.seed,
         precision=precision,
+        objective=args.objective,
+        mask_steps=mask_steps,
     )
     if args.init:
         gates = train_nodes.trainable_copy(load_gates(args.init))
     else:
-        bias = train_nodes.INITIAL_LOGIT_BIAS if args.init_bias is None else args.init_bias
+        bias = get_objective(args.objective).init_bias if args.init_bias is None else args.init_bias
         gates = train_nodes.new_gates(model, args.stage, args.placement, args.hidden, args.seed, bias)
     layout = {
         "stage": gates.stage,
@@ -357,7 +437,7 @@ def _run(args, examples, dist: Dist, fingerprint) -> int:
 
     csv_path = out / "loss.csv"
     with train_nodes.TrainingSession(
-        model, gates, dist.device, gradient_checkpointing=args.gradient_checkpointing
+        model, gates, dist.device, gradient_checkpointing=args.gradient_checkpointing, objective=config.objective
     ) as session:
         data = data.to(session.device)
         trainer = GateTrainer(gates.heads, config, rank=dist.rank, world_size=dist.world, device=session.device)
@@ -368,12 +448,14 @@ def _run(args, examples, dist: Dist, fingerprint) -> int:
                 say(dist, f"error: --resume: {e}")
                 return EXIT_USAGE
             say(dist, f"resumed at step {trainer.step}")
-        loss_fn = session.loss_fn(data, config.batch_size)
+        loss_fn = session.loss_fn(data, config.batch_size, trainer=trainer)
         say(
             dist,
             f"training {gates.parameter_count():,} gate parameters at {len(gates.site_heads)} layers on "
             f"{len(examples)} examples ({dist.world} process(es), {session.device}, {precision}), "
-            f"steps {trainer.step}->{config.steps}",
+            f"objective {config.objective}"
+            + (f" after {config.mask_steps} mask-supervised steps" if config.mask_steps else "")
+            + f", steps {trainer.step}->{config.steps}",
         )
 
         def checkpoint(final=False):
@@ -401,36 +483,42 @@ def _run(args, examples, dist: Dist, fingerprint) -> int:
 
             bar = tqdm(total=config.steps, initial=trainer.step, desc="MaskAttn gates", unit="step", dynamic_ncols=True)
         start = time.perf_counter()
-        first_step = trainer.step
-        stopped_early = False
+
+        def log_step(report):
+            if not dist.main:
+                return
+            writer.writerow(
+                {
+                    "step": report.step,
+                    "loss": f"{report.loss:.6g}",
+                    "lr": f"{report.lr:.6g}",
+                    "grad_norm": f"{report.grad_norm:.4g}",
+                    "skipped": int(report.skipped),
+                    "seconds": f"{time.perf_counter() - start:.3f}",
+                }
+            )
+            if bar is not None:
+                bar.set_postfix(loss=f"{report.loss:.4f}", lr=f"{report.lr:.2e}")
+                bar.update(1)
+            elif report.step % 50 == 0 or report.step == config.steps:
+                print(f"step {report.step}/{config.steps} loss {report.loss:.4f} lr {report.lr:.2e}", flush=True)
+
+        def periodic_checkpoint(_trainer):
+            if log_file is not None:
+                log_file.flush()
+            checkpoint()
+            dist.barrier()
+
         try:
-            while not trainer.done:
-                if args.stop_after and trainer.step - first_step >= args.stop_after:
-                    stopped_early = True
-                    break
-                report = trainer.train_step(loss_fn)
-                if dist.main:
-                    writer.writerow(
-                        {
-                            "step": report.step,
-                            "loss": f"{report.loss:.6g}",
-                            "lr": f"{report.lr:.6g}",
-                            "grad_norm": f"{report.grad_norm:.4g}",
-                            "skipped": int(report.skipped),
-                            "seconds": f"{time.perf_counter() - start:.3f}",
-                        }
-                    )
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{report.loss:.4f}", lr=f"{report.lr:.2e}")
-                        bar.update(1)
-                    elif report.step % 50 == 0 or report.step == config.steps:
-                        print(
-                            f"step {report.step}/{config.steps} loss {report.loss:.4f} lr {report.lr:.2e}", flush=True
-                        )
-                if args.save_every and trainer.step % args.save_every == 0 and not trainer.done:
-                    log_file and log_file.flush()
-                    checkpoint()
-                    dist.barrier()
+            complete = run_training(
+                trainer,
+                loss_fn,
+                on_step=log_step,
+                save_every=args.save_every,
+                on_checkpoint=periodic_checkpoint,
+                stop_after=args.stop_after,
+            )
+            stopped_early = not complete
         finally:
             if bar is not None:
                 bar.close()

@@ -26,23 +26,54 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from .objectives import DEFAULT_OBJECTIVE, Objective, get_objective
+
 STATE_FORMAT = "maskattn-train-state"
 STATE_VERSION = 1
 PRECISIONS = ("fp32", "bf16", "fp16")
 
+#: The one table of training defaults: the Train node's widgets and the command line's options both read it.
+TRAIN_DEFAULTS = {
+    "steps": 1000,
+    "batch_size": 1,
+    "lr": 1e-4,  # the reference's
+    "weight_decay": 0.01,
+    "betas": (0.9, 0.999),
+    "warmup_fraction": 0.05,  # warmup steps when none are given: this share of the steps
+    "min_lr_ratio": 0.0,
+    "grad_clip": 1.0,
+    "seed": 0,
+    "precision": "fp32",
+    "stage": "mid",
+    "placement": "encoder_decoder",
+    "hidden": 128,
+    "objective": DEFAULT_OBJECTIVE,
+    "mask_steps": 0,  # leading steps trained on object masks (masks/supervised.py) before the objective
+    "save_every": 500,
+}
+
+
+def resolve_warmup(warmup: int, steps: int) -> int:
+    """Warmup steps: -1 means the table's share of `steps`; never more than `steps`."""
+    if warmup < 0:
+        return max(0, round(TRAIN_DEFAULTS["warmup_fraction"] * steps))
+    return min(int(warmup), int(steps))
+
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000
-    batch_size: int = 1
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.999)
+    steps: int = TRAIN_DEFAULTS["steps"]
+    batch_size: int = TRAIN_DEFAULTS["batch_size"]
+    lr: float = TRAIN_DEFAULTS["lr"]
+    weight_decay: float = TRAIN_DEFAULTS["weight_decay"]
+    betas: tuple[float, float] = TRAIN_DEFAULTS["betas"]
     warmup_steps: int = 0
-    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio at the last step
-    grad_clip: float = 1.0  # max global grad norm; 0 disables
-    seed: int = 0
-    precision: str = "fp32"  # autocast dtype of the frozen model's forward: fp32 | bf16 | fp16
+    min_lr_ratio: float = TRAIN_DEFAULTS["min_lr_ratio"]  # cosine decays to lr * min_lr_ratio at the last step
+    grad_clip: float = TRAIN_DEFAULTS["grad_clip"]  # max global grad norm; 0 disables
+    seed: int = TRAIN_DEFAULTS["seed"]
+    precision: str = TRAIN_DEFAULTS["precision"]  # autocast dtype of the frozen model's forward: fp32 | bf16 | fp16
+    objective: str = TRAIN_DEFAULTS["objective"]  # a name of masks/objectives.OBJECTIVES
+    mask_steps: int = TRAIN_DEFAULTS["mask_steps"]  # leading steps on the object-mask loss (0: none)
 
     def __post_init__(self):
         self.betas = tuple(float(b) for b in self.betas)
@@ -54,6 +85,13 @@ class TrainConfig:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.warmup_steps < 0:
             raise ValueError("warmup_steps must be >= 0")
+        get_objective(self.objective)
+        if not 0 <= self.mask_steps <= self.steps:
+            raise ValueError(f"mask_steps must lie in [0, steps], got {self.mask_steps} of {self.steps}")
+
+    @property
+    def objective_spec(self) -> Objective:
+        return get_objective(self.objective)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -344,6 +382,37 @@ class GateTrainer:
                 torch.cuda.set_rng_state_all(state["cuda_rng"])
             except (RuntimeError, IndexError):
                 pass  # another GPU count: our draws do not depend on it (they are counter-based on the CPU)
+
+
+def run_training(
+    trainer: GateTrainer,
+    loss_fn: LossFn,
+    *,
+    should_stop: Callable[[], None] | None = None,
+    on_step: Callable[[StepReport], None] | None = None,
+    save_every: int = 0,
+    on_checkpoint: Callable[[GateTrainer], None] | None = None,
+    stop_after: int = 0,
+) -> bool:
+    """The training loop both front doors run (the Train node and `python -m cli.train`).
+
+    Runs steps until the trainer is done. `should_stop()` is called before and inside each step and raises to
+    cancel (the step in flight changes nothing); `on_step(report)` after each step; `on_checkpoint(trainer)` every
+    `save_every` steps (not after the last); `stop_after` > 0 ends after that many steps of this call. Returns True
+    when the run is complete, False when it stopped early (stop_after).
+    """
+    first = trainer.step
+    while not trainer.done:
+        if stop_after and trainer.step - first >= stop_after:
+            return False
+        if should_stop is not None:
+            should_stop()
+        report = trainer.train_step(loss_fn, should_stop=should_stop)
+        if on_step is not None:
+            on_step(report)
+        if save_every and on_checkpoint is not None and trainer.step % save_every == 0 and not trainer.done:
+            on_checkpoint(trainer)
+    return True
 
 
 def _to_cpu(obj):

@@ -1,15 +1,17 @@
 """Training MaskAttn gates inside ComfyUI: the host adapter (shared by the node and the command-line trainer).
 
-The maths of a step (loss, optimiser, schedule, checkpoints) lives in ../masks/train.py; here is what needs the
-host:
+The loop, the maths of a step (loss, optimiser, schedule, checkpoints) and the one table of defaults live in
+../masks/train.py, the objectives in ../masks/objectives.py, mask supervision in ../masks/supervised.py; here is
+what needs the host:
 
 - examples: a LATENT batch and its CONDITIONING list become cached model inputs (the latent in the model's own
   latent scale, the text states and `y` built by the model's own `extra_conds`, as the samplers build them);
 - the objective: noise levels from the model's own sigma table, x_t from its own `noise_scaling`, c_out of its
   denoised estimate from its own `calculate_denoised` (eps, v, EDM or flow: whatever the model uses);
 - a TrainingSession: the model patched with the gates (hooks.install), gates live on the training device, the
-  UNet frozen, the masked attention on a differentiable path, and the 2024 host's in-place residual adds made
-  safe for autograd; everything is undone on exit, error or cancel.
+  UNet frozen, the gate and the masked attention of the chosen objective (masks/objectives.TrainingGate) in place
+  of the runtime's, and the 2024 host's in-place residual adds made safe for autograd; everything is undone on
+  exit, error or cancel.
 """
 
 from __future__ import annotations
@@ -24,10 +26,28 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..masks.attention import explicit_attention
 from ..masks.gates import MaskAttnGates
+from ..masks.objectives import (
+    DEFAULT_OBJECTIVE,
+    OBJECTIVES,
+    TrainingGate,
+    clean_image_loss,
+    get_objective,
+    sigma_band_table,
+)
+from ..masks.record import latent_hw
+from ..masks.supervised import ObjectMasks, mask_loss, object_masks
 from ..masks.topology import PLACEMENTS, STAGE_CHOICES, select_sites
-from ..masks.train import Draw, GateTrainer, TrainConfig, denoising_loss, draw
+from ..masks.train import (
+    TRAIN_DEFAULTS,
+    Draw,
+    GateTrainer,
+    TrainConfig,
+    denoising_loss,
+    draw,
+    resolve_warmup,
+    run_training,
+)
 from . import hooks
 
 log = logging.getLogger("MaskAttn")
@@ -46,6 +66,7 @@ class TrainingExamples:
     latents: Tensor  # [N, C, h, w]
     contexts: list[Tensor]  # N x [1, T_i, D]
     extras: dict[str, list[Tensor]] = field(default_factory=dict)  # e.g. "y": N x [1, adm]
+    objects: list[ObjectMasks | None] | None = None  # per image: object masks and the tokens naming them
 
     def __len__(self):
         return self.latents.shape[0]
@@ -55,6 +76,7 @@ class TrainingExamples:
             self.latents.to(device),
             [c.to(device) for c in self.contexts],
             {k: [t.to(device) for t in v] for k, v in self.extras.items()},
+            self.objects,
         )
 
     def subset(self, index) -> "TrainingExamples":
@@ -63,7 +85,21 @@ class TrainingExamples:
             self.latents[index],
             [self.contexts[i] for i in index],
             {k: [v[i] for i in index] for k, v in self.extras.items()},
+            None if self.objects is None else [self.objects[i] for i in index],
         )
+
+    def with_objects(self, objects: list[ObjectMasks | None]) -> "TrainingExamples":
+        """These examples with object masks (one entry per image, None for an image without); checked against the
+        conditioning lengths."""
+        if len(objects) != len(self):
+            raise TrainingInputError(f"{len(self)} images but object masks for {len(objects)}")
+        for i, o in enumerate(objects):
+            if o is not None and o.owner.shape[0] != self.contexts[i].shape[1]:
+                raise TrainingInputError(
+                    f"image {i}: the caption's tokens ({o.owner.shape[0]}) do not match its conditioning "
+                    f"({self.contexts[i].shape[1]} tokens): give the text that was encoded for this image"
+                )
+        return TrainingExamples(self.latents, self.contexts, self.extras, list(objects))
 
     def batch(self, index: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """(x0 [B,...], context [B, T, D] with lengths repeated up to a common multiple, extras concatenated)."""
@@ -237,12 +273,12 @@ def trainable_copy(gates: MaskAttnGates) -> MaskAttnGates:
     )
 
 
-#: Fresh heads start open: logit bias 2 keeps nearly every (location, token) pair (P ~ 0.88 where f.g ~ 0). A
-#: suppressed pair's attention weight is exactly 0, so its straight-through gradient is exactly 0 too: a pair that
-#: starts closed can only reopen through weights it shares with open pairs. Starting open lets every pair report
-#: whether it should close (tests/test_train_host.py: the planted gate is recovered reliably this way, not from the
-#: reference's zero init). 0 gives the reference's init.
-INITIAL_LOGIT_BIAS = 2.0
+#: Fresh heads of the default objective start open: logit bias 2 keeps nearly every (location, token) pair (P ~ 0.88
+#: where f.g ~ 0). Under the reference's straight-through estimator a suppressed pair's gradient is exactly 0, so a
+#: pair that starts closed can only reopen through weights it shares with open pairs; starting open lets every pair
+#: report whether it should close (tests/test_train_host.py: the planted gate is recovered this way). Each objective
+#: names its own start (masks/objectives.py); "paper" is the reference's 0.
+INITIAL_LOGIT_BIAS = OBJECTIVES[DEFAULT_OBJECTIVE].init_bias
 
 
 def fresh_gates(
@@ -257,9 +293,9 @@ def fresh_gates(
 
 def new_gates(
     model,
-    stage: str = "mid",
-    placement: str = "encoder_decoder",
-    hidden_dim: int = 128,
+    stage: str = TRAIN_DEFAULTS["stage"],
+    placement: str = TRAIN_DEFAULTS["placement"],
+    hidden_dim: int = TRAIN_DEFAULTS["hidden"],
     seed: int = 0,
     initial_bias: float = INITIAL_LOGIT_BIAS,
 ) -> MaskAttnGates:
@@ -274,16 +310,25 @@ def new_gates(
 class TrainingSession:
     """Context manager: `model` patched with trainable `gates` on `device`; undone on exit.
 
-    denoise(x_t, sigma, context, extras) -> the model's denoised estimate, differentiable w.r.t. the gate heads.
+    denoise(x_t, sigma, context, extras) -> the model's denoised estimate, differentiable w.r.t. the gate heads
+    as the objective says (masks/objectives.py).
     """
 
     def __init__(
-        self, model, gates: MaskAttnGates, device=None, *, gradient_checkpointing: bool = False, load: bool = True
+        self,
+        model,
+        gates: MaskAttnGates,
+        device=None,
+        *,
+        gradient_checkpointing: bool = False,
+        load: bool = True,
+        objective: str = DEFAULT_OBJECTIVE,
     ):
         self.model, self.gates = model, gates
         self.device = torch.device(device) if device is not None else None
         self.gradient_checkpointing = gradient_checkpointing
         self.load = load
+        self.objective_spec = get_objective(objective)
         self._stack: contextlib.ExitStack | None = None
 
     def __enter__(self):
@@ -299,8 +344,18 @@ class TrainingSession:
                 self.model, self.gates, sites, threshold=self.gates.threshold, negative_value=self.gates.negative_value
             )
             runtime.skip_unmasked = False  # a device sync per layer, and it would drop the gradient
-            runtime.attention_override = explicit_attention  # differentiable on every device
-            # The runtime's per-conditioning text-side cache is bypassed while the heads require grad (fast_bias).
+            # The objective's gate and attention (differentiable on every device). The runtime's sampling path
+            # (text-side cache) is bypassed while the heads require grad: fast_bias then calls `compute`.
+            self.gate = TrainingGate(
+                self.objective_spec,
+                heads_for=lambda key: self.gates.heads[self.gates.site_heads[key]],
+                grid_of=latent_hw,
+                threshold=self.gates.threshold,
+                negative_value=self.gates.negative_value,
+                observers=runtime.observers,
+            )
+            runtime.compute = self.gate.compute
+            runtime.attention_override = self.gate.attention
             self.patched, self.runtime = patched, runtime
             if self.load:
                 mm.load_models_gpu([patched])
@@ -361,28 +416,51 @@ class TrainingSession:
         kwargs = {k: v for k, v in extras.items() if k != "c_concat"}
         return base.apply_model(xt, sigma, c_concat=c_concat, c_crossattn=context, transformer_options=to, **kwargs)
 
-    def loss_fn(self, examples: TrainingExamples, batch_size: int, teacher=None):
-        """The closure GateTrainer.train_step runs: draw a batch from `gen`, return the denoising loss.
+    def loss_fn(self, examples: TrainingExamples, batch_size: int, teacher=None, trainer: GateTrainer | None = None):
+        """The closure GateTrainer.train_step runs: draw a batch from `gen`, return the objective's loss.
 
         teacher: optional callable (x_t, sigma, context, extras) -> denoised target, used instead of the clean
-        latent (distillation; the planted-answer test uses it).
+        latent (distillation; the planted-answer test uses it). trainer: where the step count comes from (the
+        concrete estimator's annealing and the mask-supervised leading steps need it; without it, step 0 of 1).
         """
-        objective, device = self.objective, self.device
+        model_objective, device, gate = self.objective, self.device, self.gate
+        spec = gate.objective
+        table = sigma_band_table(model_objective.sigma_table, spec.sigma_band)
+        # the clean-image loss is divided by the mean c_out^2 of its noise levels: the eps loss's magnitude
+        x0_scale = float(model_objective.output_scale(table).pow(2).mean()) if spec.loss_space == "x0" else 1.0
+        mask_steps = trainer.config.mask_steps if trainer is not None else 0
+        if mask_steps and (examples.objects is None or not any(o is not None for o in examples.objects)):
+            raise TrainingInputError("mask-supervised steps were asked for, but no image has object masks")
+        shape = tuple(examples.latents.shape[1:])
 
         def run(gen: torch.Generator) -> Tensor:
-            d: Draw = draw(gen, len(examples), batch_size, objective.sigma_table, tuple(examples.latents.shape[1:]))
+            step = trainer.step if trainer is not None else 0
+            total = trainer.config.steps if trainer is not None else 1
+            supervised = step < mask_steps
+            d: Draw = draw(gen, len(examples), batch_size, model_objective.sigma_table if supervised else table, shape)
+            noise_seed = int(torch.randint(1 << 62, (1,), generator=gen)) if spec.estimator == "concrete" else 0
+            gate.detach_features = supervised
+            gate.begin_step(step, total, noise_seed)
             x0, context, extras = examples.batch(d.index)
             x0, context = x0.to(device), context.to(device)
             extras = {k: v.to(device) for k, v in extras.items()}
             sigma = d.sigma.to(device)
-            xt = objective.noisy(sigma, d.noise, x0)
+            xt = model_objective.noisy(sigma, d.noise, x0)
+            if supervised:
+                self.denoise(xt, sigma, context, extras)  # the gates see their inputs; only their logits train
+                return mask_loss(gate.records, [examples.objects[int(i)] for i in d.index])
             denoised = self.denoise(xt, sigma, context, extras)
             if teacher is None:
                 target = x0
             else:
                 with torch.no_grad():
                     target = teacher(xt, sigma, context, extras)
-            return denoising_loss(denoised, target, objective.output_scale(d.sigma).to(device))
+            if spec.loss_space == "x0":
+                loss = clean_image_loss(denoised, target, x0_scale)
+            else:
+                loss = denoising_loss(denoised, target, model_objective.output_scale(d.sigma).to(device))
+            prior = gate.sparsity_term()
+            return loss if prior is None else loss + prior
 
         return run
 
@@ -413,16 +491,13 @@ def train(
 
     on_step(report) after each step; should_stop() is called before and inside each step and raises to cancel.
     """
-    with TrainingSession(model, gates, device, gradient_checkpointing=gradient_checkpointing) as session:
+    with TrainingSession(
+        model, gates, device, gradient_checkpointing=gradient_checkpointing, objective=config.objective
+    ) as session:
         data = examples.to(session.device)
         trainer = GateTrainer(gates.heads, config, device=session.device)
-        loss_fn = session.loss_fn(data, config.batch_size, teacher=teacher)
-        while not trainer.done:
-            if should_stop is not None:
-                should_stop()
-            report = trainer.train_step(loss_fn, should_stop=should_stop)
-            if on_step is not None:
-                on_step(report)
+        loss_fn = session.loss_fn(data, config.batch_size, teacher=teacher, trainer=trainer)
+        run_training(trainer, loss_fn, should_stop=should_stop, on_step=on_step)
         history = list(trainer.history)
         del trainer, loss_fn, data
     return history
@@ -479,10 +554,74 @@ def loss_curve_image(
 
 
 # --- the node -------------------------------------------------------------------------------------------------------
+NODE = "Train MaskAttn Gates"
+MASK_SOCKETS = 4
+
+
+def _per_image(lines: list[str], n: int, what: str) -> list[str]:
+    if len(lines) == 1:
+        return lines * n
+    if len(lines) != n:
+        raise TrainingInputError(f"{what}: {len(lines)} lines for {n} images; write one line per image or one for all")
+    return lines
+
+
+def node_object_masks(clip, captions: str, phrases: str, masks: list, n: int) -> list[ObjectMasks | None]:
+    """The node's mask inputs -> one ObjectMasks per image (None for an image without phrases).
+
+    captions: the encoded texts, one line per image (or one line for all); phrases: one line per image (or one for
+    all), phrases separated by "|", phrase i of a line going with mask_i; mask_i: a MASK batch of one per image or one
+    for all.
+    """
+    from ..masks.region import split_phrases
+    from .zeroshot import clip_vocab, tokenize
+
+    if clip is None:
+        raise TrainingInputError("clip: connect the CLIP that encoded the captions (it maps phrases to tokens)")
+    caption_lines = [c.strip() for c in (captions or "").splitlines() if c.strip()]
+    phrase_lines = [line for line in (phrases or "").splitlines() if line.split("#", 1)[0].strip()]
+    if not caption_lines:
+        raise TrainingInputError("captions: write the caption of each image (one line per image), as encoded")
+    if not phrase_lines:
+        raise TrainingInputError("phrases: write each image's object phrases ('red cube | blue sphere'), one line "
+                                 "per image or one for all, phrase i going with mask_i")
+    caption_lines = _per_image(caption_lines, n, "captions")
+    phrase_lines = _per_image(phrase_lines, n, "phrases")
+    for i, m in enumerate(masks, 1):
+        if m is not None and (m.ndim not in (2, 3) or (m.ndim == 3 and m.shape[0] not in (1, n))):
+            raise TrainingInputError(f"mask_{i}: a MASK of shape {tuple(m.shape)}; give one mask per image ({n}) "
+                                     f"or one for all")
+    out = []
+    for j in range(n):
+        written = split_phrases(phrase_lines[j])
+        if not written:
+            out.append(None)
+            continue
+        if len(written) > MASK_SOCKETS:
+            raise TrainingInputError(f"phrases line {j + 1}: {len(written)} phrases; at most {MASK_SOCKETS}")
+        missing = [f"mask_{i}" for i in range(1, len(written) + 1) if masks[i - 1] is None]
+        if missing:
+            raise TrainingInputError(f"phrases line {j + 1} has {len(written)} phrase(s) ({' | '.join(written)}) "
+                                     f"but {', '.join(missing)} is not connected")
+        planes = []
+        for i in range(len(written)):
+            m = masks[i]
+            planes.append(m if m.ndim == 2 else m[j if m.shape[0] == n else 0])
+        tokens = tokenize(clip, caption_lines[j])
+        vocab = clip_vocab(clip, "l" if "l" in tokens else next(iter(tokens)))
+        try:
+            out.append(object_masks(caption_lines[j], written, planes, tokens, vocab))
+        except ValueError as e:
+            raise TrainingInputError(f"image {j + 1}: {e}. Use words of that image's caption in its phrases") from None
+    return out
+
+
 class MaskAttnTrainGates:
     DESCRIPTION = (
-        "Trains MaskAttn gate heads on your model with its own denoising loss; the model itself stays frozen. "
-        "Give it encoded images (LATENT) and one conditioning per image. Returns the gates and a loss curve."
+        "Trains MaskAttn gate heads on your model; the model itself stays frozen. Give it encoded images (LATENT) and "
+        "one conditioning per image. The objective picks how the gates learn (README: 'Training your own gates'). "
+        "Optionally, object masks per phrase (mask_1..mask_4, with the CLIP, the captions and the phrases) train the "
+        "gates to keep each object's words on its mask (beyond the paper). Returns the gates and a loss curve."
     )
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MASKATTN", "IMAGE")
@@ -491,6 +630,12 @@ class MaskAttnTrainGates:
 
     @classmethod
     def INPUT_TYPES(cls):
+        d = TRAIN_DEFAULTS
+        masks = {
+            f"mask_{i}": ("MASK", {"tooltip": f"Where phrase {i} of each image's phrases line is (one mask per "
+                                              f"image, or one for all)."})
+            for i in range(1, MASK_SOCKETS + 1)
+        }
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "The model to train gates for (frozen during training)."}),
@@ -502,28 +647,28 @@ class MaskAttnTrainGates:
                         "or a single one for all images."
                     },
                 ),
-                "steps": ("INT", {"default": 500, "min": 1, "max": 1000000}),
-                "batch_size": ("INT", {"default": 1, "min": 1, "max": 256}),
-                "learning_rate": ("FLOAT", {"default": 1e-4, "min": 1e-7, "max": 1.0, "step": 1e-5}),
+                "steps": ("INT", {"default": d["steps"], "min": 1, "max": 1000000}),
+                "batch_size": ("INT", {"default": d["batch_size"], "min": 1, "max": 256}),
+                "learning_rate": ("FLOAT", {"default": d["lr"], "min": 1e-7, "max": 1.0, "step": 1e-5}),
                 "stage": (
                     list(STAGE_CHOICES),
                     {
-                        "default": "mid",
+                        "default": d["stage"],
                         "tooltip": "Which cross-attention layers get gates (ignored when continuing from maskattn).",
                     },
                 ),
-                "placement": (list(PLACEMENTS), {"default": "encoder_decoder"}),
+                "placement": (list(PLACEMENTS), {"default": d["placement"]}),
                 "hidden_size": (
                     "INT",
                     {
-                        "default": 128,
+                        "default": d["hidden"],
                         "min": 4,
                         "max": 1024,
                         "step": 4,
                         "tooltip": "Gate MLP width (the method: 128). Ignored when continuing.",
                     },
                 ),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF}),
+                "seed": ("INT", {"default": d["seed"], "min": 0, "max": 0xFFFFFFFFFFFFFFFF}),
             },
             "optional": {
                 "maskattn": (
@@ -536,7 +681,39 @@ class MaskAttnTrainGates:
                         "default": -1,
                         "min": -1,
                         "max": 100000,
-                        "tooltip": "Linear learning-rate warmup, then cosine decay. -1: 10% of steps.",
+                        "tooltip": "Linear learning-rate warmup, then cosine decay. "
+                        f"-1: {d['warmup_fraction']:.0%} of steps.",
+                    },
+                ),
+                "objective": (
+                    list(OBJECTIVES),
+                    {
+                        "default": d["objective"],
+                        "tooltip": "How the gates learn. "
+                        + "; ".join(f"{o.name}: {o.summary}" for o in OBJECTIVES.values()),
+                    },
+                ),
+                "clip": ("CLIP", {"tooltip": "Mask supervision: the CLIP that encoded the captions."}),
+                "captions": (
+                    "STRING",
+                    {"multiline": True, "default": "", "dynamicPrompts": False,
+                     "tooltip": "Mask supervision: each image's caption as encoded, one line per image (or one)."},
+                ),
+                "phrases": (
+                    "STRING",
+                    {"multiline": True, "default": "", "dynamicPrompts": False,
+                     "tooltip": "Mask supervision: each image's object phrases, 'red cube | blue sphere', one line "
+                     "per image (or one for all); phrase i goes with mask_i."},
+                ),
+                **masks,
+                "mask_steps": (
+                    "INT",
+                    {
+                        "default": -1,
+                        "min": -1,
+                        "max": 1000000,
+                        "tooltip": "Mask supervision: the first N steps learn the masks, the rest the objective. "
+                        "-1: every step when masks are connected (none otherwise).",
                     },
                 ),
             },
@@ -556,6 +733,12 @@ class MaskAttnTrainGates:
         seed,
         maskattn=None,
         warmup_steps=-1,
+        objective=TRAIN_DEFAULTS["objective"],
+        clip=None,
+        captions="",
+        phrases="",
+        mask_steps=-1,
+        **masks,
     ):
         import comfy.model_management as mm
         import comfy.utils
@@ -563,24 +746,35 @@ class MaskAttnTrainGates:
         from .gates import NodeError
 
         seed = int(seed) % (1 << 63)
+        planes = [masks.get(f"mask_{i}") for i in range(1, MASK_SOCKETS + 1)]
+        supervised = any(m is not None for m in planes) or bool((phrases or "").strip())
         try:
+            spec = get_objective(objective)
             with torch.inference_mode(False):
                 gates = (
                     trainable_copy(maskattn)
                     if maskattn is not None
-                    else new_gates(model, stage, placement, hidden_size, seed)
+                    else new_gates(model, stage, placement, hidden_size, seed, spec.init_bias)
                 )
                 gates.check_fits(hooks.model_sites(model))
                 examples = prepare_examples(model, latents, positive)
+                if supervised:
+                    examples = examples.with_objects(node_object_masks(clip, captions, phrases, planes, len(examples)))
+            lead = (steps if supervised else 0) if mask_steps < 0 else int(mask_steps)
+            if lead and not supervised:
+                raise TrainingInputError("mask_steps: no masks connected; connect mask_1.. with phrases and captions, "
+                                         "or set mask_steps to -1")
+            config = TrainConfig(
+                steps=steps,
+                batch_size=batch_size,
+                lr=learning_rate,
+                seed=seed,
+                warmup_steps=resolve_warmup(warmup_steps, steps),
+                objective=spec.name,
+                mask_steps=min(lead, steps),
+            )
         except (TrainingInputError, ValueError) as e:
-            raise NodeError(f"Train MaskAttn Gates: {e}") from None
-        config = TrainConfig(
-            steps=steps,
-            batch_size=batch_size,
-            lr=learning_rate,
-            seed=seed,
-            warmup_steps=max(0, steps // 10 if warmup_steps < 0 else min(warmup_steps, steps)),
-        )
+            raise NodeError(f"{NODE}: {e}") from None
         pbar = comfy.utils.ProgressBar(steps)
         history = train(
             model,
@@ -590,7 +784,8 @@ class MaskAttnTrainGates:
             on_step=lambda r: pbar.update_absolute(r.step, steps),
             should_stop=mm.throw_exception_if_processing_interrupted,
         )
-        gates.source = f"trained in ComfyUI ({steps} steps)"
+        gates.source = f"trained in ComfyUI ({steps} steps, {spec.name}" + (
+            f", {config.mask_steps} on masks)" if config.mask_steps else ")")
         finished_gates(gates, steps)
         return (gates, loss_curve_image(history))
 

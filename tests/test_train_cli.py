@@ -169,3 +169,69 @@ def test_torchrun_ddp_two_cpu_processes(tmp_path):
         p.name for p in (out / "cache").iterdir() if "of2" in p.name
     )  # each rank cached its own shard
     assert (out / "maskattn_gates.safetensors").is_file() and (out / "checkpoints" / "step_0000002.pt").is_file()
+
+
+# --- object masks: the dataset format, its checks, and a mask-supervised run ------------------------------------------
+def test_good_object_datasets_scan(tmp_path):
+    for layout in ("txt", "jsonl"):
+        data = make_dataset(tmp_path / layout, count=2, layout=layout, objects=True)
+        examples = scan(data, data / "metadata.jsonl" if layout == "jsonl" else None)
+        assert [e.image.name for e in examples] == ["img00.png", "img01.png"]  # mask files are not images
+        cube, sphere = examples[0].objects
+        assert cube.phrase == "red cube" and cube.mask.name == "img00_cube.png" and cube.box is None
+        assert sphere.phrase == "blue sphere" and sphere.box == (0.5, 0.0, 1.0, 1.0)
+
+
+def test_object_dataset_problems_are_all_listed(tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    data = make_dataset(tmp_path / "data", count=4, objects=True)
+    (data / "img00.objects.json").write_text(json.dumps([
+        {"phrase": "green cube", "mask": "img00_cube.png"},
+        {"phrase": "blue sphere", "box": [0.6, 0.0, 0.4, 1.0]},
+        {"phrase": "red cube"},
+    ]))
+    (data / "img01.objects.json").write_text("[{not json")
+    (data / "img02.objects.json").write_text(json.dumps([{"phrase": "red cube", "mask": "nowhere.png"}]))
+    Image.new("L", (16, 16), 255).save(data / "img03_cube.png")  # the wrong size
+    Image.new("L", (32, 32), 0).save(data / "img02_cube.png")  # still referenced by nothing: an image without caption
+    err = _bad(tmp_path, capsys, data)
+    assert "green" in err and "not in the caption" in err
+    assert "box [0.6, 0.0, 0.4, 1.0] must satisfy" in err
+    assert 'give exactly one of "mask"' in err
+    assert "img01.objects.json is not JSON" in err
+    assert "mask file nowhere.png not found" in err
+    assert "img03_cube.png (red cube) is 16x16 but the image is 32x32" in err
+    assert "img02_cube.png: no caption" in err
+    assert "img01_cube.png: no caption" in err  # its objects file is broken, so nothing names it a mask
+    assert "8 problem(s)" in err
+
+
+def test_empty_mask_and_mask_steps_without_masks(tmp_path, capsys):
+    from PIL import Image
+
+    data = make_dataset(tmp_path / "data", count=2, objects=True)
+    Image.new("L", (32, 32), 0).save(data / "img01_cube.png")
+    assert "img01_cube.png (red cube) is empty" in _bad(tmp_path, capsys, data)
+    plain = make_dataset(tmp_path / "plain", count=2)
+    out = tmp_path / "run2"
+    code = main(_args(plain, out, "--steps", "2", "--mask-steps", "1"))
+    assert code == EXIT_DATASET and "--mask-steps needs object masks" in capsys.readouterr().out
+
+
+def test_mask_supervised_run_then_objective(tmp_path):
+    from comfyui_maskattn.masks.gatefile import load_gates
+    from comfyui_maskattn.masks.train import load_state
+
+    data = make_dataset(tmp_path / "data", count=4, objects=True)
+    out = tmp_path / "run"
+    log = _run(_args(data, out, "--steps", "4", "--mask-steps", "2", "--objective", "soft_backward",
+                     "--batch-size", "2", "--save-every", "0"))
+    assert "objective soft_backward after 2 mask-supervised steps" in log
+    state = load_state(out / "latest.pt")
+    assert state["config"]["objective"] == "soft_backward" and state["config"]["mask_steps"] == 2
+    rows = list(csv.DictReader(open(out / "loss.csv")))
+    assert len(rows) == 4 and all(float(r["loss"]) >= 0 for r in rows)
+    assert load_gates(out / "maskattn_gates.safetensors").kind == "trained"

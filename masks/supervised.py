@@ -1,0 +1,135 @@
+"""Mask-supervised gate training (beyond the paper, which trains on the denoising loss alone): pure torch.
+
+Each training image may come with object masks and the words each object is named by ("red cube" -> a mask of the
+cube). A word's token should be kept where its object is and suppressed elsewhere, so at every gated layer the gate's
+keep-probability of that token is trained towards the fraction of each latent cell the object's mask covers (binary
+cross-entropy on the gate logits). Tokens of no object (start, end, padding, relation words) are not supervised.
+
+The gate sees what it sees while sampling: the features entering the layer at a noisy latent, drawn like the
+denoising objective draws them. Only the heads learn; no gradient goes through the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass
+class ObjectMasks:
+    """One image's objects: `owner[t]` = the object token t names (-1: none), `masks[o]` = where object o is."""
+
+    owner: Tensor  # [T] long
+    masks: Tensor  # [R, H, W] float in [0, 1]
+
+    def __post_init__(self):
+        self.owner = torch.as_tensor(self.owner, dtype=torch.long).reshape(-1)
+        self.masks = torch.as_tensor(self.masks, dtype=torch.float32)
+        if self.masks.ndim != 3:
+            raise ValueError(f"object masks must be [objects, H, W], got {tuple(self.masks.shape)}")
+        if self.owner.numel() and int(self.owner.max()) >= self.masks.shape[0]:
+            raise ValueError("a token names an object without a mask")
+
+    def targets(self, h: int, w: int, tokens: int) -> tuple[Tensor, Tensor]:
+        """(target keep-probability [h*w, tokens], weight [h*w, tokens]) on an h x w grid; a context longer than the
+        image's own (repeated to a common length in a batch) repeats the pattern."""
+        own = self.owner.shape[0]
+        if tokens % own:
+            raise ValueError(f"context of {tokens} tokens is not a repetition of this image's {own}")
+        owner = self.owner.repeat(tokens // own)
+        cover = cell_coverage(self.masks, h, w).reshape(self.masks.shape[0], h * w).T  # [N, R]
+        supervised = owner >= 0
+        target = torch.zeros(h * w, tokens)
+        target[:, supervised] = cover[:, owner[supervised]]
+        weight = supervised.float()[None, :].expand(h * w, tokens)
+        return target, weight
+
+
+def object_masks(text: str, phrases: list[str], masks: list[Tensor], tokens: dict,
+                 vocab: dict[int, str]) -> ObjectMasks:
+    """One image's ObjectMasks from its caption, its object phrases (words of the caption), one mask per phrase
+    ([H, W] or [1, H, W], any resolution; stretched to a common size) and ComfyUI's tokenization of the caption
+    (`clip.tokenize(text, return_word_ids=True)`, with the tokenizer's id -> BPE string `vocab`)."""
+    from .region import RegionError, phrase_tokens
+
+    if len(masks) != len(phrases):
+        raise ValueError(f"{len(phrases)} phrase(s) but {len(masks)} mask(s): one mask per phrase")
+    if not phrases:
+        raise ValueError("no phrases")
+    try:
+        owner = phrase_tokens(text, list(phrases), tokens, vocab)
+    except RegionError as e:
+        raise ValueError(str(e)) from None
+    missing = [p for i, p in enumerate(phrases) if i not in set(owner)]
+    if missing:
+        raise ValueError(f"phrase(s) {missing} map to no token of the caption")
+    planes = []
+    for i, m in enumerate(masks):
+        m = torch.as_tensor(m).detach().float().cpu()
+        while m.ndim > 2 and m.shape[0] == 1:
+            m = m[0]
+        if m.ndim != 2 or min(m.shape) == 0:
+            raise ValueError(f"mask {i + 1} has shape {tuple(torch.as_tensor(masks[i]).shape)}; expected [H, W]")
+        if not torch.isfinite(m).all():
+            raise ValueError(f"mask {i + 1} contains NaN or infinite values")
+        planes.append(m.clamp(0.0, 1.0))
+    h = max(m.shape[0] for m in planes)
+    w = max(m.shape[1] for m in planes)
+    stacked = torch.stack([m if tuple(m.shape) == (h, w) else
+                           F.interpolate(m[None, None], size=(h, w), mode="nearest")[0, 0] for m in planes])
+    return ObjectMasks(torch.tensor(owner, dtype=torch.long), stacked)
+
+
+def cell_coverage(masks: Tensor, h: int, w: int) -> Tensor:
+    """[R, H, W] masks -> [R, h, w] fraction of each latent cell each mask covers."""
+    return F.interpolate(masks.float()[:, None], size=(h, w), mode="area")[:, 0].clamp(0.0, 1.0)
+
+
+def batch_targets(objects: list[ObjectMasks | None], h: int, w: int, tokens: int, device) -> tuple[Tensor, Tensor]:
+    """Stacked targets/weights [B, h*w, tokens] of a batch (an image without masks has weight 0)."""
+    ts, ws = [], []
+    for o in objects:
+        if o is None:
+            ts.append(torch.zeros(h * w, tokens))
+            ws.append(torch.zeros(h * w, tokens))
+        else:
+            t, w_ = o.targets(h, w, tokens)
+            ts.append(t)
+            ws.append(w_)
+    return torch.stack(ts).to(device), torch.stack(ws).to(device)
+
+
+def mask_loss(records, objects: list[ObjectMasks | None]) -> Tensor:
+    """Mean over gated layers of the weighted binary cross-entropy between gate logits and mask coverage.
+
+    `records`: GateRecords (masks/objectives.py) of one forward pass, logits [B, N, T] on grid (h, w).
+    """
+    if not records:
+        raise ValueError("no gated layer ran: nothing to supervise")
+    losses = []
+    for r in records:
+        b, n, t = r.logits.shape
+        h, w = r.grid
+        if h * w != n:
+            raise ValueError(f"layer {r.key}: grid {h}x{w} does not match {n} locations")
+        target, weight = batch_targets(objects, h, w, t, r.logits.device)
+        if b != target.shape[0]:
+            raise ValueError(f"layer {r.key}: {b} rows but {target.shape[0]} images with masks")
+        bce = F.binary_cross_entropy_with_logits(r.logits.float(), target, reduction="none")
+        losses.append((bce * weight).sum() / weight.sum().clamp_min(1.0))
+    return torch.stack(losses).mean()
+
+
+def mask_agreement(records, objects: list[ObjectMasks | None], threshold: float = 0.5) -> float:
+    """Share of supervised (location, token) pairs where the hard gate agrees with the mask (coverage > 0.5)."""
+    agree = total = 0.0
+    for r in records:
+        b, n, t = r.logits.shape
+        target, weight = batch_targets(objects, r.grid[0], r.grid[1], t, r.logits.device)
+        hard = r.probabilities.detach() > threshold
+        agree += float((((target > 0.5) == hard).float() * weight).sum())
+        total += float(weight.sum())
+    return agree / total if total else float("nan")

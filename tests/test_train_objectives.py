@@ -1,0 +1,203 @@
+"""The training objectives and mask supervision on their own (pure torch, no ComfyUI): masks/objectives.py and
+masks/supervised.py."""
+
+import pytest
+import torch
+from torch import nn
+
+from comfyui_maskattn.masks.gate import GateHead
+from comfyui_maskattn.masks.objectives import (
+    OBJECTIVES,
+    GateRecord,
+    Objective,
+    TrainingGate,
+    get_objective,
+    noise_scale,
+    sigma_band_table,
+)
+from comfyui_maskattn.masks.supervised import ObjectMasks, cell_coverage, mask_agreement, mask_loss
+from comfyui_maskattn.masks.train import TRAIN_DEFAULTS, TrainConfig, resolve_warmup
+
+
+class FixedLogits(nn.Module):
+    """A "head" whose logits are a free parameter [1, N, T] (what a gate head's output is, without the MLPs)."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.value = nn.Parameter(torch.as_tensor(logits, dtype=torch.float32).clone())
+
+    def logits(self, features, tokens):
+        return self.value
+
+
+def _layer(seed=0, n=4, t=3, heads=2, d=4):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, n, heads * d, generator=g)
+    k = torch.randn(1, t, heads * d, generator=g)
+    v = torch.randn(1, t, heads * d, generator=g)
+    return q, k, v, heads
+
+
+def _gate(name, head, step=0, total=10):
+    gate = TrainingGate(get_objective(name), heads_for=lambda key: head, grid_of=lambda n, info: (2, n // 2))
+    gate.begin_step(step, total, noise_seed=5)
+    return gate
+
+
+def _forward(gate, q, k, v, heads):
+    result = gate.compute("site", torch.zeros(1, q.shape[1], 1), torch.zeros(1, k.shape[1], 1))
+    return gate.attention(q, k, v, heads, mask=result.bias.unsqueeze(1)), result
+
+
+CLOSED = (0, 1)  # (location, token) of the pair that starts closed
+
+
+def _start_logits(n=4, t=3):
+    logits = torch.full((1, n, t), 3.0)
+    logits[0, CLOSED[0], CLOSED[1]] = -1.0  # P = 0.27: suppressed
+    return logits
+
+
+def _target(q, k, v, heads):
+    """The output of the same layer with every pair kept: the closed pair *should* open."""
+    from comfyui_maskattn.masks.attention import explicit_attention
+
+    return explicit_attention(q, k, v, heads)
+
+
+def test_the_soft_backward_gives_a_closed_pair_a_gradient_and_the_ste_does_not():
+    q, k, v, heads = _layer()
+    target = _target(q, k, v, heads)
+    grads, outs = {}, {}
+    for name in ("paper", "soft_backward"):
+        head = FixedLogits(_start_logits())
+        out, result = _forward(_gate(name, head), q, k, v, heads)
+        assert float(result.hard[0, CLOSED[0], CLOSED[1]]) == 0.0
+        (out - target).pow(2).sum().backward()
+        grads[name], outs[name] = head.value.grad[0], out.detach()
+    assert torch.equal(outs["paper"], outs["soft_backward"])  # the same exact hard forward
+    assert float(grads["paper"][CLOSED]) == 0.0  # the reference's one-way ratchet
+    assert float(grads["soft_backward"][CLOSED]) < 0.0  # descending raises the logit: the pair wants to open
+    assert bool((grads["soft_backward"][CLOSED[0]] != 0).all())  # every pair of the wrong row reports
+    assert float(grads["soft_backward"][1:].abs().sum()) == 0.0  # rows that are already right: nothing to learn
+
+
+def test_a_closed_pair_that_should_open_does_under_the_soft_backward_and_stays_closed_under_the_ste():
+    q, k, v, heads = _layer(seed=1)
+    target = _target(q, k, v, heads)
+    final = {}
+    for name in ("paper", "soft_backward"):
+        head = FixedLogits(_start_logits())
+        opt = torch.optim.SGD(head.parameters(), lr=2.0)
+        for _ in range(60):
+            opt.zero_grad()
+            out, _ = _forward(_gate(name, head), q, k, v, heads)
+            (out - target).pow(2).sum().backward()
+            opt.step()
+        final[name] = float(head.value.detach()[0, CLOSED[0], CLOSED[1]])
+    assert final["paper"] == pytest.approx(-1.0)  # never moved
+    assert final["soft_backward"] > 0.0  # opened (P > 0.5)
+
+
+def test_concrete_gate_draws_reproducible_noise_that_anneals_to_the_exact_gate():
+    q, k, v, heads = _layer(seed=2, n=8, t=5)
+    logits = torch.randn(1, 8, 5, generator=torch.Generator().manual_seed(3))
+    head = FixedLogits(logits)
+    a = _gate("concrete", head, step=0, total=10).compute("site", torch.zeros(1, 8, 1), torch.zeros(1, 5, 1))
+    b = _gate("concrete", head, step=0, total=10).compute("site", torch.zeros(1, 8, 1), torch.zeros(1, 5, 1))
+    assert torch.equal(a.hard, b.hard)  # same (seed, site, step): same draw, so resume and recompute agree
+    exact = (torch.sigmoid(logits) > 0.5).float()
+    assert not torch.equal(a.hard, exact)  # noise at the start explores
+    last = _gate("concrete", head, step=9, total=10).compute("site", torch.zeros(1, 8, 1), torch.zeros(1, 5, 1))
+    assert noise_scale(9, 10) == 0.0 and torch.equal(last.hard, exact)
+    # the concrete estimator's gradient also reaches closed pairs
+    gate = _gate("concrete", FixedLogits(_start_logits()), step=9, total=10)
+    out, _ = _forward(gate, *_layer())
+    (out - _target(*_layer())).pow(2).sum().backward()
+    assert float(gate.heads_for("site").value.grad[0][CLOSED]) != 0.0
+
+
+def test_sparsity_prior_pushes_every_pair_towards_closing():
+    head = FixedLogits(torch.zeros(1, 4, 3))
+    gate = _gate("sparse", head)
+    _forward(gate, *_layer())
+    gate.sparsity_term().backward()
+    assert bool((head.value.grad > 0).all())  # gradient descent lowers every keep-probability
+    assert _gate("paper", head).sparsity_term() is None
+
+
+def test_sigma_band_picks_the_upper_part_of_the_table():
+    table = torch.linspace(0.1, 10.0, 100)
+    assert torch.equal(sigma_band_table(table, None), table)
+    band = sigma_band_table(table, (0.3, 1.0))
+    assert len(band) == 70 and float(band[0]) == pytest.approx(float(table[30]))
+    assert len(sigma_band_table(table, (0.999, 1.0))) == 1
+    with pytest.raises(ValueError, match="sigma_band"):
+        Objective("bad", "soft", sigma_band=(0.5, 0.4))
+
+
+def test_objectives_and_defaults_are_one_table():
+    assert {"paper", "soft_backward", "sparse", "concrete", "soft_x0"} <= set(OBJECTIVES)
+    paper = OBJECTIVES["paper"]
+    assert (paper.estimator, paper.loss_space, paper.sigma_band, paper.sparsity, paper.init_bias) == (
+        "ste", "eps", None, 0.0, 0.0)
+    assert TrainConfig().objective == TRAIN_DEFAULTS["objective"] and TrainConfig().steps == TRAIN_DEFAULTS["steps"]
+    assert resolve_warmup(-1, 200) == round(TRAIN_DEFAULTS["warmup_fraction"] * 200)
+    assert resolve_warmup(50, 20) == 20
+    with pytest.raises(ValueError, match="unknown training objective"):
+        TrainConfig(objective="nope")
+    with pytest.raises(ValueError, match="mask_steps"):
+        TrainConfig(steps=3, mask_steps=4)
+
+
+# --- mask supervision ---------------------------------------------------------------------------------------------
+def _halves(h=8, w=8):
+    left = torch.zeros(h, w)
+    left[:, : w // 2] = 1
+    return torch.stack([left, 1 - left])
+
+
+def test_object_mask_targets():
+    objects = ObjectMasks(owner=torch.tensor([-1, 0, 0, 1, -1]), masks=_halves())
+    target, weight = objects.targets(2, 2, 10)  # a context repeated twice (a batch of other lengths)
+    assert target.shape == (4, 10) and weight.shape == (4, 10)
+    assert weight[0].tolist() == [0, 1, 1, 1, 0] * 2
+    assert target[:, 1].tolist() == [1, 0, 1, 0] and target[:, 3].tolist() == [0, 1, 0, 1]
+    cov = cell_coverage(torch.ones(1, 4, 4) * torch.tensor([1.0, 1, 0, 0]), 1, 2)
+    assert cov.tolist() == [[[1.0, 0.0]]]
+    with pytest.raises(ValueError, match="repetition"):
+        objects.targets(2, 2, 7)
+
+
+def test_mask_supervised_head_recovers_planted_masks():
+    """Locations carry their position in their features; the head must learn which object's words belong where."""
+    torch.manual_seed(0)
+    h = w = 6
+    n, t, c, d = h * w, 6, 12, 10
+    head = GateHead(c, d, 16)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+    masks = []
+    for cx, cy in ((-0.4, -0.3), (0.5, 0.4)):  # two discs
+        masks.append(((xx - cx) ** 2 + (yy - cy) ** 2 < 0.45).float())
+    masks = torch.stack(masks)
+    objects = [ObjectMasks(owner=torch.tensor([-1, 0, 0, 1, 1, -1]), masks=masks)] * 4
+    g = torch.Generator().manual_seed(1)
+    feats = torch.cat([xx.reshape(n, 1), yy.reshape(n, 1), torch.randn(n, c - 2, generator=g) * 0.1], 1)
+    features = feats[None].expand(4, n, c) + 0.05 * torch.randn(4, n, c, generator=g)
+    words = torch.randn(t, d, generator=g)
+    tokens = words[None].expand(4, t, d)
+
+    def records():
+        logits = head.logits(features, tokens)
+        return [GateRecord("site", logits, torch.sigmoid(logits), (h, w))]
+
+    before = mask_agreement(records(), objects)
+    opt = torch.optim.Adam(head.parameters(), lr=1e-2)
+    for _ in range(150):
+        opt.zero_grad()
+        mask_loss(records(), objects).backward()
+        opt.step()
+    after = mask_agreement(records(), objects)
+    assert after >= 0.95 and after > before + 0.2, (before, after)
+    # an image without masks is not supervised at all
+    assert mask_loss(records(), [None] * 4).item() == 0.0
