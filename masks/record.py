@@ -158,11 +158,15 @@ class RunRecord:
     def summary(self) -> str:
         mb = self.nbytes / 2**20
         text = (f"{self.source + ', ' if self.source else ''}run {self.run_id}: {len(self.sites)} layers, "
-                f"{self.steps_seen} steps in {len(self.bins)} bins, "
+                f"{_count(self.steps_seen, 'step')} in {_count(len(self.bins), 'bin')}, "
                 f"{self.tokens} tokens, {mb:.1f} MiB of {self.cap_bytes / 2**20:.0f} MiB")
         if self.dropped:
             text += f"; {self.dropped} layer-steps not kept (cap reached: raise cap_mb or record fewer layers)"
         return text
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 class GateRecorder:

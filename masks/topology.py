@@ -176,14 +176,15 @@ def select_sites(sites: list[CrossAttnSite], stage: str = "mid",
     return [s for s in sites if (stage == "all" or s.stage == stage) and s.placement in allowed]
 
 
+# The text width names the architecture; it is the same in every layer, so any subset of a model's layers (a gate
+# file for one stage) names the model it came from.
+_ARCHITECTURES = {2048: "sdxl", 768: "sd1", 1024: "sd2"}
+
+
 def architecture_name(sites: list[CrossAttnSite]) -> str:
     """A readable name for error messages and gate files: "sdxl", "sd1", "sd2", or a description."""
     dims = {s.context_dim for s in sites}
     levels = {s.level for s in sites if s.block != "middle"}
-    if dims == {2048} and levels == {1, 2}:
-        return "sdxl"
-    if dims == {768} and levels == {0, 1, 2}:
-        return "sd1"
-    if dims == {1024} and levels == {0, 1, 2}:
-        return "sd2"
+    if len(dims) == 1 and next(iter(dims)) in _ARCHITECTURES:
+        return _ARCHITECTURES[next(iter(dims))]
     return f"unet(context={'/'.join(map(str, sorted(dims)))}, levels={'/'.join(map(str, sorted(levels)))})"

@@ -175,7 +175,8 @@ SEPARATOR_PHRASES = sorted([
 STOPWORDS = set("""
 a an the this that these those some any its it his her their my your our of is are was were be been being very
 to at as into onto from for each other another both which who whose whom there here also just only then than
-so such made make has have having outside indoors outdoors together
+so such made make has have having outside indoors outdoors together them they him he she we us you me itself
+themselves
 """.split())
 
 # Words that describe the whole picture, not one entity: never a group of their own, never gated.
@@ -583,6 +584,9 @@ class ZeroShotGates:
         self.source = f"zero-shot gates [{grouping.describe() or 'no groups'}]"
         self._site_stages: dict[SiteKey, str] = {}
         self._maps: dict[tuple, tuple[Tensor, Tensor]] = {}
+        # Called once with a message when sampling finds nothing to gate (set by the node: log + canvas).
+        self.notice = None
+        self._noticed: set[str] = set()
 
     def __deepcopy__(self, memo):  # read-only once built; shared by a model and its clones
         return self
@@ -591,6 +595,23 @@ class ZeroShotGates:
     def active(self) -> bool:
         """At least two groups with tokens: with fewer there is nothing to separate and nothing is gated."""
         return len(self.groups) >= 2
+
+    def nothing_to_separate(self) -> str | None:
+        """Why these gates change nothing, or None when they have at least two groups to separate."""
+        if self.active:
+            return None
+        if not any(it.kind in ("word", "embedding") for it in self.grouping.items):
+            return "the prompt is empty, so there are no groups to separate: the model runs unchanged"
+        found = self.grouping.describe() or "no object words"
+        return (f"the prompt gives {len(self.groups)} group{'s' if len(self.groups) != 1 else ''} ({found}); at least "
+                f"two (e.g. 'red book | yellow vase') are needed to separate anything: the model runs unchanged")
+
+    def _say_once(self, what: str, message: str) -> None:
+        if what in self._noticed:
+            return
+        self._noticed.add(what)
+        if self.notice is not None:
+            self.notice(message)
 
     # gate-source interface ------------------------------------------------------------------------------------------
     def check_fits(self, sites: list[CrossAttnSite], model_name: str = "this model") -> None:
@@ -676,9 +697,17 @@ class ZeroShotGates:
         """
         b, n, _ = q.shape
         t = k.shape[1]
-        maps = self._group_tensors(t, q.device) if self.active else None
-        rows = self._cond_rows(b, info, q.device) if maps is not None else []
-        if maps is None or (isinstance(rows, list) and not rows):
+        if not self.active:
+            return torch.ones(b, n, t, device=q.device, dtype=torch.float32)
+        rows = self._cond_rows(b, info, q.device)
+        if isinstance(rows, list) and not rows:  # an uncond-only call: nothing of ours to gate
+            return torch.ones(b, n, t, device=q.device, dtype=torch.float32)
+        maps = self._group_tensors(t, q.device)
+        if maps is None:
+            self._say_once("not found", (
+                f"MaskAttn Zero-Shot Gates: the prompt given to this node ({len(self.token_groups)} tokens) is not the "
+                f"one being sampled (its context has {t} tokens), so nothing is gated. Connect this node's "
+                f"conditioning output to the KSampler's positive input, or give it exactly the positive prompt."))
             return torch.ones(b, n, t, device=q.device, dtype=torch.float32)
         grouped, column, onehot = maps
         qc = (q if rows is None else q.index_select(0, rows)).float()

@@ -18,8 +18,20 @@ class NodeError(ValueError):
     """An error shown on the node: names the node, the input and the fix."""
 
 
+# ComfyUI shows an error's type as `module.QualName`; a pack's module path reads as a filesystem path there.
+NodeError.__module__ = "MaskAttn"
+
+
+NO_GATES_HELP = (
+    "No trained MaskAttn gates are published anywhere: train gates for your checkpoint ('Train MaskAttn Gates' "
+    "then 'Save MaskAttn Gates', or `python -m cli.train`), or use training-free gates: connect 'MaskAttn Zero-Shot "
+    "Gates' to Apply MaskAttn instead (workflows/maskattn_sdxl_viewer.json does)."
+)
+
+
 class MaskAttnLoadGates:
-    DESCRIPTION = "Loads MaskAttn gate heads from models/maskattn (.safetensors, or a reference .pt checkpoint)."
+    DESCRIPTION = ("Loads MaskAttn gate heads from models/maskattn (.safetensors, or a reference .pt checkpoint). No "
+                   "trained gates are published: train your own, or use 'MaskAttn Zero-Shot Gates'.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MASKATTN",)
     RETURN_NAMES = ("maskattn",)
@@ -27,7 +39,19 @@ class MaskAttnLoadGates:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"gate_name": (paths.gate_files(), {"tooltip": "A file in ComfyUI/models/maskattn/"})}}
+        return {
+            "required": {"gate_name": (paths.gate_files(), {"tooltip": "A file in ComfyUI/models/maskattn/"})},
+            "optional": {"maskattn": ("MASKATTN", {
+                "tooltip": "Passed on only while this node is bypassed (Ctrl+B); ignored when it runs. The example "
+                           "workflows chain the zero-shot gates through a bypassed loader, so un-bypassing it is the "
+                           "one switch to learned gates."})},
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, gate_name):
+        # Taking over the list check lets a missing file reach load(), whose message says what to do; ComfyUI's own
+        # check would only say "not in []" before anything runs.
+        return True
 
     @classmethod
     def IS_CHANGED(cls, gate_name):
@@ -36,7 +60,13 @@ class MaskAttnLoadGates:
         except (OSError, FileNotFoundError):
             return float("nan")
 
-    def load(self, gate_name):
+    def load(self, gate_name, maskattn=None):
+        if gate_name not in paths.gate_files():
+            found = paths.gate_files()
+            where = ", ".join(paths.gate_folders())
+            listing = (f"The folder has: {', '.join(found[:8])}{' …' if len(found) > 8 else ''}; pick one in gate_name."
+                       if found else f"The folder is empty. {NO_GATES_HELP}")
+            raise NodeError(f"Load MaskAttn Gates: gate_name {gate_name!r} is not in {where}. {listing}")
         try:
             return (load_gates(paths.gate_path(gate_name)),)
         except (GateFileError, FileNotFoundError) as e:

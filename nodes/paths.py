@@ -13,6 +13,10 @@ def register_model_folder() -> None:
     import folder_paths
 
     default = os.path.join(folder_paths.models_dir, FOLDER)
+    try:  # the folder users are told to put gate files in exists from the first start
+        os.makedirs(default, exist_ok=True)
+    except OSError:  # a read-only models folder: extra_model_paths.yaml entries still work
+        pass
     paths, _ = folder_paths.folder_names_and_paths.get(FOLDER, ([], set()))
     paths = list(paths)
     if default not in paths:
@@ -25,6 +29,12 @@ def gate_files() -> list[str]:
     import folder_paths
 
     return folder_paths.get_filename_list(FOLDER)
+
+
+def gate_folders() -> list[str]:
+    import folder_paths
+
+    return list(folder_paths.get_folder_paths(FOLDER))
 
 
 def gate_path(name: str) -> str:

@@ -7,13 +7,16 @@ Record Gates returns a clone of the patched MODEL that carries a GateRecorder (m
 transformer_options; every gated cross-attention call of a sampling run is handed to it through the runtime's
 observer list. Preview Gates reads the last run of that recorder after sampling, labels the token columns with
 the words of the prompt, and returns a titled IMAGE grid (rows = layers or steps, columns = tokens), one MASK per
-token, the grid as a `ui` image, and sends the whole record (small uint8 maps) to the browser, where
-web/maskattn.js draws the interactive viewer on the node.
+token, the grid as a `ui` image, and writes the whole record (small uint8 maps) to a JSON file in ComfyUI's temp
+folder, named in the node's `ui` output, from which web/maskattn.js draws the interactive viewer on the node. The
+`ui` output is what ComfyUI re-sends when it serves the node from its cache, and the file name is what the browser
+keeps in the node's properties across a page reload, so the viewer always shows the last run.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import math
 import os
@@ -32,7 +35,7 @@ from .gates import NodeError
 log = logging.getLogger("MaskAttn")
 CATEGORY = "MaskAttn"
 RECORDER_KEY = "maskattn_recorder"  # transformer_options entry; ComfyUI hands it to every hook as extra_options[...]
-EVENT = "maskattn.gates"  # websocket event with the viewer's data
+VIEWER_KEY = "maskattn_viewer"  # `ui` entry: [{"filename", "subfolder", "type"}] of the viewer's data, or [{"message"}]
 MAX_COLUMNS = 24
 VIEWER_BUDGET = 4 * 1024 * 1024  # bytes of maps sent to the browser per kind
 
@@ -367,20 +370,55 @@ def save_temp(img, prefix="maskattn"):
 
 def gate_source_label(gates) -> str:
     """How the viewer names the gates, so training-free (zero-shot) ones are not taken for the learned ones."""
-    if getattr(gates, "kind", "") == "zero-shot":
+    kind = getattr(gates, "kind", "")
+    if kind == "zero-shot":
         return f"{getattr(gates, 'label', 'training-free')} zero-shot gates"
+    if kind == "region":
+        return f"region gates ({gates.source})" if getattr(gates, "source", "") else "region gates"
     return f"learned gates ({gates.source})" if getattr(gates, "source", "") else "learned gates"
 
 
-def send_to_viewer(unique_id, payload):
-    try:
-        from server import PromptServer
-    except ImportError:
-        return
-    server = getattr(PromptServer, "instance", None)
-    if server is None or unique_id is None:
-        return
-    server.send_sync(EVENT, {"node": str(unique_id), **payload}, getattr(server, "client_id", None))
+def save_viewer_data(payload: dict) -> dict:
+    """Write the viewer's data where ComfyUI keeps temp images (served by /view); returns its `ui` entry."""
+    import folder_paths
+
+    folder = folder_paths.get_temp_directory()
+    os.makedirs(folder, exist_ok=True)
+    name = f"maskattn_viewer_{uuid.uuid4().hex[:12]}.json"
+    with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
+        json.dump(payload, f, separators=(",", ":"))
+    return {"filename": name, "subfolder": "", "type": "temp"}
+
+
+STOP_WORDS = frozenset("a an the of and or with on in at to by for from is are this that".split())
+
+
+def _group_positions(gates, tokens_recorded: int) -> list[tuple[str, list[int]]]:
+    """(group name, token positions) of zero-shot gates' groups; [] for other gate sources."""
+    token_groups = getattr(gates, "token_groups", None)
+    grouping = getattr(gates, "grouping", None)
+    if not token_groups or grouping is None:
+        return []
+    out = []
+    for g, words in enumerate(grouping.group_words()):
+        positions = [p for p, gg in enumerate(token_groups) if gg == g and p < tokens_recorded]
+        if positions:
+            out.append((" ".join(words), positions))
+    return out
+
+
+def first_token(columns, groups) -> int:
+    """The column the viewer opens on: the first group's first word (zero-shot gates), else the first word that is
+    not an article or a preposition."""
+    if groups:
+        first = set(groups[0][1])
+        for k, (_, pos) in enumerate(columns):
+            if first.intersection(pos):
+                return k
+    for k, (word, _) in enumerate(columns):
+        if word.split("#")[0].lower() not in STOP_WORDS:
+            return k
+    return 0
 
 
 # --- the preview node ------------------------------------------------------------------------------------------------
@@ -476,7 +514,8 @@ class MaskAttnPreviewGates:
 
         ui_images = [save_temp(grid, "maskattn_grid")]
         base_ui = save_temp(self._pil(base), "maskattn_base") if base is not None else None
-        send_to_viewer(unique_id, self._viewer_payload(run, recorded, columns, b, base_ui, float(opacity)))
+        gates = hooks.installed_runtime(model).gates
+        payload = self._viewer_payload(run, recorded, columns, b, base_ui, float(opacity), gates)
         summary = run.summary()
         if image is None and latent is None:
             summary += ("; connect the sampler's LATENT or the decoded IMAGE here so this node runs after sampling "
@@ -484,7 +523,7 @@ class MaskAttnPreviewGates:
         get_recorder = model_recorder(model)
         if get_recorder is not None:
             get_recorder.finish()
-        return {"ui": {"images": ui_images, "text": [summary]},
+        return {"ui": {"images": ui_images, "text": [summary], VIEWER_KEY: [save_viewer_data(payload)]},
                 "result": (_to_image_tensor(grid), masks.clamp(0, 1).float())}
 
     # helpers
@@ -501,7 +540,9 @@ class MaskAttnPreviewGates:
         run = recorder.latest()
         if run is None or run.empty:
             return None, (f"{node}: nothing was recorded yet. The KSampler must sample with the MODEL of 'MaskAttn "
-                          f"Record Gates' (the same one connected here), and the recorded layers/steps must run.")
+                          f"Record Gates' (the same one connected here), and the recorded layers/steps must run: "
+                          f"steps before start_percent (Apply MaskAttn's, or the zero-shot gates' 0.2) are not gated, "
+                          f"so sample more steps or lower it.")
         return run, None
 
     @staticmethod
@@ -548,14 +589,16 @@ class MaskAttnPreviewGates:
     def _message(self, message, unique_id):
         log.info(message)
         img = message_image(message)
-        send_to_viewer(unique_id, {"message": message})
         self.titles = []
-        return {"ui": {"images": [save_temp(img, "maskattn_msg")], "text": [message]},
+        ui = {"images": [save_temp(img, "maskattn_msg")], "text": [message], VIEWER_KEY: [{"message": message}]}
+        return {"ui": ui,
                 "result": (_to_image_tensor(img), torch.zeros(1, 64, 64))}
 
     @staticmethod
-    def _viewer_payload(run, recorded, columns, b, base_ui, opacity):
-        """Every recorded layer x step bin x column as uint8 maps, base64, for the browser viewer."""
+    def _viewer_payload(run, recorded, columns, b, base_ui, opacity, gates=None):
+        """Every recorded layer x step bin x column as uint8 maps, base64, for the browser viewer; with zero-shot
+        gates also each group's map (the share of locations that keep the group), from which the viewer draws the
+        partition."""
         hw = max((run.hw[s.key] for s in recorded), key=lambda t: t[0] * t[1])
         L, S, K = len(recorded), len(run.bins), len(columns)
         while L * S * K * hw[0] * hw[1] > VIEWER_BUDGET and max(hw) > 8:
@@ -572,6 +615,14 @@ class MaskAttnPreviewGates:
                     data[li, si] = (_resize(word_maps(m, columns), hw).clamp(0, 1) * 255).round().to(torch.uint8)
                     present[li, si] = 1
             kinds[kind] = data
+        groups = _group_positions(gates, run.tokens)
+        group_gate = torch.zeros(L, S, len(groups), *hw, dtype=torch.uint8)
+        for li, s in enumerate(recorded):
+            for si in range(S):
+                m = site_map(run, s.key, si, kind="hard", batch_index=b) if groups else None
+                if m is not None:
+                    maps = torch.stack([m[pos].mean(0) for _, pos in groups])
+                    group_gate[li, si] = (_resize(maps, hw).clamp(0, 1) * 255).round().to(torch.uint8)
         return {
             "run": run.run_id,
             "summary": run.summary(),
@@ -585,6 +636,9 @@ class MaskAttnPreviewGates:
             "probability": base64.b64encode(kinds["probabilities"].numpy().tobytes()).decode("ascii"),
             "image": base_ui,
             "opacity": opacity,
+            "first_token": first_token(columns, groups),
+            "groups": [{"name": name, "positions": pos} for name, pos in groups],
+            "group_gate": base64.b64encode(group_gate.numpy().tobytes()).decode("ascii"),
         }
 
 

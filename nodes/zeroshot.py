@@ -1,15 +1,20 @@
 """MaskAttn Zero-Shot Gates: a training-free MASKATTN built from the prompt (masks/zeroshot.py has the maths).
 
     CLIP + prompt text -> MaskAttn Zero-Shot Gates -> maskattn -> Apply MaskAttn -> KSampler
-                                                 \\-> grouping (STRING: the groups it used, editable)
+                                                 |-> grouping (STRING: the groups it used, editable)
+                                                 \\-> conditioning (the prompt encoded: the KSampler's positive)
 """
 
 from __future__ import annotations
+
+import logging
 
 from ..masks.topology import STAGE_CHOICES
 from ..masks.zeroshot import DEFAULT_STAGE, DEFAULT_START_PERCENT, GroupingError, build_zero_shot_gates
 
 CATEGORY = "MaskAttn"
+NOTICE_EVENT = "maskattn.notice"  # websocket event: a message for one node's canvas text
+log = logging.getLogger("MaskAttn")
 
 _fallback_vocab: dict | None = None
 
@@ -39,18 +44,30 @@ def tokenize(clip, text: str) -> dict:
     return tokens
 
 
+def send_notice(unique_id, message: str) -> None:
+    """Show `message` on the node `unique_id` in the browser (web/maskattn.js), if a server is running."""
+    try:
+        from server import PromptServer
+    except ImportError:
+        return
+    server = getattr(PromptServer, "instance", None)
+    if server is not None and unique_id is not None:
+        server.send_sync(NOTICE_EVENT, {"node": str(unique_id), "text": message}, getattr(server, "client_id", None))
+
+
 class MaskAttnZeroShotGates:
     DESCRIPTION = (
         "Training-free MaskAttn gates (not the paper's learned gates): splits the prompt into entity groups (an "
         "object with its attributes) and, while sampling, gates each latent location to the group it attends to "
-        "most, so the other groups' words cannot leak there. Connect to 'Apply MaskAttn' like loaded gates. The "
-        "prompt here must be the positive prompt you encode."
+        "most, so the other groups' words cannot leak there. Connect maskattn to 'Apply MaskAttn' and conditioning "
+        "to the KSampler's positive input: then the gated prompt is exactly the sampled one."
     )
     CATEGORY = CATEGORY
-    RETURN_TYPES = ("MASKATTN", "STRING")
-    RETURN_NAMES = ("maskattn", "grouping")
+    RETURN_TYPES = ("MASKATTN", "STRING", "CONDITIONING")
+    RETURN_NAMES = ("maskattn", "grouping", "conditioning")
     OUTPUT_TOOLTIPS = ("Zero-shot gates for 'Apply MaskAttn'.",
-                       "The grouping used (first line), with notes; copy the first line into 'groups' to correct it.")
+                       "The grouping used (first line), with notes; copy the first line into 'groups' to correct it.",
+                       "The prompt encoded with this CLIP (as CLIP Text Encode does): the KSampler's positive.")
     FUNCTION = "build"
 
     @classmethod
@@ -59,7 +76,8 @@ class MaskAttnZeroShotGates:
             "required": {
                 "clip": ("CLIP", {"tooltip": "The CLIP that encodes the prompt (its tokenizer maps words to tokens)."}),
                 "text": ("STRING", {"multiline": True, "dynamicPrompts": False,  # must equal the encoded text
-                                    "tooltip": "The positive prompt, exactly as encoded for the KSampler."}),
+                                    "tooltip": "The positive prompt. Use the conditioning output as the KSampler's "
+                                               "positive, or encode exactly this text yourself."}),
                 "stage": (list(STAGE_CHOICES), {"default": DEFAULT_STAGE,
                                                 "tooltip": "Which layers to gate: mid (SDXL 32x32 at 1024 px) is where "
                                                            "cross-attention maps are most object-like."}),
@@ -74,23 +92,43 @@ class MaskAttnZeroShotGates:
                                                  "by | or new lines, words by spaces, # starts a comment). Empty: "
                                                  "automatic."}),
             },
+            "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    def build(self, clip, text, stage, start_percent, groups=""):
+    def build(self, clip, text, stage, start_percent, groups="", unique_id=None):
         from .gates import NodeError
 
+        node = "MaskAttn Zero-Shot Gates"
         if clip is None:
-            raise NodeError("MaskAttn Zero-Shot Gates: no CLIP connected (clip input).")
+            raise NodeError(f"{node}: no CLIP connected (clip input). Connect the CLIP output of your checkpoint "
+                            f"loader.")
         tokens = tokenize(clip, text)
         vocab = clip_vocab(clip, "l" if "l" in tokens else next(iter(tokens)))
         try:
             gates = build_zero_shot_gates(text, tokens, vocab, groups_text=groups or "", stage=stage,
                                           start_percent=start_percent)
         except GroupingError as e:
-            raise NodeError(f"MaskAttn Zero-Shot Gates: groups: {e}. Use words of the prompt, groups split by "
-                            f"|.") from None
+            raise NodeError(f"{node}: groups: {e}. Use words of the prompt, groups split by |.") from None
+
+        def notice(message: str) -> None:
+            log.warning("%s", message)
+            send_notice(unique_id, message)
+
+        gates.notice = notice
         description = gates.describe()
-        return {"ui": {"text": [description]}, "result": (gates, description)}
+        idle = gates.nothing_to_separate()
+        if idle:
+            log.warning("%s: %s.", node, idle)
+            description = f"{description}\n# NOTHING TO SEPARATE: {idle}."
+        conditioning = encode(clip, text)
+        return {"ui": {"text": [description]}, "result": (gates, description, conditioning)}
+
+
+def encode(clip, text: str):
+    """The CONDITIONING that ComfyUI's own CLIP Text Encode makes of `text` (the same code, so the same tensors)."""
+    import nodes as comfy_nodes
+
+    return comfy_nodes.CLIPTextEncode().encode(clip, text)[0]
 
 
 NODE_CLASS_MAPPINGS = {"MaskAttnZeroShotGates": MaskAttnZeroShotGates}

@@ -1,4 +1,5 @@
-"""The gate viewer in a real browser: ComfyUI server + the pack, headless Chromium, workflow (a) loaded via the UI.
+"""The shipped workflows in a real browser: ComfyUI server + the pack, headless Chromium, each workflow loaded via the
+UI and run as shipped (only the checkpoint swapped for the tiny test one), the viewer across a reload and a cached run.
 
 Needs Debian's `chromium` (/usr/bin/chromium) and Playwright for Python (tests/requirements-browser.txt); never
 downloads a browser. Skips when either is missing, except under CI=true, where it fails. Screenshots go to
@@ -27,8 +28,6 @@ SCREENSHOTS = REPO / "artifacts" / "screenshots"
 DOCS_SHOT = REPO / "docs" / "viewer.png"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run"]
-TINY_GATES = "maskattn_tiny_test.safetensors"
-PROMPT = "a red cube on a blue sphere"
 
 
 def _requirements():
@@ -43,21 +42,14 @@ def _requirements():
         pytest.skip(f"browser test needs {', '.join(missing)}")
 
 
-def _tiny_pack_module():
-    spec = importlib.util.spec_from_file_location("maskattn_tiny_pack_tiny", REPO / "tests" / "tiny_pack" / "tiny.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def host_label() -> str:
     return "new" if (comfy_host.HOST_PATH / "comfy_api").is_dir() else "old"
 
 
 def prepare_models(tmp_path: Path) -> Path:
-    """Tiny gate file + the test-only node pack, reachable through an extra_model_paths file."""
-    tiny = _tiny_pack_module()
-    tiny.write_tiny_gates(tmp_path / "models" / "maskattn", seed=0, name=TINY_GATES)
+    """The test-only node pack (the tiny checkpoint) reachable through an extra_model_paths file, and an empty gate
+    folder: the shipped workflows must run without any gate file."""
+    (tmp_path / "models" / "maskattn").mkdir(parents=True)
     extra_nodes = tmp_path / "extra_custom_nodes"
     extra_nodes.mkdir()
     (extra_nodes / "maskattn_tiny_pack").symlink_to(REPO / "tests" / "tiny_pack", target_is_directory=True)
@@ -67,12 +59,56 @@ def prepare_models(tmp_path: Path) -> Path:
     return config
 
 
-def test_workflow_a_in_the_browser_shows_heatmaps_and_the_layer_slider_changes_them(host, tmp_path):
+def with_test_checkpoint(workflow: dict) -> dict:
+    """The shipped workflow with its one user edit: the checkpoint (the tiny test loader stands in for 'Load
+    Checkpoint' + an SDXL file, which cannot be downloaded here). Everything else stays as shipped."""
+    wf = json.loads(json.dumps(workflow))
+    for node in wf["nodes"]:
+        if node["type"] == "CheckpointLoaderSimple":
+            node["type"] = "MaskAttnTestTinyCheckpoint"
+            node["properties"]["Node name for S&R"] = node["type"]
+            node["widgets_values"] = [0]
+    return wf
+
+
+_VIEWER = "window.app.graph._nodes.find(n => n.maskattnViewer && n.maskattnViewer.data)"
+_WAIT_VIEWER = """(after) => (window.__maskattnErrors || []).length > 0 ||
+    window.app.graph._nodes.some(n => n.maskattnViewer && n.maskattnViewer.data &&
+                                      n.maskattnViewer.data.run > after)"""
+_LISTEN = """async () => {
+    window.__maskattnErrors = []; window.__maskattnDone = 0;
+    const { api } = await import('/scripts/api.js');
+    api.addEventListener('execution_error', (e) => window.__maskattnErrors.push(e.detail));
+    api.addEventListener('executing', (e) => {
+        if (e.detail === null || e.detail?.node === null) window.__maskattnDone++;
+    });
+}"""
+
+
+def _open(page, base_url):
+    page.goto(base_url, wait_until="domcontentloaded")
+    page.wait_for_function("() => window.app && window.app.graph && window.MaskAttnViewers", timeout=90_000)
+    page.wait_for_function(
+        "() => (window.app.extensions || []).some(e => e.name === 'MaskAttn.GateViewer')", timeout=30_000)
+    page.wait_for_timeout(1000)
+    page.evaluate(_LISTEN)
+
+
+def _queue_and_wait(page, timeout=480_000):
+    done = page.evaluate("() => window.__maskattnDone")
+    page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
+    page.wait_for_function("(d) => (window.__maskattnErrors || []).length > 0 || window.__maskattnDone > d",
+                           arg=done, timeout=timeout)
+    return page.evaluate("() => window.__maskattnErrors")
+
+
+def test_shipped_workflows_run_as_shipped_and_the_viewer_survives_reload_and_cache(host, tmp_path):
     _requirements()
     from playwright.sync_api import sync_playwright
 
     config = prepare_models(tmp_path)
-    workflow = json.loads((REPO / "workflows" / "maskattn_sdxl_viewer.json").read_text())
+    viewer_wf = json.loads((REPO / "workflows" / "maskattn_sdxl_viewer.json").read_text())
+    compare_wf = json.loads((REPO / "workflows" / "maskattn_sdxl_compare.json").read_text())
     label = host_label()
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
 
@@ -85,11 +121,7 @@ def test_workflow_a_in_the_browser_shows_heatmaps_and_the_layer_slider_changes_t
                 page = browser.new_page(viewport={"width": 1600, "height": 1000})
                 page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
                 page.on("pageerror", lambda e: page_errors.append(f"{e}\n{getattr(e, 'stack', '')}"[:1500]))
-                page.goto(base_url, wait_until="domcontentloaded")
-                page.wait_for_function("() => window.app && window.app.graph && window.MaskAttnViewers", timeout=90_000)
-                page.wait_for_function(
-                    "() => (window.app.extensions || []).some(e => e.name === 'MaskAttn.GateViewer')", timeout=30_000)
-                page.wait_for_timeout(1000)
+                _open(page, base_url)
                 # The stock frontend may log its own start-up errors on a bare host (1.27.10 throws in a settings
                 # onChange with or without this pack); none may come from this pack, and none may follow.
                 startup = errors + page_errors
@@ -98,49 +130,36 @@ def test_workflow_a_in_the_browser_shows_heatmaps_and_the_layer_slider_changes_t
                 page_errors.clear()
 
                 # 1. the shipped files load as-is, without missing nodes, and their API twins say the same
-                for name in ("maskattn_sdxl_compare", "maskattn_sdxl_viewer"):
+                for name in ("maskattn_sdxl_compare", "maskattn_sdxl_region", "maskattn_sdxl_viewer"):
                     _check_shipped_workflow(page, base_url, name, label, errors)
 
-                # 2. what a user does on a machine without SDXL: swap in the tiny loader, pick the tiny gates,
-                #    2 steps at 64 px; then queue
-                test_wf = json.loads(json.dumps(workflow))
-                for node in test_wf["nodes"]:
-                    if node["type"] == "CheckpointLoaderSimple":
-                        node["type"] = "MaskAttnTestTinyCheckpoint"
-                        node["properties"]["Node name for S&R"] = node["type"]
-                        node["widgets_values"] = [0]
-                    elif node["type"] == "MaskAttnLoadGates":
-                        node["widgets_values"] = [TINY_GATES]
-                    elif node["type"] == "KSampler":
-                        node["widgets_values"][2] = 2
-                    elif node["type"] == "EmptyLatentImage":
-                        node["widgets_values"] = [64, 64, 1]
-                    elif node["type"] == "CLIPTextEncode" and node["id"] == 5:
-                        node["widgets_values"] = [PROMPT]
-                page.evaluate("""async (wf) => {
-                    window.__maskattnErrors = [];
-                    const { api } = await import('/scripts/api.js');
-                    api.addEventListener('execution_error', (e) => window.__maskattnErrors.push(e.detail));
-                    await window.app.loadGraphData(wf);
-                }""", test_wf)
-                page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
-                page.wait_for_function("""() => (window.__maskattnErrors || []).length > 0 ||
-                    window.app.graph._nodes.some(n => n.maskattnViewer && n.maskattnViewer.data)""", timeout=240_000)
-                run_errors = page.evaluate("() => window.__maskattnErrors")
+                # 2. the viewer workflow as shipped (1024x1024, 25 steps, zero-shot gates, no gate file)
+                page.evaluate("async (wf) => { await window.app.loadGraphData(wf); }", with_test_checkpoint(viewer_wf))
+                run_errors = _queue_and_wait(page)
                 assert not run_errors, f"{run_errors}\n{comfy_host.log_tail(log_path)}"
-
-                info = page.evaluate("""() => {
-                    const node = window.app.graph._nodes.find(n => n.maskattnViewer && n.maskattnViewer.data);
+                page.wait_for_function(_WAIT_VIEWER, arg=0, timeout=60_000)
+                info = page.evaluate(f"""() => {{
+                    const node = {_VIEWER};
                     const v = node.maskattnViewer;
-                    return {words: v.data.tokens.map(t => t.word), layers: v.data.layers.length,
-                            steps: v.data.steps.length, id: node.id};
-                }""")
-                assert info["words"] == ["a", "red", "cube", "on", "a#2", "blue", "sphere"], info
-                assert info["layers"] == 22 and info["steps"] == 2, info  # every gated layer of the tiny model
+                    const zs = window.app.graph._nodes.find(n => n.type === 'MaskAttnZeroShotGates');
+                    return {{words: v.data.tokens.map(t => t.word), layers: v.data.layers.length, run: v.data.run,
+                             steps: v.data.steps.length, id: node.id, token: v.token,
+                             groups: v.data.groups.map(g => g.name), grouping: zs.maskattnGrouping.value,
+                             modes: v.modeButtons.filter(b => b.style.display !== 'none').map(b => b.dataset.kind)}};
+                }}""")
+                assert info["words"][:6] == ["a", "photo", "of", "a#2", "red", "cube"], info
+                assert info["words"][info["token"]] == "red", info  # opens on the first group's first word
+                assert info["groups"][:3] == ["red cube", "blue sphere", "yellow cat"], info
+                assert info["modes"] == ["gate", "probability", "groups"], info
+                assert info["grouping"].startswith("red cube | blue sphere | yellow cat"), info  # on the canvas
+                # every gated (mid-stage) layer of the tiny model; zero-shot gating starts at 20% of 25 steps
+                assert info["layers"] == 10 and info["steps"] == 20, info
                 page.wait_for_timeout(500)  # the base image loads asynchronously
                 before = _pixels(page)
                 assert before["distinct"] > 50 and before["std"] > 10, before  # a heatmap, not a flat fill
-                assert before["warm"] > 0.02, before  # colour-map pixels (kept = yellow/orange) are present
+                heat = page.evaluate(f"""() => {{ const v = {_VIEWER}.maskattnViewer.heat().values;
+                    return [Math.min(...v), Math.max(...v)]; }}""")
+                assert heat[0] < 0.1 and heat[1] > 0.4, heat  # "red" is kept in some places and cut off in others
 
                 for _ in range(3):  # close the current frontend's first-run template dialog, if any
                     if not page.locator(".p-dialog-mask").count():
@@ -149,37 +168,87 @@ def test_workflow_a_in_the_browser_shows_heatmaps_and_the_layer_slider_changes_t
                     page.wait_for_timeout(300)
                 _center(page, info["id"])
                 page.screenshot(path=str(SCREENSHOTS / f"viewer_{label}_page.png"))
-                page.locator(".maskattn-viewer").first.screenshot(path=str(SCREENSHOTS / f"viewer_{label}.png"))
+                _shot(page, f"viewer_{label}.png")
 
-                page.evaluate("""() => {
-                    const v = window.app.graph._nodes.find(n => n.maskattnViewer && n.maskattnViewer.data)
-                        .maskattnViewer;
+                page.evaluate(f"""() => {{
+                    const v = {_VIEWER}.maskattnViewer;
                     v.layer.input.value = 0;
-                    v.layer.input.dispatchEvent(new Event('input', {bubbles: true}));
-                }""")
+                    v.layer.input.dispatchEvent(new Event('input', {{bubbles: true}}));
+                }}""")
                 after = _pixels(page)
                 assert after["hash"] != before["hash"] and _diff(page) > 1.0, (before, after)
-                assert "input.4.0" in page.evaluate(
+                assert "input.7.0" in page.evaluate(
                     "() => document.querySelector('.maskattn-viewer').innerText"), "layer label did not follow"
-                page.locator(".maskattn-viewer").first.screenshot(path=str(SCREENSHOTS / f"viewer_{label}_layer0.png"))
-                # 3. live update: a second run (another seed) reaches the open viewer without a page reload
-                first_run = page.evaluate("""() => window.app.graph._nodes.find(n => n.maskattnViewer &&
-                    n.maskattnViewer.data).maskattnViewer.data.run""")
-                page.evaluate("""async () => {
+                # the partition: each cell coloured by its group
+                page.evaluate(f"() => {_VIEWER}.maskattnViewer.modeButtons.find(b => b.dataset.kind === 'groups')"
+                              f".click()")
+                groups = _pixels(page)
+                assert groups["hash"] != after["hash"] and groups["distinct"] > 3, groups
+                _shot(page, f"viewer_{label}_groups.png")
+                first_run = info["run"]
+
+                # 3. a page reload keeps the last run's gates (the graph is restored from the browser's storage)
+                page.wait_for_timeout(1500)  # the 2024 frontend saves the graph every second
+                page.reload(wait_until="domcontentloaded")
+                _open(page, base_url)
+                startup += errors + page_errors  # the host's own start-up errors again; none from this pack
+                assert not [e for e in startup if "maskattn" in e.lower()], startup
+                errors.clear()
+                page_errors.clear()
+                page.wait_for_function(_WAIT_VIEWER, arg=first_run - 1, timeout=30_000)
+                restored = page.evaluate(f"() => [{_VIEWER}.maskattnViewer.data.run, window.app.graph._nodes"
+                                         f".find(n => n.maskattnGrouping).maskattnGrouping.value]")
+                assert restored[0] == first_run and restored[1].startswith("red cube"), restored
+
+                # 4. the same prompt again, in a freshly loaded graph: ComfyUI serves every node from its cache
+                page.evaluate("async (wf) => { await window.app.loadGraphData(wf); }", with_test_checkpoint(viewer_wf))
+                assert not page.evaluate("() => window.app.graph._nodes.some(n => n.maskattnViewer?.data)")
+                run_errors = _queue_and_wait(page)
+                assert not run_errors, run_errors
+                page.wait_for_function(_WAIT_VIEWER, arg=first_run - 1, timeout=30_000)
+                assert page.evaluate(f"() => {_VIEWER}.maskattnViewer.data.run") == first_run
+                assert "Run the workflow" not in page.evaluate(f"() => {_VIEWER}.maskattnViewer.root.innerText")
+                _center(page, page.evaluate(f"() => {_VIEWER}.id"))
+                _shot(page, f"viewer_{label}_cached.png")
+
+                # 5. live update: a second run (another seed) reaches the open viewer without a page reload
+                page.evaluate("""() => {
                     const sampler = window.app.graph._nodes.find(n => n.type === 'KSampler');
                     sampler.widgets.find(w => w.name === 'seed').value = 7;
-                    await window.app.queuePrompt(0, 1);
                 }""")
-                page.wait_for_function("""(first) => (window.__maskattnErrors || []).length > 0 ||
-                    window.app.graph._nodes.some(n => n.maskattnViewer && n.maskattnViewer.data &&
-                                                      n.maskattnViewer.data.run > first)""", arg=first_run,
-                                       timeout=120_000)
-                assert not page.evaluate("() => window.__maskattnErrors"), comfy_host.log_tail(log_path)
+                run_errors = _queue_and_wait(page)
+                assert not run_errors, comfy_host.log_tail(log_path)
+                page.wait_for_function(_WAIT_VIEWER, arg=first_run, timeout=60_000)
+
+                # 6. the one switch to learned gates: un-bypass 'Load MaskAttn Gates'. With no gate file, the run
+                #    stops at that node with a message that says what to do (not a bare validation error)
+                page.evaluate("() => { window.app.graph._nodes.find(n => n.type === 'MaskAttnLoadGates').mode = 0; }")
+                prompt = page.evaluate("async () => (await window.app.graphToPrompt()).output")
+                apply = next(n for n in prompt.values() if n["class_type"] == "MaskAttnApply")
+                assert prompt[apply["inputs"]["maskattn"][0]]["class_type"] == "MaskAttnLoadGates"
+                run_errors = _queue_and_wait(page)
+                assert len(run_errors) == 1, run_errors
+                error = run_errors[0]
+                assert error["node_type"] == "MaskAttnLoadGates" and error["exception_type"] == "MaskAttn.NodeError"
+                assert "No trained MaskAttn gates are published" in error["exception_message"], error
+                assert "Zero-Shot" in error["exception_message"], error
+                page.evaluate("() => { window.__maskattnErrors = []; }")
+
+                # 7. the compare and region workflows as shipped
+                for wf in (compare_wf, json.loads((REPO / "workflows" / "maskattn_sdxl_region.json").read_text())):
+                    page.evaluate("async (wf) => { await window.app.loadGraphData(wf); }", with_test_checkpoint(wf))
+                    run_errors = _queue_and_wait(page)
+                    assert not run_errors, f"{run_errors}\n{comfy_host.log_tail(log_path)}"
                 if label == "old" and (os.environ.get("MASKATTN_DOCS_SCREENSHOT") or not DOCS_SHOT.exists()):
                     DOCS_SHOT.parent.mkdir(exist_ok=True)
                     shutil.copy(SCREENSHOTS / f"viewer_{label}_page.png", DOCS_SHOT)
             finally:
                 browser.close()
+        outputs = comfy_host.get_json(base_url, "/history")
+        saved = [img for entry in outputs.values() for out in entry.get("outputs", {}).values()
+                 for img in out.get("images", []) if img.get("type") == "output"]
+        for prefix in ("MaskAttn_without_vs_with", "MaskAttn_region", "MaskAttn_"):
+            assert any(img["filename"].startswith(prefix) for img in saved), (prefix, saved)
     finally:
         comfy_host.stop_server(proc)
     from test_server import import_failures
@@ -201,9 +270,11 @@ def _check_shipped_workflow(page, base_url, name, label, errors):
     page.evaluate("async (wf) => { await window.app.loadGraphData(wf); }", workflow)
     text = page.evaluate("() => document.body.innerText")
     assert "were not found" not in text and "Missing" not in text, (name, text[:2000])
-    nodes = page.evaluate("() => window.app.graph._nodes.map(n => [String(n.id), n.type, n.comfyClass])")
-    assert sorted(t for _, t, _ in nodes) == sorted(n["type"] for n in workflow["nodes"]), name
-    unresolved = {i for i, _, cls in nodes if not cls}
+    nodes = page.evaluate("() => window.app.graph._nodes.map(n => [String(n.id), n.type, n.comfyClass, "
+                          "!!n.isVirtualNode, n.mode])")
+    assert sorted(t for _, t, *_ in nodes) == sorted(n["type"] for n in workflow["nodes"]), name
+    assert {i: m for i, *_, m in nodes} == {str(n["id"]): n["mode"] for n in workflow["nodes"]}, name  # bypass kept
+    unresolved = {i for i, _, cls, virtual, _ in nodes if not cls and not virtual}
     if label == "new" and unresolved:
         # The current frontend builds every model-loader combo through a table of stock loader nodes; a host whose
         # comfy_extras failed to import (no spandrel: no UpscaleModelLoader) makes it throw for
@@ -232,6 +303,7 @@ def _host_noise(message: str) -> bool:
 
 _PIXELS_JS = """() => {
     const v = window.app.graph._nodes.find(n => n.maskattnViewer && n.maskattnViewer.data).maskattnViewer;
+    v.draw();
     const c = v.canvas, d = c.getContext('2d').getImageData(0, 24, c.width, c.height - 48).data;
     const seen = new Set(); let sum = 0, sq = 0, warm = 0, hash = 0, n = 0;
     for (let i = 0; i < d.length; i += 4) {
@@ -256,6 +328,10 @@ def _diff(page) -> float:
         for (let i = 0; i < a.length; i++) s += Math.abs(a[i] - b[i]);
         return s / a.length;
     }""")
+
+
+def _shot(page, name):
+    page.locator(".maskattn-viewer:visible").first.screenshot(path=str(SCREENSHOTS / name))
 
 
 def _center(page, node_id):

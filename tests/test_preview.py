@@ -76,11 +76,23 @@ def test_recording_matches_the_gates_the_sampler_used(host, nodes, sdxl):
     assert copy.deepcopy(recorded.model_options)["transformer_options"][preview.RECORDER_KEY] is recorder
 
 
-def test_preview_grid_labels_masks_and_viewer_payload(host, nodes, sdxl, monkeypatch):
+def viewer_data(out) -> dict:
+    """The viewer's data as the browser fetches it: the file named in the node's `ui` output (ComfyUI's temp)."""
+    import json
+    import os
+
+    import folder_paths
+
+    (ref,) = out["ui"]["maskattn_viewer"]
+    assert ref["type"] == "temp"
+    path = os.path.join(folder_paths.get_temp_directory(), ref["subfolder"], ref["filename"])
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def test_preview_grid_labels_masks_and_viewer_payload(host, nodes, sdxl):
     _, hooks, preview = nodes
     _, recorded = patched(nodes, sdxl, layers="mid")
-    sent = []
-    monkeypatch.setattr(preview, "send_to_viewer", lambda uid, payload: sent.append((uid, payload)))
     pos, neg = host.make_cond(sdxl, seed=1), host.make_cond(sdxl, seed=2)
     host.ksample(recorded, pos, neg, steps=3)
     image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
@@ -95,8 +107,9 @@ def test_preview_grid_labels_masks_and_viewer_payload(host, nodes, sdxl, monkeyp
     assert masks.shape == (len(words), 64, 64) and 0 <= float(masks.min()) and float(masks.max()) <= 1
     assert out["ui"]["images"][0]["type"] == "temp" and "3 steps" in out["ui"]["text"][0]
     assert out["ui"]["text"][0].startswith("learned gates")  # zero-shot ones say "training-free" instead
-    uid, payload = sent[-1]
-    assert uid == "7" and [t["word"] for t in payload["tokens"]] == words
+    payload = viewer_data(out)
+    assert [t["word"] for t in payload["tokens"]] == words
+    assert payload["first_token"] == 1 and payload["groups"] == []  # "red": the first word that is not an article
     assert [layer["name"] for layer in payload["layers"]] == mid and len(payload["steps"]) == 3
     assert payload["image"]["type"] == "temp"
     import base64
@@ -126,12 +139,12 @@ def test_prompt_words_come_from_the_text_encoder_of_the_conditioning(host, nodes
     assert [c for c, _ in preview.choose_columns([], "", 77, "x")][:2] == ["#1", "#2"]
 
 
-def test_unpatched_model_or_recording_off_gives_a_message_not_a_crash(host, nodes, sdxl, monkeypatch):
+def test_unpatched_model_or_recording_off_gives_a_message_not_a_crash(host, nodes, sdxl):
     gate_nodes, hooks, preview = nodes
-    monkeypatch.setattr(preview, "send_to_viewer", lambda uid, payload: None)
     node = preview.MaskAttnPreviewGates()
     out = node.preview(sdxl, **preview_args())
     assert "not patched by MaskAttn" in out["ui"]["text"][0] and out["result"][0].ndim == 4
+    assert out["ui"][preview.VIEWER_KEY] == [{"message": out["ui"]["text"][0]}]  # the viewer says it too
     applied = gate_nodes.MaskAttnApply().apply(sdxl, random_gates(hooks, sdxl), 0.5, 1.0, "all", "encoder_decoder",
                                                0.0, 1.0)[0]
     assert "recording is off" in node.preview(applied, **preview_args())["ui"]["text"][0]
@@ -145,9 +158,8 @@ def test_unpatched_model_or_recording_off_gives_a_message_not_a_crash(host, node
         preview.MaskAttnRecordGates().record(applied, "all", "x", False, 32, 64)
 
 
-def test_two_runs_never_mix_and_the_preview_closes_a_run(host, nodes, sdxl, monkeypatch):
+def test_two_runs_never_mix_and_the_preview_closes_a_run(host, nodes, sdxl):
     _, _, preview = nodes
-    monkeypatch.setattr(preview, "send_to_viewer", lambda uid, payload: None)
     _, recorded = patched(nodes, sdxl)
     recorder = preview.model_recorder(recorded)
     pos, neg = host.make_cond(sdxl, seed=1), host.make_cond(sdxl, seed=2)

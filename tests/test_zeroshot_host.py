@@ -17,6 +17,17 @@ class FakeClip:
     def tokenize(self, text, return_word_ids=False):
         return self.tokenizer.tokenize_with_weights(text, return_word_ids)
 
+    def encode_from_tokens(self, tokens, return_pooled=False, **kwargs):  # what CLIP Text Encode calls (both hosts)
+        length = sum(len(chunk) for chunk in next(iter(tokens.values())))
+        cond, pooled = torch.zeros(1, length, 8), torch.zeros(1, 8)
+        if kwargs.get("return_dict"):
+            return {"cond": cond, "pooled_output": pooled}
+        return (cond, pooled) if return_pooled else cond
+
+    def encode_from_tokens_scheduled(self, tokens, **kwargs):
+        cond, pooled = self.encode_from_tokens(tokens, return_pooled=True)
+        return [[cond, {"pooled_output": pooled}]]
+
 
 @pytest.fixture(scope="module")
 def tokenizers(host):
@@ -35,8 +46,9 @@ def node(host):
 
 def build(node, tokenizer, text, stage="all", start_percent=0.0, groups=""):
     out = node.build(FakeClip(tokenizer), text, stage, start_percent, groups)
-    gates, description = out["result"]
+    gates, description, conditioning = out["result"]
     assert out["ui"]["text"] == [description]
+    assert conditioning[0][0].shape[1] == len(gates.token_groups)  # the prompt encoded, every chunk
     return gates, description
 
 
@@ -119,7 +131,8 @@ def test_node_is_registered(host):
 
     assert NODE_DISPLAY_NAME_MAPPINGS["MaskAttnZeroShotGates"] == "MaskAttn Zero-Shot Gates"
     cls = NODE_CLASS_MAPPINGS["MaskAttnZeroShotGates"]
-    assert cls.CATEGORY == "MaskAttn" and cls.RETURN_TYPES == ("MASKATTN", "STRING")
+    # new outputs go last: links in saved workflows address outputs by slot
+    assert cls.CATEGORY == "MaskAttn" and cls.RETURN_TYPES == ("MASKATTN", "STRING", "CONDITIONING")
     inputs = cls.INPUT_TYPES()
     assert set(inputs["required"]) == {"clip", "text", "stage", "start_percent"} and "groups" in inputs["optional"]
 
@@ -307,3 +320,47 @@ def test_the_viewer_labels_zero_shot_gates_training_free(host, tokenizers, node)
     host.ksample(recorded, pos, neg, steps=2)
     summary = model_recorder(recorded).latest().summary()
     assert summary.startswith("training-free zero-shot gates, run "), summary
+
+
+def test_the_conditioning_output_is_what_clip_text_encode_makes(host, tokenizers):
+    import nodes as comfy_nodes
+
+    from comfyui_maskattn.nodes.zeroshot import MaskAttnZeroShotGates
+
+    clip = FakeClip(tokenizers["sdxl"])
+    clip.encode_from_tokens = lambda tokens, return_pooled=False, **kw: _fingerprint(tokens, return_pooled, kw)
+    ours = MaskAttnZeroShotGates().build(clip, PROMPT, "mid", 0.2)["result"][2]
+    stock = comfy_nodes.CLIPTextEncode().encode(clip, PROMPT)[0]
+    assert torch.equal(ours[0][0], stock[0][0]) and ours[0][0].shape[1] == 77
+
+
+def _fingerprint(tokens, return_pooled, kw):
+    ids = torch.tensor([[float(t[0]) for chunk in tokens["g"] for t in chunk]])[..., None]
+    cond, pooled = ids.expand(-1, -1, 4).clone(), ids[:, 0]
+    if kw.get("return_dict"):
+        return {"cond": cond, "pooled_output": pooled}
+    return (cond, pooled) if return_pooled else cond
+
+
+@pytest.mark.parametrize("text,expect", [("", "prompt is empty"), ("a red book", "gives 1 group")])
+def test_nothing_to_separate_is_said_on_the_node_and_in_the_log(tokenizers, node, text, expect, caplog):
+    with caplog.at_level("WARNING", logger="MaskAttn"):
+        gates, description = build(node, tokenizers["sdxl"], text)
+    assert not gates.active and gates.nothing_to_separate() and expect in gates.nothing_to_separate()
+    assert "NOTHING TO SEPARATE" in description and expect in description
+    assert [r for r in caplog.records if expect in r.getMessage()]
+
+
+def test_a_prompt_not_found_at_sampling_time_is_said_once(tokenizers, node):
+    gates, _ = build(node, tokenizers["sdxl"], PROMPT)
+    heard = []
+    gates.notice = heard.append
+    q, k = torch.randn(2, 16, 32), torch.randn(2, 100, 32)  # 100 tokens: not this prompt's 77 repeated
+    for _ in range(3):
+        probs = gates.attention_probabilities(("input", 7, 0), q, k, 2, {"cond_or_uncond": [1, 0]})
+        assert torch.equal(probs, torch.ones(2, 16, 100))  # nothing gated
+    assert len(heard) == 1 and "not the one being sampled" in heard[0] and "conditioning output" in heard[0]
+    # an uncond-only call is not a miss: the prompt is simply not in that batch
+    gates._noticed.clear()
+    gates.attention_probabilities(("input", 7, 0), q, k, 2, {"cond_or_uncond": [1, 1]})
+    assert heard == [heard[0]]

@@ -3,7 +3,10 @@
     python tests/workflow_build.py          # rewrite workflows/*.json
     (tests/test_workflows.py checks the files are what this script writes, and that both formats agree)
 
-A node is (id, class_type, widgets in the frontend's widget order, {input: (source id, output slot)}).
+A node is (id, class_type, widgets in the frontend's widget order, {input: (source id, output slot)}, position),
+optionally followed by a dict of extra UI fields ({"mode": 4} = bypassed). Bypassed nodes and frontend-only nodes
+(Note) have no API-format entry; a link through a bypassed node goes to its input of the same type, as the frontend
+sends it.
 """
 
 from __future__ import annotations
@@ -26,7 +29,10 @@ SOCKETS = {
     "VAEDecode": ([("samples", "LATENT"), ("vae", "VAE")], [], [("IMAGE", "IMAGE")]),
     "SaveImage": ([("images", "IMAGE")], ["filename_prefix"], []),
     "ImageBatch": ([("image1", "IMAGE"), ("image2", "IMAGE")], [], [("IMAGE", "IMAGE")]),
-    "MaskAttnLoadGates": ([], ["gate_name"], [("maskattn", "MASKATTN")]),
+    "MaskAttnLoadGates": ([("maskattn", "MASKATTN")], ["gate_name"], [("maskattn", "MASKATTN")]),
+    "MaskAttnZeroShotGates": ([("clip", "CLIP")], ["text", "stage", "start_percent", "groups"],
+                              [("maskattn", "MASKATTN"), ("grouping", "STRING"), ("conditioning", "CONDITIONING")]),
+    "Note": ([], ["text"], []),
     "MaskAttnApply": ([("model", "MODEL"), ("maskattn", "MASKATTN")],
                       ["threshold", "strength", "stage", "placement", "start_percent", "end_percent", "gate_uncond"],
                       [("MODEL", "MODEL")]),
@@ -38,53 +44,69 @@ SOCKETS = {
                              [("grid", "IMAGE"), ("masks", "MASK")]),
 }
 FRONTEND_ONLY_WIDGETS = {"control_after_generate"}
+FRONTEND_ONLY_NODES = {"Note"}
+BYPASSED = 4  # LiteGraph node mode
 
 CHECKPOINT = "sd_xl_base_1.0.safetensors"
-GATES = "maskattn_sdxl_mid.safetensors"
+GATES = "maskattn_gates_00001.safetensors"  # the first file Save MaskAttn Gates writes
 PROMPT = "a photo of a red cube on top of a blue sphere, a yellow cat beside them, studio light"
 NEGATIVE = "blurry, low quality, watermark"
 SEED = 42
 APPLY = [0.5, 1.0, "all", "encoder_decoder", 0.0, 1.0, True]  # the method: threshold 0.5, full strength
 
 
+ZERO_SHOT = [PROMPT, "mid", 0.2, ""]
+SWITCH_NOTE = (
+    "Gates: training-free 'MaskAttn Zero-Shot Gates' (no file needed, any SDXL checkpoint). They feed Apply MaskAttn "
+    "through the bypassed (purple) 'Load MaskAttn Gates'.\n\nLearned gates: select 'Load MaskAttn Gates', press "
+    "Ctrl+B to un-bypass it and pick your gate file. No trained gates are published: train them with 'Train MaskAttn "
+    "Gates' + 'Save MaskAttn Gates', or `python -m cli.train` (README, Training)."
+)
+
+
+def _gate_nodes(x, y):
+    """The gate source: zero-shot gates through a bypassed learned-gate loader (un-bypass it to switch)."""
+    return [
+        (2, "MaskAttnZeroShotGates", ZERO_SHOT, {"clip": (1, 1)}, (x, y)),
+        (3, "MaskAttnLoadGates", [GATES], {"maskattn": (2, 0)}, (x + 380, y), {"mode": BYPASSED}),
+        (15, "Note", [SWITCH_NOTE], {}, (x + 380, y + 120)),
+    ]
+
+
 def viewer_workflow():
-    """(a) SDXL txt2img with Load + Apply MaskAttn, recording, and the gate viewer."""
+    """(a) SDXL txt2img with zero-shot gates, Apply MaskAttn, recording, and the gate viewer."""
     return "maskattn_sdxl_viewer", [
         (1, "CheckpointLoaderSimple", [CHECKPOINT], {}, (40, 120)),
-        (2, "MaskAttnLoadGates", [GATES], {}, (40, 330)),
-        (3, "MaskAttnApply", APPLY, {"model": (1, 0), "maskattn": (2, 0)},
-         (400, 120)),
-        (4, "MaskAttnRecordGates", ["all", "all", False, 32, 64], {"model": (3, 0)}, (760, 120)),
-        (5, "CLIPTextEncode", [PROMPT], {"clip": (1, 1)}, (400, 440)),
-        (6, "CLIPTextEncode", [NEGATIVE], {"clip": (1, 1)}, (400, 660)),
-        (7, "EmptyLatentImage", [1024, 1024, 1], {}, (760, 660)),
+        *_gate_nodes(40, 330),
+        (4, "MaskAttnApply", APPLY, {"model": (1, 0), "maskattn": (3, 0)}, (800, 120)),
+        (5, "MaskAttnRecordGates", ["all", "all", False, 32, 64], {"model": (4, 0)}, (1160, 120)),
+        (6, "CLIPTextEncode", [NEGATIVE], {"clip": (1, 1)}, (800, 660)),
+        (7, "EmptyLatentImage", [1024, 1024, 1], {}, (1160, 660)),
         (8, "KSampler", [SEED, "fixed", 25, 7.0, "euler", "normal", 1.0],
-         {"model": (4, 0), "positive": (5, 0), "negative": (6, 0), "latent_image": (7, 0)}, (1100, 120)),
-        (9, "VAEDecode", [], {"samples": (8, 0), "vae": (1, 2)}, (1460, 120)),
-        (10, "SaveImage", ["MaskAttn"], {"images": (9, 0)}, (1460, 260)),
+         {"model": (5, 0), "positive": (2, 2), "negative": (6, 0), "latent_image": (7, 0)}, (1500, 120)),
+        (9, "VAEDecode", [], {"samples": (8, 0), "vae": (1, 2)}, (1860, 120)),
+        (10, "SaveImage", ["MaskAttn"], {"images": (9, 0)}, (1860, 260)),
         (11, "MaskAttnPreviewGates", ["mean", "mean", "layers", "", "gate", 0.6, 0, ""],
-         {"model": (4, 0), "image": (9, 0), "conditioning": (5, 0)}, (1800, 120)),
+         {"model": (5, 0), "image": (9, 0), "conditioning": (2, 2)}, (2200, 120)),
     ]
 
 
 def compare_workflow():
-    """(b) the same seed with and without MaskAttn, side by side in one image batch."""
+    """(b) the same seed with and without MaskAttn (zero-shot gates), side by side in one image batch."""
     return "maskattn_sdxl_compare", [
         (1, "CheckpointLoaderSimple", [CHECKPOINT], {}, (40, 120)),
-        (2, "MaskAttnLoadGates", [GATES], {}, (40, 330)),
-        (3, "MaskAttnApply", APPLY, {"model": (1, 0), "maskattn": (2, 0)},
-         (400, 120)),
-        (5, "CLIPTextEncode", [PROMPT], {"clip": (1, 1)}, (400, 440)),
-        (6, "CLIPTextEncode", [NEGATIVE], {"clip": (1, 1)}, (400, 660)),
-        (7, "EmptyLatentImage", [1024, 1024, 1], {}, (760, 660)),
+        *_gate_nodes(40, 330),
+        (4, "MaskAttnApply", APPLY, {"model": (1, 0), "maskattn": (3, 0)}, (800, 120)),
+        (6, "CLIPTextEncode", [NEGATIVE], {"clip": (1, 1)}, (800, 660)),
+        (7, "EmptyLatentImage", [1024, 1024, 1], {}, (1160, 660)),
         (8, "KSampler", [SEED, "fixed", 25, 7.0, "euler", "normal", 1.0],
-         {"model": (1, 0), "positive": (5, 0), "negative": (6, 0), "latent_image": (7, 0)}, (1100, 40)),
+         {"model": (1, 0), "positive": (2, 2), "negative": (6, 0), "latent_image": (7, 0)}, (1500, 40)),
         (9, "KSampler", [SEED, "fixed", 25, 7.0, "euler", "normal", 1.0],
-         {"model": (3, 0), "positive": (5, 0), "negative": (6, 0), "latent_image": (7, 0)}, (1100, 400)),
-        (10, "VAEDecode", [], {"samples": (8, 0), "vae": (1, 2)}, (1460, 40)),
-        (11, "VAEDecode", [], {"samples": (9, 0), "vae": (1, 2)}, (1460, 400)),
-        (12, "ImageBatch", [], {"image1": (10, 0), "image2": (11, 0)}, (1720, 200)),
-        (13, "SaveImage", ["MaskAttn_without_vs_with"], {"images": (12, 0)}, (1960, 200)),
+         {"model": (4, 0), "positive": (2, 2), "negative": (6, 0), "latent_image": (7, 0)}, (1500, 400)),
+        (10, "VAEDecode", [], {"samples": (8, 0), "vae": (1, 2)}, (1860, 40)),
+        (11, "VAEDecode", [], {"samples": (9, 0), "vae": (1, 2)}, (1860, 400)),
+        (12, "ImageBatch", [], {"image1": (10, 0), "image2": (11, 0)}, (2120, 200)),
+        (13, "SaveImage", ["MaskAttn_without_vs_with"], {"images": (12, 0)}, (2360, 200)),
     ]
 
 
@@ -92,9 +114,27 @@ TITLES = {(("maskattn_sdxl_compare", 8)): "KSampler (without MaskAttn)",
           (("maskattn_sdxl_compare", 9)): "KSampler (with MaskAttn)"}
 
 
+def _extra(node) -> dict:
+    return node[5] if len(node) > 5 else {}
+
+
 def api_format(nodes) -> dict:
+    """What the frontend queues: no bypassed or frontend-only nodes; links through a bypassed node go to its input
+    of the same type."""
+    by_id = {n[0]: n for n in nodes}
+
+    def source(src, slot):
+        while _extra(by_id[src]).get("mode") == BYPASSED:
+            kind = SOCKETS[by_id[src][1]][2][slot][1]
+            name = next(n for n, t in SOCKETS[by_id[src][1]][0] if t == kind)
+            src, slot = by_id[src][3][name]
+        return [str(src), slot]
+
     prompt = {}
-    for node_id, cls, widgets, links, _ in nodes:
+    for node in nodes:
+        node_id, cls, widgets, links = node[:4]
+        if cls in FRONTEND_ONLY_NODES or _extra(node).get("mode") == BYPASSED:
+            continue
         sockets, widget_names, _ = SOCKETS[cls]
         inputs = {}
         names = [w for w in widget_names if w not in FRONTEND_ONLY_WIDGETS]
@@ -102,14 +142,14 @@ def api_format(nodes) -> dict:
         assert len(widget_names) == len(widgets), (cls, widgets)
         inputs.update(zip(names, values))
         for name, (src, slot) in links.items():
-            inputs[name] = [str(src), slot]
+            inputs[name] = source(src, slot)
         prompt[str(node_id)] = {"inputs": inputs, "class_type": cls}
     return prompt
 
 
 def ui_format(name, nodes) -> dict:
     links, out_links = [], {}
-    for node_id, cls, _, node_links, _ in nodes:
+    for node_id, cls, _, node_links, *_ in nodes:
         sockets = [s for s, _ in SOCKETS[cls][0]]
         for input_name, (src, slot) in node_links.items():
             link_id = len(links) + 1
@@ -118,11 +158,11 @@ def ui_format(name, nodes) -> dict:
             out_links.setdefault((src, slot), []).append(link_id)
     in_links = {(lk[3], lk[4]): lk[0] for lk in links}
     ui_nodes = []
-    for order, (node_id, cls, widgets, _, pos) in enumerate(nodes):
+    for order, (node_id, cls, widgets, _, pos, *extra) in enumerate(nodes):
         sockets, _, outputs = SOCKETS[cls]
         node = {
             "id": node_id, "type": cls, "pos": list(pos), "size": [320, 100 + 26 * len(widgets)], "flags": {},
-            "order": order, "mode": 0,
+            "order": order, "mode": (extra[0] if extra else {}).get("mode", 0),
             "inputs": [{"name": n, "type": t, "link": in_links.get((node_id, i))} for i, (n, t) in enumerate(sockets)],
             "outputs": [{"name": n, "type": t, "links": out_links.get((node_id, i), []), "slot_index": i}
                         for i, (n, t) in enumerate(outputs)],
@@ -133,6 +173,12 @@ def ui_format(name, nodes) -> dict:
             node["title"] = TITLES[(name, node_id)]
         if cls == "MaskAttnPreviewGates":
             node["size"] = [520, 760]
+        elif cls == "MaskAttnZeroShotGates":
+            node["size"] = [340, 420]
+        elif cls == "Note":
+            node["size"] = [340, 200]
+            node["properties"] = {"text": ""}
+            node["color"], node["bgcolor"] = "#432", "#653"
         ui_nodes.append(node)
     return {"last_node_id": max(n[0] for n in nodes), "last_link_id": len(links), "nodes": ui_nodes, "links": links,
             "groups": [], "config": {}, "extra": {}, "version": 0.4}

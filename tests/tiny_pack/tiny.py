@@ -123,7 +123,34 @@ class MaskAttnTestTinyCheckpoint:
         return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1})}}
 
     def load(self, seed):
-        return tiny_sdxl_model(seed), TinyCLIP(seed), TinyVAE()
+        return shrink_large_latents(tiny_sdxl_model(seed)), TinyCLIP(seed), TinyVAE()
+
+
+INNER_SIDE = 32  # latent cells a side the tiny UNet's first level works at, whatever the image size
+
+
+def shrink_large_latents(model):
+    """A clone that runs the UNet's inner blocks at most INNER_SIDE cells a side (ComfyUI's own block patches, as
+    its PatchModelAddDownscale node uses them): the shipped workflows' 1024x1024 then take seconds on a CPU. Latents
+    of INNER_SIDE or less pass untouched."""
+    import torch.nn.functional as F
+
+    def after_skip(h, transformer_options):
+        if transformer_options["block"][1] == 0 and max(h.shape[-2:]) > INNER_SIDE:
+            factor = max(h.shape[-2:]) / INNER_SIDE
+            h = F.interpolate(h, size=(max(1, round(h.shape[-2] / factor)), max(1, round(h.shape[-1] / factor))),
+                              mode="bilinear", align_corners=False)
+        return h
+
+    def output(h, hsp, transformer_options):
+        if h.shape[-2:] != hsp.shape[-2:]:
+            h = F.interpolate(h, size=hsp.shape[-2:], mode="bilinear", align_corners=False)
+        return h, hsp
+
+    shrunk = model.clone()
+    shrunk.set_model_input_block_patch_after_skip(after_skip)
+    shrunk.set_model_output_block_patch(output)
+    return shrunk
 
 
 def write_tiny_gates(folder, seed: int = 0, name: str = TINY_GATES):
