@@ -188,15 +188,21 @@ def _referenced_masks(folder: Path) -> set[Path]:
 
 def _check_masks(ex: Example, problems: list[str], where: str) -> None:
     """Each mask opens, has the image's size and is not empty; each box covers at least one pixel."""
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     try:
         with Image.open(ex.image) as im:
             size = im.size
+            upright = ImageOps.exif_transpose(im).size if any(o.box for o in ex.objects) else size  # boxes: as drawn
     except Exception:
         return  # the image's own problem is reported already
     for obj in ex.objects:
         if obj.mask is None:
+            x0, y0, x1, y1 = obj.box
+            width, height = (x1 - x0) * upright[0], (y1 - y0) * upright[1]
+            if width < 1 or height < 1:
+                problems.append(f"{where}: box {list(obj.box)} ({obj.phrase}) is {width:.2g}x{height:.2g} pixels of "
+                                f"the {upright[0]}x{upright[1]} image; a box must cover at least one pixel each way")
             continue
         try:
             with Image.open(obj.mask) as m:
@@ -338,7 +344,9 @@ def load_object_mask(ex: Example, obj: ObjectSpec, resolution: int):
             plane = ImageOps.exif_transpose(m).convert("L")
     else:
         plane = Image.new("L", size, 0)
-        x0, y0, x1, y1 = obj.box
-        ImageDraw.Draw(plane).rectangle([x0 * size[0], y0 * size[1], x1 * size[0] - 1, y1 * size[1] - 1], fill=255)
+        left, top = obj.box[0] * size[0], obj.box[1] * size[1]
+        # (PIL's corners are inclusive; a box under one pixel, which scan() reports, still draws one pixel)
+        right, bottom = max(left, obj.box[2] * size[0] - 1), max(top, obj.box[3] * size[1] - 1)
+        ImageDraw.Draw(plane).rectangle([left, top, right, bottom], fill=255)
     plane = _square(plane, resolution, Image.Resampling.BILINEAR)
     return torch.from_numpy(np.asarray(plane, dtype=np.float32).copy() / 255.0)

@@ -33,6 +33,7 @@ EXIT_USAGE = 3
 
 def build_parser() -> argparse.ArgumentParser:
     from comfyui_maskattn.masks.objectives import OBJECTIVES
+    from comfyui_maskattn.masks.topology import PLACEMENTS, STAGE_CHOICES
     from comfyui_maskattn.masks.train import TRAIN_DEFAULTS as D
 
     p = argparse.ArgumentParser(
@@ -50,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--name", default="maskattn_gates", help="file name of the final gate file")
     src.add_argument("--model-factory", help=argparse.SUPPRESS)  # "module:function" or "file.py:function" (tests)
     g = p.add_argument_group("gates")
-    g.add_argument("--stage", default=D["stage"], choices=["mid", "high", "low", "all"])
-    g.add_argument("--placement", default=D["placement"], choices=["encoder_decoder", "encoder", "decoder"])
+    g.add_argument("--stage", default=D["stage"], choices=list(STAGE_CHOICES))
+    g.add_argument("--placement", default=D["placement"], choices=list(PLACEMENTS))
     g.add_argument("--hidden", type=int, default=D["hidden"], help="gate MLP width")
     g.add_argument("--init", help="start from this gate file (.safetensors) instead of fresh heads")
     g.add_argument(
@@ -263,20 +264,12 @@ def encode_dataset(args, examples, model, clip, vae, fingerprint: str, dist: Dis
 
 
 def clip_tokens(clip, text: str) -> tuple[dict, dict]:
-    """(ComfyUI tokenization with word ids, the tokenizer's id -> BPE string) of `text`, for phrase -> token maps."""
-    try:
-        tokens = clip.tokenize(text, return_word_ids=True)
-    except TypeError:
-        tokens = clip.tokenize(text)
-    if not isinstance(tokens, dict):
-        tokens = {"l": tokens}
-    encoder = "l" if "l" in tokens else next(iter(tokens))
-    vocab = getattr(getattr(getattr(clip, "tokenizer", None), f"clip_{encoder}", None), "inv_vocab", None)
-    if not isinstance(vocab, dict) or not vocab:
-        import comfy.sd1_clip  # every SD text encoder shares CLIP's BPE vocabulary
+    """(ComfyUI tokenization with word ids, the tokenizer's id -> BPE string) of `text`, for phrase -> token maps:
+    the zero-shot node's helpers (its stock vocabulary, built once, serves a CLIP that hides its own)."""
+    from comfyui_maskattn.nodes.zeroshot import clip_vocab, tokenize
 
-        vocab = comfy.sd1_clip.SDTokenizer().inv_vocab
-    return tokens, vocab
+    tokens = tokenize(clip, text)
+    return tokens, clip_vocab(clip, "l" if "l" in tokens else next(iter(tokens)))
 
 
 def encode_objects(examples, clip, resolution: int):
@@ -385,8 +378,9 @@ def _run(args, examples, dist: Dist, fingerprint) -> int:
         examples, args.resolution, getattr(model.model, "model_type", ""), args.checkpoint or args.model_factory
     )
     data = encode_dataset(args, shard, model, clip, vae, key, dist)
-    if any(ex.objects for ex in shard):
-        data = data.with_objects(encode_objects(shard, clip, args.resolution))
+    # Every rank attaches its shard's masks, None for images without: a rank whose shard has none still runs the
+    # mask loss (zero weight) in each mask-supervised step, so no rank waits for another's gradients.
+    data = data.with_objects(encode_objects(shard, clip, args.resolution))
     del clip, vae
     import comfy.model_management as mm
 

@@ -80,10 +80,12 @@ def explicit_attention(q: Tensor, k: Tensor, v: Tensor, heads: int, mask: Tensor
     qh = q.view(b, n, heads, d).transpose(1, 2)
     kh = k.view(b, -1, heads, d).transpose(1, 2)
     vh = v.view(b, -1, heads, d).transpose(1, 2)
-    logits = qh @ kh.transpose(-1, -2) * d ** -0.5
+    # Logits and softmax in at least fp32: fp16 q.k overflows to inf for large activations (inf - inf = NaN in the
+    # softmax), and masked rows differ by 1e4. The weights go back to the input dtype for the product with v.
+    compute = torch.promote_types(q.dtype, torch.float32)
+    logits = (qh.to(compute) @ kh.to(compute).transpose(-1, -2)) * d ** -0.5
     if mask is not None:
-        logits = logits + mask.to(logits.dtype)
-    # softmax in at least fp32: fp16 logits of masked rows differ by 1e4 and need the range.
-    weights = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(dim=-1).to(vh.dtype)
+        logits = logits + mask.to(compute)
+    weights = logits.softmax(dim=-1).to(vh.dtype)
     out = weights @ vh
     return out.transpose(1, 2).reshape(b, n, inner)

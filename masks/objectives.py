@@ -74,7 +74,8 @@ OBJECTIVES: dict[str, Objective] = {
                   summary="stochastic hard gate (logistic noise annealed 1 -> 0) with the soft backward"),
     )
 }
-#: Stays the reference's estimator and loss until part 9's benchmark shows another objective pays (README).
+#: The reference's estimator and loss, started open (logit bias 2) rather than at the reference's 0: under the
+#: straight-through estimator a closed pair gets no gradient, so an open start lets every pair learn to close.
 DEFAULT_OBJECTIVE = "paper_open"
 
 

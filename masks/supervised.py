@@ -11,11 +11,13 @@ denoising objective draws them. Only the heads learn; no gradient goes through t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .region import as_mask, coverage
 
 
 @dataclass
@@ -24,6 +26,8 @@ class ObjectMasks:
 
     owner: Tensor  # [T] long
     masks: Tensor  # [R, H, W] float in [0, 1]
+    # (h, w) -> [h*w, R] coverage: computed once per grid, not at every layer and step
+    _coverage: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         self.owner = torch.as_tensor(self.owner, dtype=torch.long).reshape(-1)
@@ -33,6 +37,15 @@ class ObjectMasks:
         if self.owner.numel() and int(self.owner.max()) >= self.masks.shape[0]:
             raise ValueError("a token names an object without a mask")
 
+    def cell_coverage(self, h: int, w: int) -> Tensor:
+        """[h*w, R]: the share of each latent cell each object covers (the region gates' coverage, so a small object
+        keeps its most covered cell), cached per grid."""
+        cached = self._coverage.get((h, w))
+        if cached is None:
+            r = self.masks.shape[0]
+            cached = self._coverage[(h, w)] = coverage(self.masks, h, w).reshape(r, h * w).T.contiguous()
+        return cached
+
     def targets(self, h: int, w: int, tokens: int) -> tuple[Tensor, Tensor]:
         """(target keep-probability [h*w, tokens], weight [h*w, tokens]) on an h x w grid; a context longer than the
         image's own (repeated to a common length in a batch) repeats the pattern."""
@@ -40,7 +53,7 @@ class ObjectMasks:
         if tokens % own:
             raise ValueError(f"context of {tokens} tokens is not a repetition of this image's {own}")
         owner = self.owner.repeat(tokens // own)
-        cover = cell_coverage(self.masks, h, w).reshape(self.masks.shape[0], h * w).T  # [N, R]
+        cover = self.cell_coverage(h, w)  # [N, R]
         supervised = owner >= 0
         target = torch.zeros(h * w, tokens)
         target[:, supervised] = cover[:, owner[supervised]]
@@ -68,24 +81,15 @@ def object_masks(text: str, phrases: list[str], masks: list[Tensor], tokens: dic
         raise ValueError(f"phrase(s) {missing} map to no token of the caption")
     planes = []
     for i, m in enumerate(masks):
-        m = torch.as_tensor(m).detach().float().cpu()
-        while m.ndim > 2 and m.shape[0] == 1:
-            m = m[0]
-        if m.ndim != 2 or min(m.shape) == 0:
-            raise ValueError(f"mask {i + 1} has shape {tuple(torch.as_tensor(masks[i]).shape)}; expected [H, W]")
-        if not torch.isfinite(m).all():
-            raise ValueError(f"mask {i + 1} contains NaN or infinite values")
-        planes.append(m.clamp(0.0, 1.0))
+        m = as_mask(m, f"mask {i + 1}")  # [B, H, W] in [0, 1]; bad shapes, NaN and empty masks are reported
+        if m.shape[0] != 1:
+            raise ValueError(f"mask {i + 1} holds {m.shape[0]} masks; expected one [H, W] mask per phrase")
+        planes.append(m[0])
     h = max(m.shape[0] for m in planes)
     w = max(m.shape[1] for m in planes)
     stacked = torch.stack([m if tuple(m.shape) == (h, w) else
                            F.interpolate(m[None, None], size=(h, w), mode="nearest")[0, 0] for m in planes])
     return ObjectMasks(torch.tensor(owner, dtype=torch.long), stacked)
-
-
-def cell_coverage(masks: Tensor, h: int, w: int) -> Tensor:
-    """[R, H, W] masks -> [R, h, w] fraction of each latent cell each mask covers."""
-    return F.interpolate(masks.float()[:, None], size=(h, w), mode="area")[:, 0].clamp(0.0, 1.0)
 
 
 def batch_targets(objects: list[ObjectMasks | None], h: int, w: int, tokens: int, device) -> tuple[Tensor, Tensor]:
@@ -102,22 +106,35 @@ def batch_targets(objects: list[ObjectMasks | None], h: int, w: int, tokens: int
     return torch.stack(ts).to(device), torch.stack(ws).to(device)
 
 
+def _targets_by_grid(objects, records) -> dict:
+    """The batch targets of each (grid, tokens, device) the records need, built once per forward pass: every layer
+    of a grid shares them."""
+    out = {}
+    for r in records:
+        key = (tuple(r.grid), r.logits.shape[-1], r.logits.device)
+        if key not in out:
+            out[key] = batch_targets(objects, r.grid[0], r.grid[1], r.logits.shape[-1], r.logits.device)
+    return out
+
+
 def mask_loss(records, objects: list[ObjectMasks | None]) -> Tensor:
     """Mean over gated layers of the weighted binary cross-entropy between gate logits and mask coverage.
 
-    `records`: GateRecords (masks/objectives.py) of one forward pass, logits [B, N, T] on grid (h, w).
+    `records`: GateRecords (masks/objectives.py) of one forward pass, logits [B, N, T] on grid (h, w). A batch without
+    any masks gives a zero loss that still depends on every gate's logits (the same graph on every DDP rank).
     """
     if not records:
         raise ValueError("no gated layer ran: nothing to supervise")
+    for r in records:
+        h, w = r.grid
+        if h * w != r.logits.shape[1]:
+            raise ValueError(f"layer {r.key}: grid {h}x{w} does not match {r.logits.shape[1]} locations")
+    targets = _targets_by_grid(objects, records)
     losses = []
     for r in records:
-        b, n, t = r.logits.shape
-        h, w = r.grid
-        if h * w != n:
-            raise ValueError(f"layer {r.key}: grid {h}x{w} does not match {n} locations")
-        target, weight = batch_targets(objects, h, w, t, r.logits.device)
-        if b != target.shape[0]:
-            raise ValueError(f"layer {r.key}: {b} rows but {target.shape[0]} images with masks")
+        target, weight = targets[(tuple(r.grid), r.logits.shape[-1], r.logits.device)]
+        if r.logits.shape[0] != target.shape[0]:
+            raise ValueError(f"layer {r.key}: {r.logits.shape[0]} rows but {target.shape[0]} images with masks")
         bce = F.binary_cross_entropy_with_logits(r.logits.float(), target, reduction="none")
         losses.append((bce * weight).sum() / weight.sum().clamp_min(1.0))
     return torch.stack(losses).mean()
@@ -126,9 +143,9 @@ def mask_loss(records, objects: list[ObjectMasks | None]) -> Tensor:
 def mask_agreement(records, objects: list[ObjectMasks | None], threshold: float = 0.5) -> float:
     """Share of supervised (location, token) pairs where the hard gate agrees with the mask (coverage > 0.5)."""
     agree = total = 0.0
+    targets = _targets_by_grid(objects, records)
     for r in records:
-        b, n, t = r.logits.shape
-        target, weight = batch_targets(objects, r.grid[0], r.grid[1], t, r.logits.device)
+        target, weight = targets[(tuple(r.grid), r.logits.shape[-1], r.logits.device)]
         hard = r.probabilities.detach() > threshold
         agree += float((((target > 0.5) == hard).float() * weight).sum())
         total += float(weight.sum())

@@ -49,6 +49,7 @@ from ..masks.train import (
     run_training,
 )
 from . import hooks
+from .region import MASK_SOCKETS
 
 log = logging.getLogger("MaskAttn")
 CATEGORY = "MaskAttn"
@@ -282,7 +283,7 @@ INITIAL_LOGIT_BIAS = OBJECTIVES[DEFAULT_OBJECTIVE].init_bias
 
 
 def fresh_gates(
-    sites, hidden_dim: int = 128, seed: int = 0, initial_bias: float = INITIAL_LOGIT_BIAS, **fields
+    sites, hidden_dim: int = TRAIN_DEFAULTS["hidden"], seed: int = 0, initial_bias: float = INITIAL_LOGIT_BIAS, **fields
 ) -> MaskAttnGates:
     gates = MaskAttnGates.fresh(sites, hidden_dim=hidden_dim, share_by_stage=True, seed=seed, **fields)
     with torch.no_grad():
@@ -429,8 +430,11 @@ class TrainingSession:
         # the clean-image loss is divided by the mean c_out^2 of its noise levels: the eps loss's magnitude
         x0_scale = float(model_objective.output_scale(table).pow(2).mean()) if spec.loss_space == "x0" else 1.0
         mask_steps = trainer.config.mask_steps if trainer is not None else 0
-        if mask_steps and (examples.objects is None or not any(o is not None for o in examples.objects)):
-            raise TrainingInputError("mask-supervised steps were asked for, but no image has object masks")
+        # Only a missing list is an error here: under DDP a rank whose shard has no masks still runs the mask loss
+        # (zero weight, the same graph) while the others wait for its gradients. The front doors check that some
+        # image has masks.
+        if mask_steps and examples.objects is None:
+            raise TrainingInputError("mask-supervised steps were asked for, but no object masks were given")
         shape = tuple(examples.latents.shape[1:])
 
         def run(gen: torch.Generator) -> Tensor:
@@ -555,7 +559,6 @@ def loss_curve_image(
 
 # --- the node -------------------------------------------------------------------------------------------------------
 NODE = "Train MaskAttn Gates"
-MASK_SOCKETS = 4
 
 
 def _per_image(lines: list[str], n: int, what: str) -> list[str]:
@@ -764,6 +767,9 @@ class MaskAttnTrainGates:
             if lead and not supervised:
                 raise TrainingInputError("mask_steps: no masks connected; connect mask_1.. with phrases and captions, "
                                          "or set mask_steps to -1")
+            if lead and not any(o is not None for o in examples.objects):
+                raise TrainingInputError("phrases: no image has a phrase (only '|', blanks or comments); write each "
+                                         "image's object phrases ('red cube | blue sphere'), or set mask_steps to 0")
             config = TrainConfig(
                 steps=steps,
                 batch_size=batch_size,

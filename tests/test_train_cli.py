@@ -235,3 +235,35 @@ def test_mask_supervised_run_then_objective(tmp_path):
     rows = list(csv.DictReader(open(out / "loss.csv")))
     assert len(rows) == 4 and all(float(r["loss"]) >= 0 for r in rows)
     assert load_gates(out / "maskattn_gates.safetensors").kind == "trained"
+
+
+def test_a_box_under_one_pixel_is_reported_and_still_draws(tmp_path, capsys):
+    import json
+
+    from comfyui_maskattn.cli.dataset import Example, ObjectSpec, load_object_mask
+
+    data = make_dataset(tmp_path / "data", count=2, objects=True)
+    narrow = [0.5, 0.0, 0.51, 1.0]  # 0.32 px of a 32 px image
+    (data / "img01.objects.json").write_text(json.dumps([{"phrase": "red cube", "mask": "img01_cube.png"},
+                                                         {"phrase": "blue sphere", "box": narrow}]))
+    err = _bad(tmp_path, capsys, data)
+    assert "1 problem(s)" in err and "box [0.5, 0.0, 0.51, 1.0] (blue sphere) is 0.32x32 pixels" in err
+    # drawing it (a caller that skipped the checks) gives a one-pixel line, not PIL's "x1 must be >= x0"
+    plane = load_object_mask(Example(data / "img01.png", "a blue sphere"), ObjectSpec("blue sphere", box=tuple(narrow)),
+                             32)
+    assert plane.shape == (32, 32) and float(plane.sum()) == 32.0 and float(plane[:, 16].sum()) == 32.0
+
+
+def test_clip_tokens_use_the_zero_shot_helpers_and_build_the_fallback_vocabulary_once(host):
+    from comfyui_maskattn.cli.train import clip_tokens
+    from comfyui_maskattn.nodes.zeroshot import clip_vocab
+
+    from train_support import FakeClip
+
+    clip = FakeClip()
+    tokens, vocab = clip_tokens(clip, "a red cube")
+    assert vocab is clip.tokenizer.clip_l.inv_vocab and tokens["l"][0][1][2] == 1  # with word ids
+    hidden = type("Wrapper", (), {"tokenize": lambda self, text, **kw: clip.tokenize(text, **kw)})()
+    # a CLIP wrapper that hides its tokenizer: the host's stock CLIP vocabulary serves, built once
+    first, second = clip_tokens(hidden, "a red cube")[1], clip_tokens(hidden, "a blue sphere")[1]
+    assert first is second is clip_vocab(hidden, "l") and first[49406] == "<|startoftext|>"

@@ -496,3 +496,38 @@ def test_node_trains_on_mask_inputs_and_reports_bad_ones(host, T, small):
     with torch.inference_mode(), pytest.raises(NodeError, match="captions: 3 lines for 2 images"):
         T.MaskAttnTrainGates().train(model, latent, conds, **args, clip=clip, captions="a\nb\nc",
                                      phrases="red cube", mask_1=left)
+
+
+def test_a_shard_without_masks_runs_the_same_zero_weight_mask_loss(host, T, small):
+    """A DDP rank whose images have no masks must still run the mask loss (and reach every gate) in mask-supervised
+    steps, or the other ranks wait for its gradients forever."""
+    from comfyui_maskattn.masks.train import GateTrainer, TrainConfig
+
+    latent, conds = _data(host, small, n=2)
+    examples = T.prepare_examples(small, latent, conds).with_objects([None, None])
+    gates = T.new_gates(small, "mid", "encoder_decoder", 8, 0)
+    config = TrainConfig(steps=2, batch_size=2, mask_steps=2, objective="paper_open")
+    with T.TrainingSession(small, gates) as session:
+        trainer = GateTrainer(gates.heads, config, device=session.device)
+        loss = session.loss_fn(examples, 2, trainer=trainer)(trainer.generator())
+        loss.backward()
+        assert float(loss.detach()) == 0.0
+        assert all(p.grad is not None and float(p.grad.abs().sum()) == 0.0 for p in gates.heads.parameters())
+
+
+def test_node_names_phrases_that_hold_no_phrase(host, T):
+    import sys
+    from pathlib import Path
+
+    from comfyui_maskattn.nodes.gates import NodeError
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from train_support import FakeClip
+
+    clip = FakeClip()
+    cond, pooled = clip.encode_from_tokens(clip.tokenize("a red cube"), return_pooled=True)
+    model = host.tiny_sdxl(seed=0, transformer_depth=(0, 1, 1), context_dim=cond.shape[-1])
+    latent = {"samples": torch.zeros(1, 4, 4, 4)}
+    with torch.inference_mode(), pytest.raises(NodeError, match="Train MaskAttn Gates: phrases: no image has a"):
+        T.MaskAttnTrainGates().train(model, latent, [[cond, {"pooled_output": pooled}]], **_node_args(steps=1),
+                                     clip=clip, captions="a red cube", phrases="|", mask_1=torch.ones(1, 32, 32))

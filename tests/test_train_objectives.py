@@ -15,7 +15,8 @@ from comfyui_maskattn.masks.objectives import (
     noise_scale,
     sigma_band_table,
 )
-from comfyui_maskattn.masks.supervised import ObjectMasks, cell_coverage, mask_agreement, mask_loss
+from comfyui_maskattn.masks import supervised
+from comfyui_maskattn.masks.supervised import ObjectMasks, mask_agreement, mask_loss, object_masks
 from comfyui_maskattn.masks.train import TRAIN_DEFAULTS, TrainConfig, resolve_warmup
 
 
@@ -163,8 +164,11 @@ def test_object_mask_targets():
     assert target.shape == (4, 10) and weight.shape == (4, 10)
     assert weight[0].tolist() == [0, 1, 1, 1, 0] * 2
     assert target[:, 1].tolist() == [1, 0, 1, 0] and target[:, 3].tolist() == [0, 1, 0, 1]
-    cov = cell_coverage(torch.ones(1, 4, 4) * torch.tensor([1.0, 1, 0, 0]), 1, 2)
-    assert cov.tolist() == [[[1.0, 0.0]]]
+    half = ObjectMasks(owner=torch.tensor([0]), masks=torch.ones(1, 4, 4) * torch.tensor([1.0, 1, 0, 0]))
+    assert half.cell_coverage(1, 2).tolist() == [[1.0], [0.0]]
+    small = torch.zeros(1, 8, 8)
+    small[0, 0, 0] = 1  # 1/64 of the image: its cell keeps it on a coarse grid (region gates' coverage)
+    assert ObjectMasks(owner=torch.tensor([0]), masks=small).cell_coverage(2, 2)[:, 0].tolist() == [1.0, 0, 0, 0]
     with pytest.raises(ValueError, match="repetition"):
         objects.targets(2, 2, 7)
 
@@ -201,3 +205,54 @@ def test_mask_supervised_head_recovers_planted_masks():
     assert after >= 0.95 and after > before + 0.2, (before, after)
     # an image without masks is not supervised at all
     assert mask_loss(records(), [None] * 4).item() == 0.0
+
+
+def test_mask_loss_builds_each_grids_targets_once_per_pass(monkeypatch):
+    """Layers that share a grid share the targets; an image's coverage of a grid is computed once, not every step."""
+    calls = []
+    real = supervised.coverage
+    monkeypatch.setattr(supervised, "coverage", lambda m, h, w: calls.append((h, w)) or real(m, h, w))
+    objects = [ObjectMasks(owner=torch.tensor([-1, 0, 1]), masks=_halves()) for _ in range(2)]
+    logits = torch.zeros(2, 4, 3, requires_grad=True)
+    records = [GateRecord(f"site{i}", logits, torch.sigmoid(logits), (2, 2)) for i in range(5)]
+    built = []
+    real_batch = supervised.batch_targets
+    monkeypatch.setattr(supervised, "batch_targets", lambda *a: built.append(a[1:4]) or real_batch(*a))
+    for _ in range(3):  # three steps
+        mask_loss(records, objects).backward()
+    assert calls == [(2, 2), (2, 2)]  # once per image
+    assert built == [(2, 2, 3)] * 3  # once per pass, not once per layer
+
+
+def test_mask_loss_of_a_batch_without_masks_is_zero_but_reaches_every_gate():
+    logits = [torch.randn(2, 4, 3, requires_grad=True) for _ in range(2)]
+    records = [GateRecord(i, x, torch.sigmoid(x), (2, 2)) for i, x in enumerate(logits)]
+    loss = mask_loss(records, [None, None])
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and all(x.grad is not None and float(x.grad.abs().sum()) == 0.0 for x in logits)
+
+
+def test_object_masks_reject_an_empty_mask():
+    tokens = {"l": [[(1, 1.0, 0), (2, 1.0, 1), (3, 1.0, 2), (4, 1.0, 0)]]}
+    vocab = {1: "<|startoftext|>", 2: "red</w>", 3: "cube</w>", 4: "<|endoftext|>"}
+    assert object_masks("red cube", ["red cube"], [torch.ones(4, 4)], tokens, vocab).owner.tolist() == [-1, 0, 0, -1]
+    with pytest.raises(ValueError, match="empty"):
+        object_masks("red cube", ["red cube"], [torch.zeros(4, 4)], tokens, vocab)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_explicit_attention_of_large_half_precision_inputs_is_finite(dtype):
+    """q.k of 64 channels of 300 each is 5.8e6, past fp16's 65504: the logits must not be formed in fp16."""
+    from comfyui_maskattn.masks.attention import explicit_attention
+
+    g = torch.Generator().manual_seed(0)
+    q = (300 + torch.rand(1, 4, 64, generator=g)).to(dtype)
+    k = (300 + torch.rand(1, 3, 64, generator=g)).to(dtype)
+    v = torch.randn(1, 3, 64, generator=g).to(dtype)
+    mask = torch.zeros(1, 1, 4, 3, dtype=dtype)
+    mask[..., 0] = -1.0e4
+    for m in (None, mask):
+        out = explicit_attention(q, k, v, 1, mask=m)
+        ref = explicit_attention(q.double(), k.double(), v.double(), 1, mask=None if m is None else m.double())
+        assert out.dtype == dtype and torch.isfinite(out).all()
+        assert torch.allclose(out.double(), ref, atol=0.05)
