@@ -32,8 +32,16 @@ from torch import Tensor
 from .gate import NEGATIVE_VALUE
 from .gates import GateMismatchError
 from .record import latent_hw
+from .runtime import prompt_rows
 from .topology import STAGE_CHOICES, CrossAttnSite, SiteKey, architecture_name
-from .zeroshot import ENCODERS_OF, SPECIAL_TOKENS, GroupingError, ZeroShotGates, grouping_from_text, token_group_map
+from .zeroshot import (
+    ENCODERS_OF,
+    SPECIAL_TOKENS,
+    GroupingError,
+    grouping_from_text,
+    repeated_copies,
+    token_group_map,
+)
 
 END_TOKEN_MODES = ("keep", "hide_in_regions")
 DEFAULT_END_TOKENS = "keep"
@@ -41,10 +49,29 @@ DEFAULT_STAGE = "all"  # the layout is given, not read from the model's attentio
 
 
 class RegionError(ValueError):
-    """Phrases or masks that do not fit the prompt or each other."""
+    """Phrases or masks that do not fit the prompt or each other; `fix` says what to do about it."""
+
+    fix = ""
+
+    def __init__(self, message: str, fix: str | None = None):
+        super().__init__(message)
+        if fix is not None:
+            self.fix = fix
 
 
-class RegionMaskBatchError(RegionError):
+class RegionPhraseError(RegionError):
+    """The phrases: none written, or words that are not words of the prompt."""
+
+    fix = "Use words of the prompt in phrases, each at most as often as the prompt has it."
+
+
+class RegionMaskError(RegionError):
+    """A mask (mask_1..mask_N): its shape, values, count or batch size."""
+
+    fix = "Connect a mask with a white (non-zero) region for that phrase."
+
+
+class RegionMaskBatchError(RegionMaskError):
     """A mask batch that fits neither one mask for all images nor one per image (found while sampling)."""
 
 
@@ -79,21 +106,25 @@ def token_kinds(tokens: dict, vocab: dict[int, str]) -> list[str]:
     return kinds
 
 
-def _as_mask(mask: Tensor, name: str) -> Tensor:
+def as_mask(mask: Tensor, name: str) -> Tensor:
+    """A MASK input ([H, W], [B, H, W] or [B, 1, H, W]) as a float [B, H, W] CPU tensor in [0, 1]; a RegionMaskError
+    naming `name` for a wrong shape, NaN/inf values or an image with no white pixel."""
     m = torch.as_tensor(mask).detach().float().cpu()
     if m.ndim == 2:
         m = m[None]
     if m.ndim == 4 and m.shape[1] == 1:  # [B, 1, H, W]
         m = m[:, 0]
     if m.ndim != 3 or m.shape[-1] == 0 or m.shape[-2] == 0:
-        raise RegionError(f"{name} has shape {tuple(mask.shape)}; expected a MASK [batch, height, width]")
+        raise RegionMaskError(f"{name} has shape {tuple(mask.shape)}; expected a MASK [batch, height, width]",
+                              fix=f"Connect a MASK to {name} (an image's mask, a drawn or segmented mask).")
     if not torch.isfinite(m).all():
-        raise RegionError(f"{name} contains NaN or infinite values")
+        raise RegionMaskError(f"{name} contains NaN or infinite values",
+                              fix=f"Check the node that makes {name}: a mask holds values from 0 to 1.")
     m = m.clamp(0.0, 1.0)
     empty = [i for i in range(m.shape[0]) if not bool((m[i] > 0).any())]
     if empty:
         which = "is empty" if m.shape[0] == 1 else f"is empty in batch item(s) {empty[:6]}"
-        raise RegionError(f"{name} {which} (all zero): the phrase would be suppressed everywhere")
+        raise RegionMaskError(f"{name} {which} (all zero): the phrase would be suppressed everywhere")
     return m
 
 
@@ -125,30 +156,39 @@ class RegionGates:
             raise ValueError("token_phrases and kinds must have one entry per token position")
         names = mask_names or [f"mask_{i + 1}" for i in range(len(masks))]
         if len(masks) != len(phrases):
-            raise RegionError(f"{len(phrases)} phrase(s) but {len(masks)} mask(s): give one mask per phrase")
+            raise RegionMaskError(f"{len(phrases)} phrase(s) but {len(masks)} mask(s)",
+                                  fix="Give one mask per phrase, in the same order.")
         self.phrases = list(phrases)
         self.token_phrases = list(token_phrases)
         self.kinds = list(kinds)
-        self.masks = [_as_mask(m, n) for m, n in zip(masks, names)]
+        self.masks = [as_mask(m, n) for m, n in zip(masks, names)]
         self.mask_names = names
         batches = {m.shape[0] for m in self.masks}
         self.mask_batch = max(batches)
         if batches - {1, self.mask_batch}:
-            raise RegionError(f"the masks hold different batch sizes {sorted(batches)}: give each one mask, or the "
-                              f"same number of masks (one per image)")
+            raise RegionMaskError(
+                f"{self._names()} hold different batch sizes {sorted(batches)}",
+                fix="Give each phrase one mask (for every image), or every phrase the same number (one per image).")
         missing = [p for i, p in enumerate(self.phrases) if i not in set(self.token_phrases)]
         if missing:
-            raise RegionError(f"phrase(s) {missing} map to no token of the prompt")
+            raise RegionPhraseError(f"phrase(s) {missing} map to no token of the prompt")
         self.stage = stage
         self.end_tokens = end_tokens
         self.encoders = frozenset(encoders)
         self.negative_value = negative_value
         self.source = note or f"region gates [{' | '.join(self.phrases)}]"
-        self._site_stages: dict[SiteKey, str] = {}
+        # stages per architecture checked (these gates are shared by every model they are applied to)
+        self._site_stages: dict[str, dict[SiteKey, str]] = {}
+        self._checked: str | None = None
         self._cache: dict[tuple, Tensor] = {}
+        # finished keep maps per (grid, tokens, row layout, device): (the layout's rows object, the [B, N, T] map)
+        self._finished: dict[tuple, tuple[object, Tensor]] = {}
 
     def __deepcopy__(self, memo):  # read-only once built; shared by a model and its clones
         return self
+
+    def _names(self) -> str:
+        return self.mask_names[0] if len(self.mask_names) == 1 else f"{self.mask_names[0]}..{self.mask_names[-1]}"
 
     # gate-source interface ------------------------------------------------------------------------------------------
     def check_fits(self, sites: list[CrossAttnSite], model_name: str = "this model") -> None:
@@ -158,10 +198,13 @@ class RegionGates:
             raise GateMismatchError(
                 f"the region gates were built with a CLIP whose encoders are {sorted(self.encoders)}, but "
                 f"{model_name} is {arch} (encoders {sorted(expected)}). Connect the CLIP of the same checkpoint.")
-        self._site_stages = {s.key: s.stage for s in sites}
+        self._site_stages[arch] = {s.key: s.stage for s in sites}
+        self._checked = arch
 
-    def covers(self, key: SiteKey) -> bool:
-        stage = self._site_stages.get(key)
+    def covers(self, key: SiteKey, sites: list[CrossAttnSite] | None = None) -> bool:
+        """Whether the site `key` of `sites` (default: of the model last given to check_fits) is in this stage."""
+        stages = {s.key: s.stage for s in sites} if sites is not None else self._site_stages.get(self._checked, {})
+        stage = stages.get(key)
         return stage is not None and (self.stage == "all" or stage == self.stage)
 
     def keep_template(self, h: int, w: int, tokens: int, device) -> Tensor:
@@ -170,6 +213,10 @@ class RegionGates:
         cached = self._cache.get(key)
         if cached is not None:
             return cached
+        with torch.inference_mode(False):  # a normal tensor: usable in and out of inference mode
+            return self._make_template(key, h, w, tokens, device)
+
+    def _make_template(self, key: tuple, h: int, w: int, tokens: int, device) -> Tensor:
         length = len(self.token_phrases)
         repeat = tokens // length
         phrase_of = torch.tensor(self.token_phrases * repeat)
@@ -185,32 +232,53 @@ class RegionGates:
         return cached
 
     def attention_probabilities(self, key: SiteKey, q: Tensor, k: Tensor, heads: int, info: dict) -> Tensor:
-        """Keep-probabilities [B, N, T] for one gated layer: the positive rows from the masks, the rest 1."""
+        """Keep-probabilities [B, N, T] for one gated layer: the prompt's rows from the masks, the rest 1.
+
+        The prompt's rows are masks.runtime.prompt_rows: the cond chunks, or the rows the host adapter found by text
+        when another pack changed the batch (an attention couple's region rows carry other prompts and stay 1). The
+        i-th of them draws image i mod (images), images = prompt rows / cond chunks: the sampler's batch order, which
+        the couples keep for the rows they leave in place. The returned map is cached and shared: read it only."""
         b, n, _ = q.shape
         t = k.shape[1]
-        out = torch.ones(b, n, t, device=q.device, dtype=torch.float32)
         length = len(self.token_phrases)
-        if length == 0 or t % length:
-            return out  # a context that is not this prompt (repeated): leave it alone
-        chunks = list((info or {}).get("cond_or_uncond") or [0])
-        if b % len(chunks):
-            chunks = [0]
-        per = b // len(chunks)
-        if self.mask_batch not in (1, per):
+        if length == 0 or t % length:  # a context that is not this prompt (repeated): leave it alone
+            return torch.ones(b, n, t, device=q.device, dtype=torch.float32)
+        info = info or {}
+        rows = prompt_rows(info, b, q.device)
+        h, w = latent_hw(n, info)
+        chunks = tuple(info.get("cond_or_uncond") or (0,))
+        cache_key = (h, w, t, b, chunks, id(rows), str(q.device))
+        cached = self._finished.get(cache_key)
+        if cached is not None and cached[0] is rows:
+            keep = cached[1]
+        else:
+            with torch.inference_mode(False):  # a normal tensor: usable in and out of inference mode
+                keep = self._finished_map(rows, b, n, t, h, w, chunks, q.device)
+            if len(self._finished) >= 64:  # (row tensors made anew per call would otherwise pile up here)
+                self._finished.clear()
+            self._finished[cache_key] = (rows, keep)
+        ours = repeated_copies(k, length) if t != length else None
+        if ours is not None:  # chunks of a concatenated other prompt stay untouched
+            keep = keep.masked_fill(~ours[:, None, :], 1.0)
+        return keep
+
+    def _finished_map(self, rows, b: int, n: int, t: int, h: int, w: int, chunks: tuple, device) -> Tensor:
+        """[b, n, t]: the template of each prompt row's image on its rows, 1 elsewhere."""
+        if isinstance(rows, list):  # no row of this prompt (an uncond-only call)
+            return torch.ones(b, n, t, device=device, dtype=torch.float32)
+        count = b if rows is None else rows.shape[0]
+        cond_chunks = chunks.count(0) or 1
+        images = count // cond_chunks if count % cond_chunks == 0 else count
+        if self.mask_batch not in (1, images):
             raise RegionMaskBatchError(
-                f"the masks hold {self.mask_batch} masks each but the sampler runs {per} image(s) per batch: give "
-                f"one mask per phrase (for every image) or one per image")
-        h, w = latent_hw(n, info or {})
-        template = self.keep_template(h, w, t, q.device)  # [Bm, N, T]
-        ours = ZeroShotGates._repeated_copies(k, length) if t != length else None
-        for c, kind in enumerate(chunks):
-            if kind != 0:
-                continue
-            rows = out[c * per:(c + 1) * per]
-            rows.copy_(template.expand(per, n, t) if self.mask_batch == 1 else template)
-            if ours is not None:  # chunks of a concatenated other prompt stay untouched
-                rows.masked_fill_(~ours[c * per:(c + 1) * per, None, :], 1.0)
-        return out
+                f"MaskAttn Region Gates: {self._names()} hold {self.mask_batch} images but the KSampler runs "
+                f"{images}; give one mask per phrase for all images, or one per image")
+        template = self.keep_template(h, w, t, device)  # [Bm, N, T]
+        image = torch.arange(count) % images if self.mask_batch > 1 else torch.zeros(count, dtype=torch.long)
+        per_row = template.index_select(0, image.to(device))  # [count, N, T]
+        if rows is None:
+            return per_row
+        return torch.ones(b, n, t, device=device, dtype=torch.float32).index_copy_(0, rows, per_row)
 
     # for messages ----------------------------------------------------------------------------------------------------
     def describe(self) -> str:
@@ -230,9 +298,9 @@ def phrase_tokens(text: str, phrases: list[str], tokens: dict, vocab: dict[int, 
     try:
         grouping = grouping_from_text(text, "\n".join(phrases))
     except GroupingError as e:
-        raise RegionError(str(e)) from None
+        raise RegionPhraseError(str(e)) from None
     if len(grouping.groups) != len(phrases):
-        raise RegionError(f"{len(phrases)} phrases but {len(grouping.groups)} have words")
+        raise RegionPhraseError(f"{len(phrases)} phrases but {len(grouping.groups)} have words")
     token_phrases, _ = token_group_map(grouping, tokens, vocab)
     return token_phrases
 
@@ -244,10 +312,11 @@ def build_region_gates(text: str, tokens: dict, vocab: dict[int, str], phrases, 
     phrase -> RegionGates."""
     phrases = split_phrases(phrases) if isinstance(phrases, str) else [p for p in phrases if p.strip()]
     if not phrases:
-        raise RegionError("no phrases given: write the phrases of the prompt, one per line or separated by |")
+        raise RegionPhraseError("no phrases given",
+                                fix="Write the phrases of the prompt, one per line or separated by |.")
     if len(masks) != len(phrases):
-        raise RegionError(f"{len(phrases)} phrase(s) ({' | '.join(phrases)}) but {len(masks)} mask(s): give one "
-                          f"mask per phrase, in the same order")
+        raise RegionMaskError(f"{len(phrases)} phrase(s) ({' | '.join(phrases)}) but {len(masks)} mask(s)",
+                              fix="Give one mask per phrase, in the same order.")
     token_phrases = phrase_tokens(text, phrases, tokens, vocab)
     kinds = token_kinds(tokens, vocab)
     return RegionGates(phrases, token_phrases, kinds[:len(token_phrases)], masks, stage=stage,

@@ -10,7 +10,14 @@ also keeps workflows loadable on every ComfyUI.
 
 from __future__ import annotations
 
-from ..masks.region import DEFAULT_END_TOKENS, DEFAULT_STAGE, END_TOKEN_MODES, RegionError, build_region_gates
+from ..masks.region import (
+    DEFAULT_END_TOKENS,
+    DEFAULT_STAGE,
+    END_TOKEN_MODES,
+    RegionError,
+    RegionPhraseError,
+    build_region_gates,
+)
 from ..masks.topology import STAGE_CHOICES
 from .zeroshot import clip_vocab, tokenize
 
@@ -62,7 +69,8 @@ class MaskAttnRegionGates:
         from .gates import NodeError
 
         if clip is None:
-            raise NodeError(f"{NODE}: no CLIP connected (clip input).")
+            raise NodeError(f"{NODE}: no CLIP connected (clip input). Connect your checkpoint loader's CLIP, the one "
+                            f"that encodes this prompt.")
         from ..masks.region import split_phrases
 
         written = split_phrases(phrases)
@@ -88,11 +96,9 @@ class MaskAttnRegionGates:
         try:
             gates = build_region_gates(text, tokens, vocab, written, [masks[n] for n in names], stage=stage,
                                        end_tokens=end_tokens, mask_names=names)
-        except RegionError as e:
-            message = str(e)
-            fix = ("Use words of the prompt in phrases, each at most as often as the prompt has it."
-                   if "mask_" not in message else "Connect a mask with a white (non-zero) region for that phrase.")
-            raise NodeError(f"{NODE}: {'phrases: ' if 'mask_' not in message else ''}{message}. {fix}") from None
+        except RegionError as e:  # a mask error names its mask_i itself; a phrase error is about the phrases input
+            where = "phrases: " if isinstance(e, RegionPhraseError) else ""
+            raise NodeError(f"{NODE}: {where}{e}. {e.fix}".rstrip()) from None
         description = gates.describe()
         return {"ui": {"text": [description]}, "result": (gates, description)}
 

@@ -9,9 +9,15 @@ from comfyui_maskattn.masks.region import (
     RegionError,
     RegionGates,
     RegionMaskBatchError,
+    RegionMaskError,
+    RegionPhraseError,
+    as_mask,
     coverage,
     split_phrases,
 )
+from comfyui_maskattn.masks.runtime import PROMPT_ROWS_KEY
+from comfyui_maskattn.masks.topology import CrossAttnSite
+from comfyui_maskattn.masks.zeroshot import ZeroShotGates, group_prompt
 
 # a 9-token prompt: start, 3 words of phrase 0, 1 free word, 2 words of phrase 1, end, padding
 PHRASES = [-1, 0, 0, 0, -1, 1, 1, -1, -1]
@@ -87,8 +93,38 @@ def test_one_mask_per_image_and_a_batch_that_fits_neither():
     assert torch.equal(p[2].view(8, 8, 9)[:, :4, 1], torch.ones(8, 4))
     assert torch.equal(p[3].view(8, 8, 9)[:, 4:, 1], torch.ones(8, 4))
     assert torch.equal(p[3].view(8, 8, 9)[:, :4, 1], torch.zeros(8, 4))
-    with pytest.raises(RegionMaskBatchError, match="2 masks each but the sampler runs 3 image"):
+    with pytest.raises(RegionMaskBatchError, match="MaskAttn Region Gates: mask_1..mask_2 hold 2 images but the "
+                                                   "KSampler runs 3; give one mask per phrase for all images, or one "
+                                                   "per image"):
         probabilities(gates, 8, 8, chunks=(1, 0), per=3)
+
+
+def test_rows_found_by_the_host_are_gated_each_with_its_images_masks():
+    """Behind a batch-expanding pack the host adapter names the prompt's rows (PROMPT_ROWS_KEY): only those are
+    gated, the i-th with image i's masks, even where the batch does not split into the sampler's chunks."""
+    left, right = halves()
+    gates = RegionGates(["a", "b"], PHRASES, KINDS, [torch.stack([left[0], right[0]]), torch.stack([right[0],
+                                                                                                    left[0]])])
+    plain = probabilities(gates, 8, 8, chunks=(1, 0), per=2)  # image 0 at row 2, image 1 at row 3
+    for b, rows in ((8, [2, 3]), (7, [2, 5])):  # uncond 2 + base 2 + region rows; 7 rows split into no 2 chunks
+        q, k = torch.zeros(b, 64, 8), torch.randn(b, 9, 8)
+        info = {"cond_or_uncond": [1, 0], "activations_shape": [b, 8, 8, 8], PROMPT_ROWS_KEY: torch.tensor(rows)}
+        p = gates.attention_probabilities(("input", 4, 0), q, k, 1, info)
+        assert torch.equal(p[rows[0]], plain[2]) and torch.equal(p[rows[1]], plain[3])
+        others = [r for r in range(b) if r not in rows]
+        assert torch.equal(p[others], torch.ones(len(others), 64, 9))
+        none = dict(info, **{PROMPT_ROWS_KEY: torch.tensor([], dtype=torch.long)})  # no row of this prompt
+        assert torch.equal(gates.attention_probabilities(("input", 4, 0), q, k, 1, none), torch.ones(b, 64, 9))
+
+
+def test_the_keep_map_is_made_once_per_grid_and_row_layout():
+    left, right = halves()
+    gates = RegionGates(["a", "b"], PHRASES, KINDS, [left, right])
+    first = probabilities(gates, 8, 8, chunks=(1, 0), per=2)
+    assert probabilities(gates, 8, 8, chunks=(1, 0), per=2) is first  # the next layer / step: no rebuild
+    swapped = probabilities(gates, 8, 8, chunks=(0, 1), per=2)
+    assert swapped is not first and torch.equal(swapped[:2], first[2:]) and torch.equal(swapped[2:], first[:2])
+    assert probabilities(gates, 4, 4, chunks=(1, 0), per=2).shape == (4, 16, 9)
 
 
 def test_contexts_of_another_length_are_left_alone():
@@ -109,6 +145,33 @@ def test_bad_masks_and_phrases_are_refused():
         RegionGates(["a", "b", "c"], PHRASES, KINDS, [left, right, right])
     assert split_phrases("red cube | blue sphere\n\n# a comment\n  green   cone ") == ["red cube", "blue sphere",
                                                                                    "green cone"]
+    with pytest.raises(RegionMaskError, match="mask_1 has shape"):
+        as_mask(torch.ones(8), "mask_1")
+    with pytest.raises(RegionPhraseError, match="map to no token"):
+        RegionGates(["a", "b", "c"], PHRASES, KINDS, [left, right, right])
+    assert torch.equal(as_mask(torch.ones(1, 1, 4, 4) * 2, "mask_1"), torch.ones(1, 4, 4))  # [B, 1, H, W], clamped
+
+
+@pytest.mark.parametrize("source", ["region", "zero-shot"])
+def test_one_gate_source_applied_to_two_models_keeps_each_models_stages(source):
+    """The same MASKATTN checked against two architectures where one layer key sits at different stages: the second
+    check does not change what the first model's sites are covered by."""
+    def site(number, stage, context):
+        return CrossAttnSite("input", number, 0, 64, context, 4, 1, 0, -1, stage)
+
+    first = [site(4, "mid", 96), site(7, "high", 96)]
+    second = [site(4, "high", 128), site(7, "mid", 128)]
+    if source == "region":
+        left, right = halves()
+        gates = RegionGates(["a", "b"], PHRASES, KINDS, [left, right], stage="mid")
+    else:
+        gates = ZeroShotGates(group_prompt("a cat and a dog"), [-1] * 77, stage="mid")
+    gates.check_fits(first)
+    assert gates.covers(("input", 4, 0)) and not gates.covers(("input", 7, 0))
+    gates.check_fits(second)
+    assert not gates.covers(("input", 4, 0)) and gates.covers(("input", 7, 0))  # the model just checked
+    assert gates.covers(("input", 4, 0), first) and not gates.covers(("input", 7, 0), first)
+    assert gates.covers(("input", 7, 0), second) and not gates.covers(("input", 4, 0), second)
 
 
 # --- on the host ------------------------------------------------------------------------------------------------------
@@ -177,6 +240,10 @@ def test_node_errors_name_the_input_and_the_fix(sdxl_clip, host):
         node_build(sdxl_clip, phrases="  \n ")
     with pytest.raises(NodeError, match="'cube' occurs 1 time"):
         node_build(sdxl_clip, phrases="red cube | cube")
+    with pytest.raises(NodeError, match="mask_1 contains NaN.*Check the node that makes mask_1"):
+        node_build(sdxl_clip, mask_1=torch.full((1, 64, 64), float("nan")), mask_2=right)
+    with pytest.raises(NodeError, match="no CLIP connected \\(clip input\\). Connect your checkpoint loader's CLIP"):
+        node_build(None)
 
 
 def test_node_is_registered(host):

@@ -9,7 +9,7 @@ tiny SDXL-architecture model (`tinyt2i.py`) with this pack's own nodes; an arm i
 `model_for(ctx, prompt indices, seed)`), so a new gate source is one more entry, not a fork of the experiment:
 
 - base: the model as trained;
-- learned: "Train MaskAttn Gates" (the part-3 trainer, model frozen) on captions of the *train* split, then Apply;
+- learned: "Train MaskAttn Gates" (the pack's trainer, model frozen) on captions of the *train* split, then Apply;
 - zero-shot: "MaskAttn Zero-Shot Gates" (training-free), then Apply;
 - region oracle: "MaskAttn Region Gates" fed each object's true box (the ground-truth layout drawn for that prompt
   and seed), its colour + shape words kept only there; end/padding tokens kept everywhere ("keep");
@@ -271,6 +271,7 @@ ARMS = {
 def watch_kept(model, kept: dict) -> None:
     """Adds, per gated layer call, the share of (location, token) pairs of the positive rows the gate kept, by
     stage of the layer (into kept[stage] = [sum, count])."""
+    from comfyui_maskattn.masks.runtime import prompt_rows
     from comfyui_maskattn.nodes import hooks
 
     runtime = hooks.installed_runtime(model)
@@ -280,12 +281,12 @@ def watch_kept(model, kept: dict) -> None:
     stages = {s.key: s.stage for s in hooks.model_sites(model)}
 
     def observe(key, result, info):
-        chunks = list(info.get("cond_or_uncond") or [0])
         hard = result.hard
-        per = hard.shape[0] // len(chunks) if hard.shape[0] % len(chunks) == 0 else hard.shape[0]
-        rows = [c * per + j for c, k in enumerate(chunks) if k == 0 for j in range(per)] or list(range(per))
+        rows = prompt_rows(info, hard.shape[0], hard.device)  # (the prompt's own rows, also behind a couple)
+        if isinstance(rows, list):  # no positive row in this call (an uncond-only batch): nothing to count
+            return
         entry = kept.setdefault(stages.get(key, "?"), [0.0, 0])
-        entry[0] += float(hard[rows].float().mean())
+        entry[0] += float((hard if rows is None else hard.index_select(0, rows)).float().mean())
         entry[1] += 1
 
     runtime.observers.append(observe)
