@@ -11,9 +11,8 @@ PY="${PYTHON:-python}"
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 
 bash cli/install_host.sh
-args=("$@")
 case " $* " in
     *" --checkpoint "*|*" --checkpoint="*|*" --smoke "*) ;;
-    *) args=(--smoke "${args[@]}") ;;
+    *) set -- --smoke "$@" ;;  # (not an array: an empty one is an error under `set -u` in bash 3.2, macOS's)
 esac
-exec "$PY" -m cli.run_example "${args[@]}"
+exec "$PY" -m cli.run_example "$@"

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .gate import NEGATIVE_VALUE
 from .gates import GateMismatchError
-from .runtime import PROMPT_ROWS_KEY
+from .runtime import prompt_rows
 from .topology import STAGE_CHOICES, CrossAttnSite, SiteKey, architecture_name
 
 # Where zero-shot gating starts by default, as a fraction of the sampling schedule (ComfyUI's start_percent).
@@ -560,6 +560,20 @@ def token_group_map(grouping: Grouping, tokens: dict, vocab: dict[int, str]) -> 
 ENCODERS_OF = {"sdxl": {"g", "l"}, "sd1": {"l"}, "sd2": {"h"}}
 
 
+def repeated_copies(k: Tensor, length: int) -> Tensor | None:
+    """[b, T] bool: the tokens of the chunks that repeat the first `length` tokens (ComfyUI repeats a shorter prompt
+    to batch it with a longer one); False for chunks of another prompt (a ConditioningConcat). Computed on the
+    device, no sync. None when T == length."""
+    b, t, width = k.shape
+    if t == length:
+        return None
+    copies = k.view(b, t // length, length, width)
+    first = copies[:, :1]
+    scale = first.abs().amax(dim=(2, 3), keepdim=True).clamp_min(1e-6)
+    same = ((copies - first).abs().amax(dim=(2, 3)) <= 1e-3 * scale[:, :, 0, 0])  # [b, copies]
+    return same.repeat_interleave(length, dim=1)
+
+
 class ZeroShotGates:
     """A MASKATTN gate source that needs no training (see the module docstring); Apply MaskAttn takes it as is."""
 
@@ -582,11 +596,14 @@ class ZeroShotGates:
         self.threshold = threshold
         self.negative_value = negative_value
         self.source = f"zero-shot gates [{grouping.describe() or 'no groups'}]"
-        self._site_stages: dict[SiteKey, str] = {}
+        # stages per architecture checked (these gates are shared by every model they are applied to)
+        self._site_stages: dict[str, dict[SiteKey, str]] = {}
+        self._checked: str | None = None
         self._maps: dict[tuple, tuple[Tensor, Tensor]] = {}
         # Called once with a message when sampling finds nothing to gate (set by the node: log + canvas).
         self.notice = None
         self._noticed: set[str] = set()
+        self._last_sigma: float | None = None
 
     def __deepcopy__(self, memo):  # read-only once built; shared by a model and its clones
         return self
@@ -606,6 +623,15 @@ class ZeroShotGates:
         return (f"the prompt gives {len(self.groups)} group{'s' if len(self.groups) != 1 else ''} ({found}); at least "
                 f"two (e.g. 'red book | yellow vase') are needed to separate anything: the model runs unchanged")
 
+    def _new_run_check(self, info: dict) -> None:
+        """Forget what was said when the schedule starts again (a new sampling run): these gates are cached by ComfyUI
+        and reused across runs, and each run deserves its notice. Only on the notice path (reading sigma syncs)."""
+        sigmas = (info or {}).get("sigmas")
+        sigma = float(sigmas.reshape(-1)[0]) if sigmas is not None else None
+        if sigma is not None and self._last_sigma is not None and sigma > self._last_sigma:
+            self._noticed.clear()
+        self._last_sigma = sigma
+
     def _say_once(self, what: str, message: str) -> None:
         if what in self._noticed:
             return
@@ -621,10 +647,13 @@ class ZeroShotGates:
             raise ZeroShotMismatchError(
                 f"the zero-shot gates were built with a CLIP whose encoders are {sorted(self.encoders)}, but "
                 f"{model_name} is {arch} (encoders {sorted(expected)}). Connect the CLIP of the same checkpoint.")
-        self._site_stages = {s.key: s.stage for s in sites}
+        self._site_stages[arch] = {s.key: s.stage for s in sites}
+        self._checked = arch
 
-    def covers(self, key: SiteKey) -> bool:
-        stage = self._site_stages.get(key)
+    def covers(self, key: SiteKey, sites: list[CrossAttnSite] | None = None) -> bool:
+        """Whether the site `key` of `sites` (default: of the model last given to check_fits) is in this stage."""
+        stages = {s.key: s.stage for s in sites} if sites is not None else self._site_stages.get(self._checked, {})
+        stage = stages.get(key)
         return stage is not None and (self.stage == "all" or stage == self.stage)
 
     def _group_tensors(self, tokens: int, device) -> tuple[Tensor, Tensor, Tensor] | None:
@@ -647,36 +676,12 @@ class ZeroShotGates:
         return cached
 
     def _cond_rows(self, batch: int, info: dict, device) -> Tensor | None | list:
-        """Row indices of the cond chunks ([] when none; None when every row is cond), cached per layout."""
-        prompt_rows = (info or {}).get(PROMPT_ROWS_KEY)  # another pack changed the batch: the rows of this prompt
-        if prompt_rows is not None:
-            return prompt_rows if prompt_rows.numel() else []
-        chunks = tuple((info or {}).get("cond_or_uncond") or (0,))
-        if batch % len(chunks):
-            chunks = (0,)
-        if all(c == 0 for c in chunks):
-            return None
-        key = (batch, chunks, str(device))
-        rows = self._maps.get(key)
-        if rows is None:
-            per = batch // len(chunks)
-            index = [i for c, kind in enumerate(chunks) if kind == 0 for i in range(c * per, (c + 1) * per)]
-            rows = self._maps[key] = torch.tensor(index, dtype=torch.long, device=device) if index else []
-        return rows
+        """Row indices of this prompt ([] when none; None when every row is it): masks.runtime.prompt_rows."""
+        return prompt_rows(info, batch, device)
 
     @staticmethod
     def _repeated_copies(k: Tensor, length: int) -> Tensor | None:
-        """[b, T] bool: the tokens of the chunks that repeat the first `length` tokens (ComfyUI repeats a shorter
-        prompt to batch it with a longer one); False for chunks of another prompt (a ConditioningConcat). Computed
-        on the device, no sync. None when T == length."""
-        b, t, width = k.shape
-        if t == length:
-            return None
-        copies = k.view(b, t // length, length, width)
-        first = copies[:, :1]
-        scale = first.abs().amax(dim=(2, 3), keepdim=True).clamp_min(1e-6)
-        same = ((copies - first).abs().amax(dim=(2, 3)) <= 1e-3 * scale[:, :, 0, 0])  # [b, copies]
-        return same.repeat_interleave(length, dim=1)
+        return repeated_copies(k, length)
 
     def attention_probabilities(self, key: SiteKey, q: Tensor, k: Tensor, heads: int, info: dict) -> Tensor:
         """Keep-probabilities [B, N, T] for one gated layer, from this layer's own attention.
@@ -704,6 +709,7 @@ class ZeroShotGates:
             return torch.ones(b, n, t, device=q.device, dtype=torch.float32)
         maps = self._group_tensors(t, q.device)
         if maps is None:
+            self._new_run_check(info)
             self._say_once("not found", (
                 f"MaskAttn Zero-Shot Gates: the prompt given to this node ({len(self.token_groups)} tokens) is not the "
                 f"one being sampled (its context has {t} tokens), so nothing is gated. Connect this node's "

@@ -41,6 +41,10 @@ class PatchOrderError(RuntimeError):
     """Attention ran on another batch or prompt than MaskAttn's gate saw: a node bypassed the patch order."""
 
 
+# ComfyUI shows an error's type as `module.QualName`; the pack's module path would read as a filesystem path.
+ForeignPatchError.__module__ = PatchOrderError.__module__ = "MaskAttn"
+
+
 def model_sites(model) -> list[CrossAttnSite]:
     """Cross-attention sites of a ComfyUI MODEL (ModelPatcher)."""
     return discover_sites(model.model.diffusion_model)
@@ -164,31 +168,22 @@ class OrderedPatchList(list):
 
     ComfyUI and packs grow the list with `old + [new]` (ModelPatcher.set_model_patch), `[new] + old`, `.append`,
     `.extend` (0.3.64 merges hook patches so), `.copy()` (copy_nested_dicts, at every sampling run) and deepcopy
-    (ModelPatcher.clone): each keeps this type and MaskAttn at the ends. Iterating (what the transformer block does)
-    yields that order even after an index assignment.
+    (ModelPatcher.clone): each keeps this type and MaskAttn at the ends, and so does an index assignment, so plain
+    iteration (what every transformer block call does) needs no sorting.
     """
 
     def __init__(self, items=()):
         super().__init__(sorted(items, key=_position))  # (stable: other packs keep their relative order)
-        self._note_neighbours()
 
     def _storage(self) -> list:
         return list(list.__iter__(self))
 
     def _reorder(self):
         list.__setitem__(self, slice(None), sorted(list.__iter__(self), key=_position))
-        self._note_neighbours()
 
-    def _note_neighbours(self):
-        """Tell our gate patch which other patches share the list (named in its error messages)."""
-        entries = self._storage()
-        others = [describe_patch(p) for p in entries if _position(p) == 0]
-        for p in entries:
-            if isinstance(p, MaskAttnGatePatch):
-                p.neighbours.update(others)
-
-    def __iter__(self):
-        return iter(sorted(list.__iter__(self), key=_position))
+    def __setitem__(self, index, value):  # (ModelPatcher.model_patches_to assigns what a patch's .to() returns)
+        list.__setitem__(self, index, value)
+        self._reorder()
 
     def __add__(self, other):
         return OrderedPatchList([*self._storage(), *other])
@@ -244,7 +239,6 @@ class MaskAttnGatePatch:
         self.runtime, self.clock = runtime, clock
         self._pending: tuple | None = None  # (site, sigmas) of a bias not yet consumed, to detect overwrites
         self._warned: set = set()
-        self.neighbours: set[str] = set()  # other attn2 patches seen beside ours (for error messages)
 
     def __deepcopy__(self, memo):
         return self
@@ -285,8 +279,6 @@ class MaskAttnGatePatch:
         after = self._patches_after_us()
         if after:
             who = "another node's attention patch (" + ", ".join(after) + ")"
-        elif self.neighbours:
-            who = "another node's attention patch (patches on this model: " + ", ".join(sorted(self.neighbours)) + ")"
         else:
             who = "another node"
         return (
@@ -362,9 +354,23 @@ def _row_layout(runtime: GateRuntime, extra_options, layout, n, context, key: Si
     before_n, before_context = layout
     negative_before = _chunk_rows(extra_options, before_n.shape[0], n.device, key).logical_not()
     negative, positive = rows_by_text(before_n, before_context, negative_before, n, context)
+    # One host read of the match, then tensors cached by value: the same objects for the same layout, so a CUDA
+    # graph keyed on them is reused across layers and steps, and the positive rows' index needs no nonzero() sync.
+    gated, prompt_rows = _expanded_rows(tuple(negative.logical_not().tolist()), tuple(positive.tolist()), n.device)
     if runtime.gates.needs_attention:
-        extra_options[PROMPT_ROWS_KEY] = positive.nonzero().flatten()
-    return negative.logical_not() if runtime.cond_only else None
+        extra_options[PROMPT_ROWS_KEY] = prompt_rows
+    return gated if runtime.cond_only else None
+
+
+def _expanded_rows(gated: tuple, positive: tuple, device) -> tuple[torch.Tensor, torch.Tensor]:
+    key = ("expanded", gated, positive, str(device))
+    rows = _ROWS_CACHE.get(key)
+    if rows is None:
+        with torch.inference_mode(False):  # normal tensors: training may use them after sampling did
+            rows = _ROWS_CACHE[key] = (torch.tensor(gated, dtype=torch.bool).to(device),
+                                       torch.tensor([i for i, p in enumerate(positive) if p],
+                                                    dtype=torch.long).to(device))
+    return rows
 
 
 class MaskAttnAttention:

@@ -516,6 +516,11 @@ def test_patch_list_keeps_maskattn_at_the_ends_through_every_way_comfyui_and_pac
     front.insert(len(front), b)
     front += [c]
     assert ours_at_ends(front) and ours_at_ends(front.copy()) and ours_at_ends(copy.deepcopy(front))
+    moved = hooks.OrderedPatchList([list(front)[0], b, c, list(front)[-1]])
+    gate = list(moved)[-1]
+    moved[1] = gate  # index assignments (ModelPatcher.model_patches_to stores what each patch's .to() returns)
+    moved[-1] = b
+    assert ours_at_ends(moved) and list(list.__iter__(moved)) == list(moved)  # kept in order: iteration needs no sort
     theirs = [p for p in front if not isinstance(p, (hooks.MaskAttnLayoutPatch, hooks.MaskAttnGatePatch))]
     assert theirs[:3] == [b, a, c]
     assert ours_at_ends(patches["attn2_patch"]) and len(patches["attn2_patch"]) == 2  # the source model is unchanged
@@ -527,6 +532,15 @@ def test_patch_list_keeps_maskattn_at_the_ends_through_every_way_comfyui_and_pac
                                           copy_dict1=False)  # 0.3.64's merge of hook patches at each sampling call
     assert ours_at_ends(merged["patches"]["attn2_patch"]) and ours_at_ends(extension.copy_nested_dicts(
         {"attn2_patch": grown})["attn2_patch"])
+
+
+def test_rows_found_after_an_expansion_are_the_same_tensors_for_the_same_layout(host, pack):
+    _, hooks = pack
+    first = hooks._expanded_rows((False, True, True), (False, True, False), "cpu")
+    again = hooks._expanded_rows((False, True, True), (False, True, False), "cpu")
+    assert first[0] is again[0] and first[1] is again[1]  # a CUDA graph keyed on them is reused, not recaptured
+    assert first[0].tolist() == [False, True, True] and first[1].tolist() == [1]
+    assert hooks.PatchOrderError.__module__ == hooks.ForeignPatchError.__module__ == "MaskAttn"  # readable in ComfyUI
 
 
 # --- attention backends that cannot take a mask ----------------------------------------------------------------------
@@ -607,3 +621,45 @@ def test_zero_shot_gates_under_the_couple_gate_only_the_rows_of_their_own_prompt
             assert not any(g for g, kind in zip(gated, kinds) if kind != "base")  # uncond and region rows: P = 1
         assert any((bias[[r for r, kind in enumerate(kinds) if kind == "base"]] != 0).any()
                    for (_, _, bias, _), (_, _, _, kinds) in zip(spy.calls, records))
+
+
+# --- region gates (one prompt's phrases kept in their masks) under the couple -----------------------------------------
+def test_region_gates_under_the_couple_gate_only_their_prompts_rows_each_with_its_images_masks(host, pack, sdxl):
+    """The couple turns the batch of 2 images into uncond 2 + base 2 + region 2 x 2 rows. The region gates find the
+    base rows (by text, not by chunk position: by position the 8 rows would split into 4 'images' and the 2 masks per
+    image would be refused) and gate each with its own image's masks; uncond and region rows stay untouched."""
+    from comfy.sdxl_clip import SDXLTokenizer
+    from test_region_gates import PROMPT, FakeClip, halves
+
+    from comfyui_maskattn.nodes.region import MaskAttnRegionGates
+
+    left, right = halves(64, 64)
+    per_image = {"mask_1": torch.cat([left, right]), "mask_2": torch.cat([right, left])}  # image 1: swapped sides
+    gates = MaskAttnRegionGates().build(FakeClip(SDXLTokenizer()), PROMPT, "red cube | blue sphere", "all", "keep",
+                                        **per_image)["result"][0]
+    pos, neg = conds(host, sdxl)
+    plain = apply(pack, sdxl, gates)
+    plain_spy = GateSpy()
+    runtime_of(plain).observers.append(plain_spy)
+    host.ksample(plain, pos, neg, steps=1, batch=2)
+    expected = {}  # site -> [image 0's bias, image 1's bias] (it depends on the grid and the masks alone)
+    for key, _, bias, chunks in plain_spy.calls:
+        cond = chunks.index(0)
+        expected[key] = [bias[cond * 2], bias[cond * 2 + 1]]
+    assert all(not torch.equal(a, b) for a, b in expected.values())  # the two images' masks differ on every layer
+
+    couples = make_couple(host, sdxl), make_couple(host, sdxl)
+    models = (apply(pack, with_couple(sdxl, couples[0]), gates), with_couple(apply(pack, sdxl, gates), couples[1]))
+    for model, couple in zip(models, couples):
+        spy = GateSpy()
+        runtime_of(model).observers.append(spy)
+        host.ksample(model, pos, neg, steps=1, batch=2)
+        records = [r for r in couple.expanded if r[0] in runtime_of(model).sites]
+        assert len(spy.calls) == len(records) > 0
+        for (key, _, bias, _), (rkey, _, _, kinds) in zip(spy.calls, records):
+            assert key == rkey and len(kinds) == 8
+            base = [r for r, kind in enumerate(kinds) if kind == "base"]
+            for image, r in enumerate(base):  # (the couple repeats the 77 tokens to its common length: both copies)
+                mine = expected[key][image]
+                assert torch.equal(bias[r], mine.repeat(1, bias.shape[-1] // mine.shape[-1])), (key, image)
+            assert not any((bias[r] != 0).any() for r, kind in enumerate(kinds) if kind != "base")

@@ -360,7 +360,13 @@ def test_a_prompt_not_found_at_sampling_time_is_said_once(tokenizers, node):
         probs = gates.attention_probabilities(("input", 7, 0), q, k, 2, {"cond_or_uncond": [1, 0]})
         assert torch.equal(probs, torch.ones(2, 16, 100))  # nothing gated
     assert len(heard) == 1 and "not the one being sampled" in heard[0] and "conditioning output" in heard[0]
+    # the gates are cached and reused: the next run (its schedule starts high again) says it again, once
+    for sigma in (14.6, 7.0, 14.6, 7.0):
+        gates.attention_probabilities(("input", 7, 0), q, k, 2, {"cond_or_uncond": [1, 0],
+                                                                  "sigmas": torch.tensor([sigma])})
+    assert len(heard) == 2
     # an uncond-only call is not a miss: the prompt is simply not in that batch
+    heard[:] = heard[:1]
     gates._noticed.clear()
     gates.attention_probabilities(("input", 7, 0), q, k, 2, {"cond_or_uncond": [1, 1]})
     assert heard == [heard[0]]

@@ -92,6 +92,8 @@ class GateViewer {
   async load(ref) {
     if (!ref) return;
     if (ref.message) {
+      this.ref = ref;
+      remember(this.node, VIEWER_KEY, ref);
       this.set({ message: ref.message });
       return;
     }
@@ -331,13 +333,14 @@ function remember(node, key, value) {
 
 // The newest output of node `id` in the server's history (the 2024 frontend does not re-send a cached node's
 // output, and a freshly loaded graph has no properties to restore from).
-async function fromHistory(id) {
+async function fromHistory(id, classType) {
   try {
     const r = await fetch(api.apiURL("/history?max_items=64"), { cache: "no-store" });
     const history = Object.values(await r.json());
     for (let i = history.length - 1; i >= 0; i--) {
       const out = history[i]?.outputs?.[id];
-      if (out) return out;
+      const queued = history[i]?.prompt?.[2]?.[id]; // [number, prompt id, prompt, extra, outputs]
+      if (out && (!queued || queued.class_type === classType)) return out;
     }
   } catch (e) { /* no history: nothing to restore */ }
   return null;
@@ -380,8 +383,10 @@ function showGrouping(node, text, notice) {
   if (notice) {
     remember(node, "maskattn_notice", text);
   } else {
+    // a new grouping (the node ran again) clears the last sampling notice; the same one re-sent from ComfyUI's
+    // cache keeps it, since the cause is still there
+    if (text !== node.properties?.maskattn_grouping) remember(node, "maskattn_notice", undefined);
     remember(node, "maskattn_grouping", text);
-    remember(node, "maskattn_notice", undefined);
   }
   const warning = node.properties.maskattn_notice;
   box.value = (warning ? `WARNING: ${warning}\n\n` : "") + (node.properties.maskattn_grouping || "");
@@ -393,12 +398,12 @@ async function restore(node, askHistory) {
   const props = node.properties || {};
   if (node.maskattnViewer && !node.maskattnViewer.data) {
     let ref = props[VIEWER_KEY];
-    if (!ref && askHistory) ref = (await fromHistory(String(node.id)))?.[VIEWER_KEY]?.[0];
+    if (!ref && askHistory) ref = (await fromHistory(String(node.id), NODE_CLASS))?.[VIEWER_KEY]?.[0];
     if (ref) node.maskattnViewer.load(ref);
   }
   if (node.maskattnGrouping && !node.maskattnGrouping.value) {
     let text = props.maskattn_grouping;
-    if (!text && askHistory) text = (await fromHistory(String(node.id)))?.text?.[0];
+    if (!text && askHistory) text = (await fromHistory(String(node.id), ZERO_SHOT_CLASS))?.text?.[0];
     if (text) showGrouping(node, text);
   }
 }
