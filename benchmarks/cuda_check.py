@@ -35,7 +35,11 @@ def check(name: str, ok: bool, detail: str = ""):
 
 
 def main(argv=None) -> int:
-    dry_run = "--cpu" in (sys.argv[1:] if argv is None else argv)  # the same checks on the CPU, to test this script
+    args = sys.argv[1:] if argv is None else argv
+    dry_run = "--cpu" in args  # the same checks on the CPU, to test this script
+    # --quick: sample at 128 px, 2 steps (gpu_check.sh's own dry run, which tests the script, not these checks: a
+    # CPU without fast bf16 takes minutes per host at the full 256 px, 4 steps)
+    side, steps = (128, 2) if "--quick" in args else (256, 4)
     if not dry_run and not torch.cuda.is_available():
         print("cuda_check: no CUDA device here; nothing to check (--cpu runs the checks on the CPU)")
         return 0
@@ -68,7 +72,7 @@ def main(argv=None) -> int:
         pos, neg = comfy_host.make_cond(model, seed=1), comfy_host.make_cond(model, seed=2)
 
         def sample(m):
-            return comfy_host.ksample(m, pos, neg, steps=4, cfg=5.0, width=256, height=256).float().cpu()
+            return comfy_host.ksample(m, pos, neg, steps=steps, cfg=5.0, width=side, height=side).float().cpu()
 
         base = sample(model)
         chosen = select_sites(hooks.model_sites(model), "all", "encoder_decoder")

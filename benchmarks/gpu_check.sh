@@ -29,7 +29,7 @@ python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version
 hosts=("$@")
 [ ${#hosts[@]} -gt 0 ] || hosts=("")
 if [ "${GPU_CHECK_DRY:-0}" = 1 ]; then  # the script's own test, on the CPU: tiny model, one round
-    model=(--size 64 --steps 1) full_rounds=1 confirm_rounds=1 cuda=(--cpu)
+    model=(--size 64 --steps 1) full_rounds=1 confirm_rounds=1 cuda=(--cpu --quick)
 else
     model=(--sdxl-size --steps 8) full_rounds=7 confirm_rounds=5 cuda=()
 fi

@@ -30,13 +30,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .gate import NEGATIVE_VALUE
-from .gates import GateMismatchError
 from .record import latent_hw
 from .runtime import prompt_rows
-from .topology import STAGE_CHOICES, CrossAttnSite, SiteKey, architecture_name
+from .topology import STAGE_CHOICES, SiteKey
 from .zeroshot import (
-    ENCODERS_OF,
     SPECIAL_TOKENS,
+    PromptGateSource,
     GroupingError,
     grouping_from_text,
     repeated_copies,
@@ -136,8 +135,10 @@ def coverage(mask: Tensor, h: int, w: int) -> Tensor:
     return torch.where(cov >= best, torch.ones_like(cov), cov)
 
 
-class RegionGates:
+class RegionGates(PromptGateSource):
     """A MASKATTN gate source from phrases and masks (see the module docstring); Apply MaskAttn takes it as is."""
+
+    source_name = "region"
 
     kind = "region"
     label = "region gates"
@@ -190,22 +191,7 @@ class RegionGates:
     def _names(self) -> str:
         return self.mask_names[0] if len(self.mask_names) == 1 else f"{self.mask_names[0]}..{self.mask_names[-1]}"
 
-    # gate-source interface ------------------------------------------------------------------------------------------
-    def check_fits(self, sites: list[CrossAttnSite], model_name: str = "this model") -> None:
-        arch = architecture_name(sites)
-        expected = ENCODERS_OF.get(arch)
-        if expected is not None and self.encoders and self.encoders != expected:
-            raise GateMismatchError(
-                f"the region gates were built with a CLIP whose encoders are {sorted(self.encoders)}, but "
-                f"{model_name} is {arch} (encoders {sorted(expected)}). Connect the CLIP of the same checkpoint.")
-        self._site_stages[arch] = {s.key: s.stage for s in sites}
-        self._checked = arch
-
-    def covers(self, key: SiteKey, sites: list[CrossAttnSite] | None = None) -> bool:
-        """Whether the site `key` of `sites` (default: of the model last given to check_fits) is in this stage."""
-        stages = {s.key: s.stage for s in sites} if sites is not None else self._site_stages.get(self._checked, {})
-        stage = stages.get(key)
-        return stage is not None and (self.stage == "all" or stage == self.stage)
+    # gate-source interface: check_fits / covers come from PromptGateSource
 
     def keep_template(self, h: int, w: int, tokens: int, device) -> Tensor:
         """[mask batch, h*w, tokens] keep-probabilities of the positive prompt on an h x w grid, cached."""

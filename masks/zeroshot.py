@@ -574,8 +574,36 @@ def repeated_copies(k: Tensor, length: int) -> Tensor | None:
     return same.repeat_interleave(length, dim=1)
 
 
-class ZeroShotGates:
+class PromptGateSource:
+    """What gate sources built from a prompt's tokens share: they must meet a model of the CLIP they were built with,
+    and they cover the layers of their stage. Subclasses set `encoders`, `stage`, `source_name`, `mismatch_error`,
+    and `_site_stages` / `_checked` in __init__."""
+
+    source_name = "prompt"
+    mismatch_error = GateMismatchError
+
+    def check_fits(self, sites: list[CrossAttnSite], model_name: str = "this model") -> None:
+        arch = architecture_name(sites)
+        expected = ENCODERS_OF.get(arch)
+        if expected is not None and self.encoders and self.encoders != expected:
+            raise self.mismatch_error(
+                f"the {self.source_name} gates were built with a CLIP whose encoders are {sorted(self.encoders)}, but "
+                f"{model_name} is {arch} (encoders {sorted(expected)}). Connect the CLIP of the same checkpoint.")
+        self._site_stages[arch] = {s.key: s.stage for s in sites}
+        self._checked = arch
+
+    def covers(self, key: SiteKey, sites: list[CrossAttnSite] | None = None) -> bool:
+        """Whether the site `key` of `sites` (default: of the model last given to check_fits) is in this stage."""
+        stages = {s.key: s.stage for s in sites} if sites is not None else self._site_stages.get(self._checked, {})
+        stage = stages.get(key)
+        return stage is not None and (self.stage == "all" or stage == self.stage)
+
+
+class ZeroShotGates(PromptGateSource):
     """A MASKATTN gate source that needs no training (see the module docstring); Apply MaskAttn takes it as is."""
+
+    source_name = "zero-shot"
+    mismatch_error = ZeroShotMismatchError
 
     kind = "zero-shot"
     label = "training-free"
@@ -639,22 +667,7 @@ class ZeroShotGates:
         if self.notice is not None:
             self.notice(message)
 
-    # gate-source interface ------------------------------------------------------------------------------------------
-    def check_fits(self, sites: list[CrossAttnSite], model_name: str = "this model") -> None:
-        arch = architecture_name(sites)
-        expected = ENCODERS_OF.get(arch)
-        if expected is not None and self.encoders and self.encoders != expected:
-            raise ZeroShotMismatchError(
-                f"the zero-shot gates were built with a CLIP whose encoders are {sorted(self.encoders)}, but "
-                f"{model_name} is {arch} (encoders {sorted(expected)}). Connect the CLIP of the same checkpoint.")
-        self._site_stages[arch] = {s.key: s.stage for s in sites}
-        self._checked = arch
-
-    def covers(self, key: SiteKey, sites: list[CrossAttnSite] | None = None) -> bool:
-        """Whether the site `key` of `sites` (default: of the model last given to check_fits) is in this stage."""
-        stages = {s.key: s.stage for s in sites} if sites is not None else self._site_stages.get(self._checked, {})
-        stage = stages.get(key)
-        return stage is not None and (self.stage == "all" or stage == self.stage)
+    # gate-source interface: check_fits / covers come from PromptGateSource
 
     def _group_tensors(self, tokens: int, device) -> tuple[Tensor, Tensor, Tensor] | None:
         """For a context of `tokens` tokens: ([T] bool, the token belongs to a group; [T] that group's column, 0
