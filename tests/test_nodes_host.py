@@ -22,7 +22,7 @@ def maskattn_dirs(host, tmp_path, monkeypatch):
     folder_paths.add_model_folder_path(FOLDER, str(extra))  # what an extra_model_paths.yaml entry does
     register_model_folder()
     main = tmp_path / "models" / "maskattn"
-    main.mkdir(parents=True)
+    assert main.is_dir()  # register_model_folder creates the folder users are told to use
     cache = getattr(folder_paths, "filename_list_cache", None)
     if isinstance(cache, dict):
         cache.clear()
@@ -62,7 +62,8 @@ def test_load_errors_name_the_node_file_and_fix(host, maskattn_dirs):
     (main / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(ValueError, match=r"^Load MaskAttn Gates: broken\.safetensors: not a readable"):
         MaskAttnLoadGates().load("broken.safetensors")
-    with pytest.raises(ValueError, match=r"Load MaskAttn Gates: 'gone\.safetensors' is not in .*maskattn"):
+    with pytest.raises(ValueError, match=r"Load MaskAttn Gates: gate_name 'gone\.safetensors' is not in .*maskattn"
+                                         r".*The folder has: broken\.safetensors; pick one in gate_name"):
         MaskAttnLoadGates().load("gone.safetensors")
 
 
