@@ -194,7 +194,15 @@ async def follow(base: str, prompt: dict, timeout: float) -> str:
 
 
 def collect(base: str, prompt_id: str, out: Path, smoke: bool) -> list[Path]:
-    history = server.get_json(base, f"/history/{prompt_id}")[prompt_id]
+    # ComfyUI announces the end of a run before it stores the run's history: wait for the entry
+    deadline = time.monotonic() + 30
+    while True:
+        history = server.get_json(base, f"/history/{prompt_id}").get(prompt_id)
+        if history is not None or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    if history is None:
+        raise SystemExit(f"ComfyUI finished prompt {prompt_id} but has no history for it (see its log)")
     written = []
     for node_id, output in history.get("outputs", {}).items():
         for image in output.get("images", []):
