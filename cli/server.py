@@ -13,7 +13,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .host import TORCHVISION_STUB
+from .host import TORCHVISION_SHIM_DIR
 
 # Not carried into a runnable copy: the vendored test host's own extra_model_paths.yaml stops main.py, and the
 # user-data folders start empty.
@@ -51,15 +51,15 @@ def runnable_copy(host: Path, dest: Path) -> Path:
 
 
 def server_env(**extra: str) -> dict:
-    """The environment for a ComfyUI subprocess; the tests' torchvision stand-in when the real one cannot load."""
+    """The environment for a ComfyUI subprocess; the torchvision stand-in when the real one cannot load."""
     global _torchvision_ok
     if _torchvision_ok is None:
         check = subprocess.run([sys.executable, "-c", "import torchvision"], capture_output=True)
         _torchvision_ok = check.returncode == 0
     env = dict(os.environ, PYTHONUNBUFFERED="1", **extra)
     env.pop("COMFYUI_PATH", None)
-    if not _torchvision_ok and TORCHVISION_STUB.is_dir():
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TORCHVISION_STUB), env.get("PYTHONPATH")]))
+    if not _torchvision_ok and TORCHVISION_SHIM_DIR.is_dir():
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TORCHVISION_SHIM_DIR), env.get("PYTHONPATH")]))
     return env
 
 

@@ -1,4 +1,4 @@
-"""The MaskAttn gate head and the hard, straight-through gate it feeds (method spec: shared/METHOD.md).
+"""The MaskAttn gate head and the hard, straight-through gate it feeds (method spec: docs/METHOD.md).
 
 Per cross-attention layer, with X the latent features entering the query projection [B, N, C] and E the text
 states entering the key projection [B, T, D]:

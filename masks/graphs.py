@@ -1,6 +1,6 @@
 """CUDA-graph replay of the sampling-time gate: one launch per gated layer instead of a dozen small kernels.
 
-Measured on an H100 with SDXL-size weights (README, Speed): the eager gate cost about 0.5 ms of wall time per layer
+Measured on an H100 with SDXL-size weights (docs/SPEED.md): the eager gate cost about 0.5 ms of wall time per layer
 while its kernels took about 0.1 ms; the rest was the host side of its operator calls and syncs. A captured graph
 replays the same kernels (so the same values, bit for bit) from fixed buffers: per call the runtime copies the
 layer's features into the graph's input buffer and replays it; the bias comes back in the graph's output buffer.

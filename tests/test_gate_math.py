@@ -1,4 +1,4 @@
-"""The method's maths in pure torch, against an independent float64 implementation of shared/METHOD.md."""
+"""The method's maths in pure torch, against an independent float64 implementation of docs/METHOD.md."""
 
 import math
 
@@ -11,7 +11,7 @@ from comfyui_maskattn.masks.gate import NEGATIVE_VALUE, GateHead, gate_bias, har
 
 
 def reference_gate_probabilities(head: GateHead, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-    """METHOD.md written out by hand in float64 from the head's parameters."""
+    """docs/METHOD.md written out by hand in float64 from the head's parameters."""
     p = {k: v.detach().double() for k, v in head.state_dict().items()}
 
     def mlp(t, net, dim):

@@ -9,7 +9,8 @@ class Missing:
 
     def __call__(self, *args, **kwargs):
         raise NotImplementedError(
-            f"{self._name} is part of the torchvision stand-in used by MaskAttn's tests; "
+            f"{self._name} is part of the torchvision stand-in (cli/host_shims) that MaskAttn's tools load "
+            "when torchvision cannot be imported; "
             "install a torchvision that matches your torch to use it"
         )
 
