@@ -48,7 +48,7 @@ def main(argv=None) -> int:
 
     comfy_host._bootstrap.load_host(comfy_host.HOST_PATH, cpu=dry_run)
     from comfyui_maskattn.masks.gates import MaskAttnGates
-    from comfyui_maskattn.masks.runtime import bias_from_gate
+    from comfyui_maskattn.masks.runtime import EXECUTORS, GraphExecutor, bias_from_gate
     from comfyui_maskattn.masks.topology import select_sites
     from comfyui_maskattn.nodes import hooks
 
@@ -91,25 +91,25 @@ def main(argv=None) -> int:
         check(f"fast path == straightforward path ({dtype})", torch.equal(fast, slow),
               f"max |diff| {float((fast - slow).abs().max()):.3g}")
         patched, runtime = hooks.install(model, gates, chosen, threshold=0.5, negative_value=-1e4)
-        runtime.graphs = True
+        runtime.executor = GraphExecutor()
         replayed = sample(patched)
         check(f"CUDA-graph gate == straightforward path ({dtype})",
               torch.equal(replayed, slow) and runtime.stats["graph"] > 0 and runtime.stats["eager"] == 0,
               f"max |diff| {float((replayed - slow).abs().max()):.3g}, calls {runtime.stats}, "
-              f"capture failure: {runtime._graphs.failed}")
+              f"capture failure: {runtime.executor.graphs.failed}")
         # a head per layer: one graph each, sharing the feature and bias buffers of their shape
         per_layer = MaskAttnGates.fresh(chosen, hidden_dim=16, share_by_stage=False, seed=0, stage="all")
         patched, runtime = hooks.install(model, per_layer, chosen, threshold=0.5, negative_value=-1e4)
         _straightforward(runtime)
         per_layer_slow = sample(patched)
         patched, runtime = hooks.install(model, per_layer, chosen, threshold=0.5, negative_value=-1e4)
-        runtime.graphs = True
+        runtime.executor = GraphExecutor()
         replayed = sample(patched)
         check(f"CUDA-graph gate, a head per layer == straightforward path ({dtype})",
               torch.equal(replayed, per_layer_slow) and runtime.stats["eager"] == 0
-              and len(runtime._graphs) >= len(per_layer.heads),
+              and len(runtime.executor.graphs) >= len(per_layer.heads),
               f"max |diff| {float((replayed - per_layer_slow).abs().max()):.3g}, calls {runtime.stats}, "
-              f"{len(runtime._graphs)} graphs for {len(per_layer.heads)} heads")
+              f"{len(runtime.executor.graphs)} graphs for {len(per_layer.heads)} heads")
         # the skip decided on the device (no host sync): all-kept layers must still give the untouched bits
         mixed = MaskAttnGates.fresh(chosen, hidden_dim=16, seed=0, stage="all")
         with torch.no_grad():
@@ -121,7 +121,7 @@ def main(argv=None) -> int:
             label = "device-skip" + (" CUDA-graph" if graphs else "") + " gate"
             for name, g, ref in (("all-kept gates", open_gates, base), ("mixed gates", mixed, mixed_slow)):
                 patched, runtime = hooks.install(model, g, chosen, threshold=0.5, negative_value=-1e4)
-                runtime.device_skip, runtime.graphs = True, graphs
+                runtime.executor = EXECUTORS["graphs+device_skip" if graphs else "device_skip"]()
                 out = sample(patched)
                 check(f"{label}, {name} == {'untouched' if ref is base else 'straightforward path'} ({dtype})",
                       torch.equal(out, ref) and (runtime.stats["eager"] == 0 or not graphs),

@@ -29,7 +29,7 @@ def bias_as_mask(bias: Tensor, dtype: torch.dtype) -> Tensor:
 
 @dataclass
 class DeferredBias:
-    """A gate bias whose "suppresses nothing" is known only on the device (GateRuntime.device_skip).
+    """A gate bias whose "suppresses nothing" is known only on the device (device_skip executors, masks/runtime.py).
 
     `unmasked` is a 0-dim bool tensor, true where the bias is all zeros: the layer must then give the unmasked call's
     output, bit for bit, as the straightforward path does by skipping the bias. Reading it on the host would be a

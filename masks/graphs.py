@@ -4,7 +4,7 @@ Measured on an H100 with SDXL-size weights (docs/SPEED.md): the eager gate cost 
 while its kernels took about 0.1 ms; the rest was the host side of its operator calls and syncs. A captured graph
 replays the same kernels (so the same values, bit for bit) from fixed buffers: per call the runtime copies the
 layer's features into the graph's input buffer and replays it; the bias comes back in the graph's output buffer.
-Opt-in (GateRuntime.graphs) until a GPU run shows it pays.
+Opt-in (masks.runtime.GraphExecutor, selected by $MASKATTN_CUDA_GATE) until a GPU run shows it pays.
 
 A bias stays valid until the next replay of a graph that shares its buffer (the runtime shares input and output
 buffers between graphs of one shape). That is enough: ComfyUI runs a layer's attention, which reads the bias, on

@@ -1,4 +1,10 @@
-"""GateRuntime: the one place where a gate bias is computed, cached (text side) and handed to observers (recording).
+"""GateRuntime: the one place where a gate bias is computed at sampling time, cached (text side) and handed to
+observers (recording).
+
+`GateRuntime.compute` is the spec path (docs/METHOD.md, float32, line by line); `GateRuntime.bias` is what sampling
+calls. It runs an executor chosen once at install (nodes/hooks.py, from the device and $MASKATTN_CUDA_GATE):
+`EagerExecutor` (the default; optionally deciding "nothing suppressed" on the device) or `GraphExecutor` (CUDA
+graphs, same option). Every executor gives the spec path's bits; tests/test_fast_path.py holds each to it.
 
 It knows nothing of ComfyUI: the host adapter (nodes/hooks.py) hands it the site key, the latent features
 entering the query projection, the text states entering the key projection, and which batch rows to gate.
@@ -6,10 +12,9 @@ entering the query projection, the text states entering the key projection, and 
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 from torch import Tensor
@@ -58,59 +63,46 @@ def prompt_rows(info: dict | None, batch: int, device) -> Tensor | None | list:
 
 @dataclass(eq=False)
 class GateRuntime:
+    """The gates of one Apply MaskAttn, the spec computation (`compute`) and the sampling-time entry point (`bias`).
+
+    `bias` runs the installed executor, which must give the spec's bits, or the spec path itself while the heads
+    train (gradients).
+    """
+
     gates: MaskAttnGates
     sites: frozenset  # the SiteKeys this runtime gates (a subset of gates.site_heads)
     threshold: float = 0.5
     negative_value: float = -1.0e4
     cond_only: bool = False
-    # A bias of all zeros is skipped (None) so a layer whose gate keeps everything runs the untouched attention,
-    # bit for bit, on every backend. Costs one device sync per gated layer (unless device_skip).
+    # A bias of all zeros is handed on as None so a layer whose gate keeps everything runs the untouched attention,
+    # bit for bit, on every backend. Training turns it off: the check is a device sync and would drop the gradient.
     skip_unmasked: bool = True
-    # Make that decision on the device (for CUDA): no host sync per gated layer. The bias comes as a DeferredBias and
-    # the layer runs both the masked and the unmasked attention, keeping the unmasked output where nothing is
-    # suppressed (masks/attention.py): the same bits as the host-side skip, for one more small attention call (77
-    # keys) and a select per layer. The empty-row rule then always runs (a no-op where no row is empty). Opt-in until
-    # a GPU run shows it pays; pointless on the CPU, where a sync costs nothing. Observers take the synced path.
-    device_skip: bool = False
     observers: list[GateObserver] = field(default_factory=list)
     # None: the host's attention backend. Training sets explicit_attention (differentiable on every device).
     attention_override: Callable | None = None
-    # Precision of the sampling-time gate. None: float32 and sigmoid(logit) > threshold, the reference's arithmetic,
-    # so decisions are bit for bit the straightforward path's. A dtype (the model's float16): the gate's matmuls
-    # run in it and the threshold is taken on the logit; a pair within that dtype's rounding of the threshold may
-    # flip (`benchmarks/sampling_overhead.py --flip-rate` counts them on real features).
-    gate_dtype: torch.dtype | None = None
-    # Replay the sampling-time gate as a CUDA graph (masks/graphs.py): one launch per layer instead of ~15 small
-    # kernels. Opt-in until a GPU run shows it pays: on the one run so far it behaved as if its capture had failed
-    # (the bias values then came from the CPU, a copy capture refuses; fixed since); `stats` counts the paths.
-    # True: CUDA devices capture; elsewhere the program replays eagerly on the graph's buffers (the CPU tests).
-    # Observers (preview, recording) and training always take the eager path.
-    graphs: bool = False
+    # How the sampling-time gate runs (chosen at install: nodes/hooks.py); see EXECUTORS.
+    executor: Executor = field(default_factory=lambda: EagerExecutor())
 
     def __post_init__(self):
         # head index -> (context, token_net(context) transposed for the logits' matmul)
         self._token_cache: dict[int, tuple[Tensor, Tensor]] = {}
-        self._heads_by_device: dict[tuple, object] = {}
-        self._graphs = GraphCache()
+        self._heads_by_device: dict[torch.device, tuple] = {}
         self.stats = {"graph": 0, "eager": 0}  # sampling-time gate calls by path (cheap counters, for benchmarks)
 
     def __deepcopy__(self, memo):  # shared by a model and its clones; it holds no per-run tensors
         return self
 
-    def _head(self, key: SiteKey, device: torch.device, dtype: torch.dtype = torch.float32):
+    def _head(self, key: SiteKey, device: torch.device):
         index = self.gates.site_heads[key]
-        heads = self._heads_by_device.get((device, dtype))
+        heads = self._heads_by_device.get(device)
         if heads is None or heads[index].logit_bias.device != device:  # (training moves heads in place)
-            heads = self.gates.heads_on(device)
-            if dtype != torch.float32:
-                heads = copy.deepcopy(heads).to(dtype=dtype).requires_grad_(False)
             # a tuple of the same modules: indexing a ModuleList costs a few µs, paid per gated layer
-            heads = self._heads_by_device[(device, dtype)] = tuple(heads)
+            heads = self._heads_by_device[device] = tuple(self.gates.heads_on(device))
         return index, heads[index]
 
     def compute(self, key: SiteKey, features: Tensor, context: Tensor, cond_rows: Tensor | None = None,
                 info: dict | None = None) -> GateResult:
-        """The straightforward gate for one site (the spec line by line; differentiable: training uses it).
+        """The spec path: the gate for one site line by line, in float32 (differentiable: training uses it).
 
         features [B, N, C], context [B, T, D]; cond_rows [B] bool restricts gating to those rows.
         """
@@ -119,7 +111,16 @@ class GateRuntime:
         result = gate_bias(probabilities, self.threshold, self.negative_value)
         return self._finish(key, result, cond_rows, info)
 
-    def _token_features(self, index: int, head, context: Tensor) -> Tensor:
+    def bias(self, key: SiteKey, features: Tensor, context: Tensor, cond_rows: Tensor | None = None,
+             info: dict | None = None) -> Tensor | DeferredBias | None:
+        """The sampling-time gate: the additive bias [B, N, T] in the features' dtype, the spec's bits; None when it
+        suppresses nothing (skip_unmasked), or a DeferredBias from a device-skip executor."""
+        index, head = self._head(key, features.device)
+        if torch.is_grad_enabled() and head.logit_bias.requires_grad:  # training: gradients need the spec path
+            return self.usable(self.compute(key, features, context, cond_rows, info))
+        return self.executor.bias(self, key, index, head, features, context, cond_rows, info)
+
+    def token_features(self, index: int, head, context: Tensor) -> Tensor:
         """token_net(context) transposed to [B, h, T], computed once per conditioning tensor: every layer a head
         serves in one model call gets the same context object, so a stage-shared head runs its text MLP once per step
         instead of per layer."""
@@ -129,142 +130,6 @@ class GateRuntime:
         g_t = head.token_features(context.to(head.logit_bias.dtype)).transpose(1, 2)
         self._token_cache[index] = (context, g_t)
         return g_t
-
-    def fast_bias(self, key: SiteKey, features: Tensor, context: Tensor, cond_rows: Tensor | None = None,
-                  info: dict | None = None) -> Tensor | DeferredBias | None:
-        """Sampling-time gate: the same values as `compute` bit for bit, with fewer kernels and at most one sync.
-
-        The text side is cached per conditioning; the all-kept / empty-row checks share one host sync (none with
-        device_skip); the fallback kernels run only when some row is empty; the bias is made directly in the model's
-        dtype.
-        """
-        exact = self.gate_dtype is None or self.gate_dtype == torch.float32
-        index, head = self._head(key, features.device, torch.float32 if exact else self.gate_dtype)
-        if torch.is_grad_enabled() and head.logit_bias.requires_grad:  # training: gradients need the plain path
-            return self.usable(self.compute(key, features, context, cond_rows, info))
-        g = self._token_features(index, head, context)  # [B, h, T]
-        deferred = self.skip_unmasked and self.device_skip and not self.observers
-        if self._use_graph(features):
-            graph = self._graph(index, head, features, g, cond_rows, exact)
-            if graph is not None:
-                self.stats["graph"] += 1
-                out = graph.replay(fresh={"x": features}, shared={"g": g})
-                if deferred:
-                    return DeferredBias(out["bias"], out["unmasked"])
-                if self.skip_unmasked and bool(out["unmasked"]):  # the one host sync, as below
-                    return None
-                return out["bias"]
-        self.stats["eager"] += 1
-        synced = self.skip_unmasked and not deferred
-        # The CPU's synced path keeps M as float 0/1 (see _hard_gate); the bias is then made in float32
-        as_float = synced and exact and features.dtype == torch.float32 and features.device.type == "cpu"
-        hard, scores, probabilities, kept = self._hard_gate(head, features, g, cond_rows, exact, as_float)
-        tokens = hard.shape[-1]
-        if synced:
-            fewest = int(kept.amin())  # the one host sync: decides "nothing suppressed" and "some row empty"
-            # (after the empty-row rule every row keeps >= 1 token: with a single token nothing is ever suppressed)
-            all_kept, any_empty = fewest == tokens or tokens == 1, fewest == 0
-            if all_kept and not self.observers:
-                return None
-        else:
-            all_kept, any_empty = False, True
-        if any_empty:
-            # Knowing some row is empty (synced), the CPU searches only the empty rows: a full argmax over rows of 77
-            # tokens cost it up to 100 us a call. Finding them syncs again (and gives torch.compile a data-dependent
-            # shape), so other devices and the sync-free paths keep the one argmax.
-            _keep_argmax_of_empty_rows(hard, kept, scores, only_empty=synced and hard.device.type == "cpu")
-        if as_float:
-            bias = bias_from_keep(hard, self.negative_value)
-        else:
-            bias = bias_from_gate(hard, features.dtype, self.negative_value, padded=features.is_cuda)
-        if self.observers:
-            if probabilities is None:
-                probabilities = torch.sigmoid(scores.float())
-            result = GateResult(probabilities=probabilities, hard=hard.to(probabilities.dtype), bias=bias)
-            for observe in self.observers:
-                observe(key, result, info or {})
-        if deferred:
-            return DeferredBias(bias, hard.all())  # (after the empty-row rule: "the bias is all zeros")
-        return None if all_kept else bias
-
-    def _use_graph(self, features: Tensor) -> bool:
-        if not self.graphs or self.observers or self._graphs.failed is not None:
-            return False
-        if not features.is_cuda:
-            return True
-        # not inside torch.compile's tracing or another graph's capture: those record the eager ops themselves
-        return not (torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing())
-
-    def _hard_gate(self, head, features: Tensor, g: Tensor, cond_rows: Tensor | None, exact: bool,
-                   as_float: bool = False):
-        """M before the empty-row rule, with the scores the rule's argmax reads and the tokens kept per location.
-
-        as_float (exact gate on the CPU): M as 1.0/0.0 in the probabilities' dtype, the same comparison. The CPU
-        compares into a bool tensor with scalar code but into the input's own dtype with vector code, and a float
-        mask is counted without a cast: 3x less time for the comparison, count and bias together at [2, 256, 77].
-        """
-        logits = head.fast_logits(features.to(g.dtype), g)
-        if exact:
-            scores = probabilities = torch.sigmoid(logits)
-            if as_float:
-                threshold = _constant(self.threshold, probabilities.dtype, probabilities.device)
-                hard = torch.gt(probabilities, threshold, out=torch.empty_like(probabilities))
-            else:
-                hard = probabilities > self.threshold
-        else:  # sigmoid(x) > t  <=>  x > logit(t): one kernel fewer; the fallback's argmax is the same on logits
-            scores, probabilities = logits, None
-            hard = logits > self._logit_threshold()
-        if cond_rows is not None:  # rows left ungated keep every token
-            ungated = ~cond_rows.to(hard.device)[:, None, None]
-            if as_float:
-                hard.masked_fill_(ungated, 1.0)
-            else:
-                hard |= ungated
-        # A float mask counts in its own dtype (exact: integers far below 2**24). A bool one in int32 on the CPU:
-        # summing bools to the default int64 makes it copy the whole mask first (up to 2x the time); other devices keep
-        # the default, which every backend has.
-        count_dtype = torch.int32 if hard.dtype == torch.bool and hard.device.type == "cpu" else None
-        return hard, scores, probabilities, hard.sum(dim=-1, keepdim=True, dtype=count_dtype)
-
-    def _graph(self, index: int, head, features: Tensor, g: Tensor, cond_rows: Tensor | None, exact: bool):
-        """The captured gate program for this head and these shapes (built on first use)."""
-        # A captured graph reads the head's parameters at the addresses they had at capture: keyed on them, a head
-        # whose parameters were replaced (moved away and back, load_state_dict(assign=True)) gets a new capture
-        # instead of a replay from freed memory. In-place updates keep the addresses and are read as they are.
-        key = (index, id(head), tuple(p.data_ptr() for p in head.fast_parameters()), tuple(features.shape),
-               features.dtype, tuple(g.shape), g.dtype, None if cond_rows is None else id(cond_rows), exact,
-               self.threshold, self.negative_value)
-        device, dtype = features.device, features.dtype  # (not `features`: the program must not keep it alive)
-
-        def build():
-            # normal tensors, not inference ones: a graph made while ComfyUI samples (inference mode) is also
-            # replayed under plain no_grad, where copying into an inference tensor raises
-            with torch.inference_mode(False):
-                text = torch.empty_strided(g.shape, g.stride(), dtype=g.dtype, device=device)  # g's layout
-                b, n, t = features.shape[0], features.shape[1], g.shape[2]
-                # The feature input and the outputs are shared by every graph of this shape (heads of one level; a
-                # gate file with a head per layer has dozens): a layer's attention reads its bias, on the same
-                # stream, before the next layer's gate is replayed. The text side stays per graph (per head).
-                x, bias, unmasked = self._graphs.buffers((tuple(features.shape), dtype, device, t), lambda: (
-                    torch.empty(features.shape, dtype=dtype, device=device),
-                    torch.empty(b, n, _padded(t), dtype=dtype, device=device)[..., :t],
-                    torch.empty((), dtype=torch.bool, device=device)))
-            # the where-values exist before capture: made during it, their fill would only run at replays
-            _where_values(dtype, self.negative_value, device)
-
-            def program():  # (head and cond_rows are held here, so the ids in the key stay theirs)
-                hard, scores, _, kept = self._hard_gate(head, x, text, cond_rows, exact)
-                _keep_argmax_of_empty_rows(hard, kept, scores)  # a no-op where no row is empty
-                unmasked.copy_(hard.all())  # after the rule, as the straightforward path decides it
-                bias_from_gate(hard, dtype, self.negative_value, out=bias)
-
-            return program, {"x": x, "g": text}, {"bias": bias, "unmasked": unmasked}
-
-        return self._graphs.get(key, device, build)
-
-    def _logit_threshold(self) -> float:
-        t = self.threshold
-        return -math.inf if t <= 0.0 else math.inf if t >= 1.0 else math.log(t / (1.0 - t))
 
     def compute_from_attention(self, key: SiteKey, q: Tensor, k: Tensor, heads: int, cond_rows: Tensor | None = None,
                                info: dict | None = None) -> GateResult:
@@ -286,10 +151,187 @@ class GateRuntime:
             return None
         return result.bias
 
-    def bias(self, key: SiteKey, features: Tensor, context: Tensor, cond_rows: Tensor | None = None,
-             info: dict | None = None) -> Tensor | None:
-        """The additive bias [B, N, T] for one site from its input features, or None when it suppresses nothing."""
-        return self.fast_bias(key, features, context, cond_rows, info)
+
+# --- executors: how the sampling-time gate runs; each gives the spec path's bits (tests/test_fast_path.py) ---------
+class Executor(Protocol):
+    name: str  # the $MASKATTN_CUDA_GATE value that selects it
+    device_skip: bool  # "nothing suppressed" decided on the device: a DeferredBias instead of None, no host sync
+
+    def bias(self, rt: GateRuntime, key: SiteKey, index: int, head, features: Tensor, context: Tensor,
+             cond_rows: Tensor | None, info: dict | None) -> Tensor | DeferredBias | None:
+        """GateRuntime.bias for the site `key`, served by head number `index` (`head`, float32, on the features'
+        device). While rt.observers watch (preview, recording), it hands each the GateResult on the host."""
+
+
+class EagerExecutor:
+    """The gate's kernels launched one by one, fewer than the spec path's: the text side cached per conditioning,
+    one host sync per layer for both "nothing suppressed" and "some row empty", the empty-row rule only when needed,
+    the bias made directly in the model's dtype.
+
+    device_skip: no host sync (for CUDA, and torch.compile: no graph break). The bias comes as a DeferredBias and the
+    layer runs both the masked and the unmasked attention, keeping the unmasked output where nothing is suppressed
+    (masks/attention.py): the same bits for one more small attention call (77 keys) and a select per layer; the
+    empty-row rule then always runs (a no-op where no row is empty). Observers take the synced path: they read the
+    gate on the host anyway.
+    """
+
+    def __init__(self, device_skip: bool = False):
+        self.device_skip = device_skip
+        self.name = "device_skip" if device_skip else "eager"
+
+    def bias(self, rt, key, index, head, features, context, cond_rows, info):
+        rt.stats["eager"] += 1
+        return self.run(rt, key, head, features, rt.token_features(index, head, context), cond_rows, info)
+
+    def run(self, rt: GateRuntime, key: SiteKey, head, features: Tensor, g: Tensor, cond_rows: Tensor | None,
+            info: dict | None) -> Tensor | DeferredBias | None:
+        """The gate from the cached text side g ([B, h, T])."""
+        deferred = rt.skip_unmasked and self.device_skip and not rt.observers
+        synced = rt.skip_unmasked and not deferred
+        # The CPU's synced path may keep M as float 0/1 (see hard_gate); the bias is then made in float32
+        as_float = synced and features.dtype == torch.float32 and features.device.type == "cpu"
+        hard, scores, probabilities, kept = self.hard_gate(rt, head, features, g, cond_rows, as_float)
+        tokens = hard.shape[-1]
+        if synced:
+            fewest = int(kept.amin())  # the one host sync: decides "nothing suppressed" and "some row empty"
+            # (after the empty-row rule every row keeps >= 1 token: with a single token nothing is ever suppressed)
+            all_kept, any_empty = fewest == tokens or tokens == 1, fewest == 0
+            if all_kept and not rt.observers:
+                return None
+        else:
+            all_kept, any_empty = False, True
+        if any_empty:
+            # Knowing some row is empty (synced), the CPU searches only the empty rows: a full argmax over rows of 77
+            # tokens cost it up to 100 us a call. Finding them syncs again (and gives torch.compile a data-dependent
+            # shape), so other devices and the sync-free paths keep the one argmax.
+            _keep_argmax_of_empty_rows(hard, kept, scores, only_empty=synced and hard.device.type == "cpu")
+        if hard.dtype != torch.bool:
+            bias = bias_from_keep(hard, rt.negative_value)
+        else:
+            bias = bias_from_gate(hard, features.dtype, rt.negative_value, padded=features.is_cuda)
+        if rt.observers:
+            if probabilities is None:
+                probabilities = torch.sigmoid(scores.float())
+            result = GateResult(probabilities=probabilities, hard=hard.to(probabilities.dtype), bias=bias)
+            for observe in rt.observers:
+                observe(key, result, info or {})
+        if deferred:
+            return DeferredBias(bias, hard.all())  # (after the empty-row rule: "the bias is all zeros")
+        return None if all_kept else bias
+
+    def hard_gate(self, rt: GateRuntime, head, features: Tensor, g: Tensor, cond_rows: Tensor | None,
+                  as_float: bool = False):
+        """(M before the empty-row rule, the scores the rule's argmax reads, the probabilities or None, the tokens
+        kept per location): the spec's float32 sigmoid(logit) > threshold.
+
+        as_float (CPU): M as 1.0/0.0 in the probabilities' dtype, the same comparison. The CPU compares into a bool
+        tensor with scalar code but into the input's own dtype with vector code, and a float mask is counted without
+        a cast: 3x less time for the comparison, count and bias together at [2, 256, 77].
+        """
+        logits = head.fast_logits(features.to(g.dtype), g)
+        scores = probabilities = torch.sigmoid(logits)
+        if as_float:
+            threshold = _constant(rt.threshold, probabilities.dtype, probabilities.device)
+            hard = torch.gt(probabilities, threshold, out=torch.empty_like(probabilities))
+        else:
+            hard = probabilities > rt.threshold
+        return hard, scores, probabilities, keep_ungated_rows_and_count(hard, cond_rows)
+
+
+class GraphExecutor:
+    """The exact gate replayed as one CUDA graph per head and shape (masks/graphs.py): one launch per layer instead of
+    ~15 small kernels. Elsewhere the same program replays eagerly on the graph's buffers (what the CPU tests run).
+
+    The eager executor stands in while observers watch, inside torch.compile's tracing or another graph's capture
+    (those record the eager ops themselves), and for good once a capture has failed. device_skip: as
+    EagerExecutor's.
+    """
+
+    def __init__(self, device_skip: bool = False):
+        self.device_skip = device_skip
+        self.name = "graphs+device_skip" if device_skip else "graphs"
+        self.eager = EagerExecutor(device_skip)
+        self.graphs = GraphCache()
+
+    def bias(self, rt, key, index, head, features, context, cond_rows, info):
+        if rt.observers or self.graphs.failed is not None or (features.is_cuda and (
+                torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing())):
+            return self.eager.bias(rt, key, index, head, features, context, cond_rows, info)
+        g = rt.token_features(index, head, context)  # [B, h, T]
+        graph = self._graph(rt, index, head, features, g, cond_rows)
+        if graph is None:
+            rt.stats["eager"] += 1
+            return self.eager.run(rt, key, head, features, g, cond_rows, info)
+        rt.stats["graph"] += 1
+        out = graph.replay(fresh={"x": features}, shared={"g": g})
+        if rt.skip_unmasked and self.device_skip:
+            return DeferredBias(out["bias"], out["unmasked"])
+        if rt.skip_unmasked and bool(out["unmasked"]):  # the one host sync, as the eager executor's
+            return None
+        return out["bias"]
+
+    def _graph(self, rt: GateRuntime, index: int, head, features: Tensor, g: Tensor, cond_rows: Tensor | None):
+        """The captured gate program for this head and these shapes (built on first use)."""
+        # A captured graph reads the head's parameters at the addresses they had at capture: keyed on them, a head
+        # whose parameters were replaced (moved away and back, load_state_dict(assign=True)) gets a new capture
+        # instead of a replay from freed memory. In-place updates keep the addresses and are read as they are.
+        key = (index, id(head), tuple(p.data_ptr() for p in head.fast_parameters()), tuple(features.shape),
+               features.dtype, tuple(g.shape), g.dtype, None if cond_rows is None else id(cond_rows),
+               rt.threshold, rt.negative_value)
+        device, dtype = features.device, features.dtype  # (not `features`: the program must not keep it alive)
+        negative_value, hard_gate = rt.negative_value, self.eager.hard_gate
+
+        def build():
+            # normal tensors, not inference ones: a graph made while ComfyUI samples (inference mode) is also
+            # replayed under plain no_grad, where copying into an inference tensor raises
+            with torch.inference_mode(False):
+                text = torch.empty_strided(g.shape, g.stride(), dtype=g.dtype, device=device)  # g's layout
+                b, n, t = features.shape[0], features.shape[1], g.shape[2]
+                # The feature input and the outputs are shared by every graph of this shape (heads of one level; a
+                # gate file with a head per layer has dozens): a layer's attention reads its bias, on the same
+                # stream, before the next layer's gate is replayed. The text side stays per graph (per head).
+                x, bias, unmasked = self.graphs.buffers((tuple(features.shape), dtype, device, t), lambda: (
+                    torch.empty(features.shape, dtype=dtype, device=device),
+                    torch.empty(b, n, _padded(t), dtype=dtype, device=device)[..., :t],
+                    torch.empty((), dtype=torch.bool, device=device)))
+            # the where-values exist before capture: made during it, their fill would only run at replays
+            _where_values(dtype, negative_value, device)
+
+            def program():  # (head and cond_rows are held here, so the ids in the key stay theirs)
+                hard, scores, _, kept = hard_gate(rt, head, x, text, cond_rows)
+                _keep_argmax_of_empty_rows(hard, kept, scores)  # a no-op where no row is empty
+                unmasked.copy_(hard.all())  # after the rule, as the spec path decides it
+                bias_from_gate(hard, dtype, negative_value, out=bias)
+
+            return program, {"x": x, "g": text}, {"bias": bias, "unmasked": unmasked}
+
+        return self.graphs.get(key, device, build)
+
+
+#: The executors a CUDA model may run, by the $MASKATTN_CUDA_GATE value that selects them (nodes/hooks.py); the CPU
+#: always runs the synced eager one, where a host sync costs nothing.
+EXECUTORS: dict[str, Callable[[], Executor]] = {
+    "eager": EagerExecutor,
+    "graphs": GraphExecutor,
+    "device_skip": lambda: EagerExecutor(device_skip=True),
+    "graphs+device_skip": lambda: GraphExecutor(device_skip=True),
+}
+
+
+def keep_ungated_rows_and_count(hard: Tensor, cond_rows: Tensor | None) -> Tensor:
+    """In place, every token kept in the rows left ungated (cond_rows false); returns the tokens kept per location
+    [B, N, 1]."""
+    if cond_rows is not None:
+        ungated = ~cond_rows.to(hard.device)[:, None, None]
+        if hard.dtype == torch.bool:
+            hard |= ungated
+        else:
+            hard.masked_fill_(ungated, 1.0)
+    # A float mask counts in its own dtype (exact: integers far below 2**24). A bool one in int32 on the CPU: summing
+    # bools to the default int64 makes it copy the whole mask first (up to 2x the time); other devices keep the
+    # default, which every backend has.
+    count_dtype = torch.int32 if hard.dtype == torch.bool and hard.device.type == "cpu" else None
+    return hard.sum(dim=-1, keepdim=True, dtype=count_dtype)
 
 
 def rows_by_text(before_features: Tensor, before_context: Tensor, negative_before: Tensor, features: Tensor,

@@ -367,6 +367,7 @@ def stand_in_ipadapter(model, calls, weight=0.3):
 @pytest.mark.parametrize("device_skip", [False, True])
 def test_ipadapter_style_container_composes_in_both_orders(host, pack, sdxl, distinct_masked_kernel, order,
                                                            device_skip):
+    from comfyui_maskattn.masks.runtime import EagerExecutor
     from comfyui_maskattn.nodes.hooks import installed_runtime
 
     pos, neg = conds(host, sdxl)
@@ -381,7 +382,7 @@ def test_ipadapter_style_container_composes_in_both_orders(host, pack, sdxl, dis
             model = apply(pack, stand_in_ipadapter(sdxl, calls), gates)
         else:
             model = stand_in_ipadapter(apply(pack, sdxl, gates), calls)
-        installed_runtime(model).device_skip = device_skip  # (the runtime is shared by a model and its clones)
+        installed_runtime(model).executor = EagerExecutor(device_skip)  # (shared by a model and its clones)
         return model
 
     calls.clear()
@@ -465,17 +466,19 @@ def test_fast_path_samples_bit_identical_to_the_straightforward_path(host, pack,
                                                                      graphs, skip_unmasked, device_skip):
     """graphs=True: the gate program replayed on its fixed buffers, as a CUDA graph is (eagerly, on the CPU).
     device_skip=True: no host sync; both attentions run and a device-side select keeps the right one."""
-    from comfyui_maskattn.masks.runtime import GateRuntime
+    from comfyui_maskattn.masks.runtime import EagerExecutor, GateRuntime, GraphExecutor
     from comfyui_maskattn.nodes import hooks
 
     pos, neg = conds(host, sdxl, 77, 154)
     gates = make_gates(sdxl)
     patched = apply(pack, sdxl, gates, gate_uncond=gate_uncond)
     runtime = hooks.installed_runtime(patched)
-    runtime.graphs, runtime.skip_unmasked, runtime.device_skip = graphs, skip_unmasked, device_skip
+    runtime.executor = (GraphExecutor if graphs else EagerExecutor)(device_skip)
+    runtime.skip_unmasked = skip_unmasked
     fast = host.ksample(patched, pos, neg)
     # one program per (head, shape): the tiny SDXL has heads per stage and width, cond+uncond batched
-    assert (len(runtime._graphs) > 0) == graphs and len(runtime._graphs) <= len(runtime.sites)
+    made = len(getattr(runtime.executor, "graphs", ()))
+    assert (made > 0) == graphs and made <= len(runtime.sites)
 
     def straightforward(self, key, features, context, cond_rows=None, info=None):
         return self.usable(self.compute(key, features, context, cond_rows, info))
@@ -492,17 +495,22 @@ def test_cuda_models_run_the_gate_variant_the_environment_names_and_a_bad_name_i
     cuda_model = sdxl.clone()
     cuda_model.load_device = torch.device("cuda")  # never sampled: install only reads where the model runs
 
-    def flags(model):
-        runtime = hooks.installed_runtime(apply(pack, model, gates))
-        return runtime.graphs, runtime.device_skip
+    from comfyui_maskattn.masks.runtime import GraphExecutor
+
+    def flags(executor):  # (CUDA graphs, device-side skip)
+        return isinstance(executor, GraphExecutor), executor.device_skip
+
+    def variant(model):
+        executor = hooks.installed_runtime(apply(pack, model, gates)).executor
+        return executor.name, flags(executor)
 
     monkeypatch.delenv(hooks.CUDA_GATE_ENV, raising=False)
-    assert hooks.CUDA_GATE_DEFAULT == "eager" and flags(cuda_model) == (False, False)
-    for name, expected in hooks.CUDA_GATE_VARIANTS.items():
+    assert hooks.CUDA_GATE_DEFAULT == "eager" and variant(cuda_model) == ("eager", (False, False))
+    for name, make in hooks.CUDA_GATE_VARIANTS.items():
         monkeypatch.setenv(hooks.CUDA_GATE_ENV, f" {name} ")
-        assert flags(cuda_model) == expected
-        assert flags(sdxl) == (False, False)  # the CPU keeps the eager gate: a host sync costs it nothing
-    assert len(set(hooks.CUDA_GATE_VARIANTS.values())) == 4
+        assert variant(cuda_model) == (name, flags(make()))
+        assert variant(sdxl) == ("eager", (False, False))  # the CPU keeps the eager gate: a host sync costs it nothing
+    assert len({flags(make()) for make in hooks.CUDA_GATE_VARIANTS.values()}) == 4
     monkeypatch.setenv(hooks.CUDA_GATE_ENV, "fastest")
     options = copy.deepcopy(cuda_model.model_options)
     with pytest.raises(ValueError, match=r"MASKATTN_CUDA_GATE='fastest' names no gate variant; use one of eager, "
@@ -517,13 +525,13 @@ def test_device_skip_keeps_the_untouched_attention_bit_for_bit_where_a_gate_keep
     """Gates that keep every pair at some layers and mask others: with the skip decided on the device, the all-kept
     layers still give the untouched attention's bits (all-ones gates: the untouched model), the others the masked."""
     from comfyui_maskattn.masks.attention import DeferredBias
-    from comfyui_maskattn.masks.runtime import GateRuntime
+    from comfyui_maskattn.masks.runtime import EagerExecutor, GateRuntime, GraphExecutor
     from comfyui_maskattn.nodes import hooks
 
     pos, neg = conds(host, sdxl)
     base = host.ksample(sdxl, pos, neg, seed=3)
     ones = apply(pack, sdxl, make_gates(sdxl, mode="ones"))
-    hooks.installed_runtime(ones).device_skip = True
+    hooks.installed_runtime(ones).executor = EagerExecutor(device_skip=True)
     assert torch.equal(host.ksample(ones, pos, neg, seed=3), base)
 
     gates = make_gates(sdxl, mode="random")
@@ -531,16 +539,16 @@ def test_device_skip_keeps_the_untouched_attention_bit_for_bit_where_a_gate_keep
     gates.heads[0].load_state_dict(ones_head.state_dict())  # the layers head 0 serves keep every pair
     patched = apply(pack, sdxl, gates)
     runtime = hooks.installed_runtime(patched)
-    runtime.device_skip, runtime.graphs = True, graphs
+    runtime.executor = (GraphExecutor if graphs else EagerExecutor)(device_skip=True)
     flags = []
-    fast_bias = runtime.fast_bias
+    bias = runtime.bias
 
     def spy(*args, **kwargs):
-        out = fast_bias(*args, **kwargs)
+        out = bias(*args, **kwargs)
         flags.append(bool(out.unmasked) if isinstance(out, DeferredBias) else None)
         return out
 
-    runtime.fast_bias = spy
+    runtime.bias = spy
     fast = host.ksample(patched, pos, neg, seed=3)
     assert True in flags and False in flags and None not in flags  # both sides of the select were taken
 

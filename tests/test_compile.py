@@ -1,6 +1,6 @@
 """MaskAttn under torch.compile, applied the way ComfyUI's TorchCompileModel node applies it (issue 5: compile
 friendliness without breaking anything): the compiled patched model samples bit for bit like the eager one, and the
-sync-free path (GateRuntime.device_skip) adds no graph break of its own.
+sync-free path (the device_skip executor) adds no graph break of its own.
 
 backend="eager" runs TorchDynamo's tracing, guards and graph breaks without generating code, so this needs no C++
 compiler; inductor's code generation is torch's business, not this pack's.
@@ -43,13 +43,14 @@ def dynamo():
 @pytest.mark.parametrize("device_skip", [False, True])
 def test_compiled_patched_model_samples_bit_identical_and_sync_free_adds_no_graph_break(host, dynamo, device_skip):
     import comfy_host
+    from comfyui_maskattn.masks.runtime import EagerExecutor
     from comfyui_maskattn.nodes import gates as gate_nodes
     from comfyui_maskattn.nodes import hooks
 
     model = host.tiny_sdxl(seed=0)
     pos, neg = host.make_cond(model, seed=1), host.make_cond(model, seed=2)
     patched = apply((gate_nodes, hooks), model, make_gates(model, mode="random"))
-    hooks.installed_runtime(patched).device_skip = device_skip
+    hooks.installed_runtime(patched).executor = EagerExecutor(device_skip)
 
     def sample(m):
         return comfy_host.ksample(m, pos, neg, steps=2, width=64, height=64)

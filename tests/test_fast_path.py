@@ -1,23 +1,27 @@
-"""The sampling-time fast path (issue 5) computes exactly what the straightforward spec path computes."""
+"""Every sampling-time executor computes exactly what the spec path (GateRuntime.compute) computes."""
 
 import pytest
 import torch
 
 from comfyui_maskattn.masks.attention import DeferredBias
 from comfyui_maskattn.masks.gates import MaskAttnGates
-from comfyui_maskattn.masks.runtime import GateRuntime
+from comfyui_maskattn.masks.runtime import EXECUTORS, EagerExecutor, GateRuntime, GraphExecutor
 from comfyui_maskattn.masks.topology import CrossAttnSite
 
+from benchmarks.low_precision_gate import LowPrecisionExecutor
+
 SITES = [CrossAttnSite("input", 7, i, 48, 40, 4, 2, 0, -1, "mid") for i in range(3)]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
 
 
-def runtime(bias_fill=None, seed=0, **kw):
+def runtime(bias_fill=None, seed=0, graphs=False, device_skip=False, **kw):
     gates = MaskAttnGates.fresh(SITES, hidden_dim=16, seed=seed)
     with torch.no_grad():
         for p in gates.heads.parameters():
             p.normal_(0, 0.4)
         if bias_fill is not None:
             gates.heads[0].logit_bias.fill_(bias_fill)
+    kw.setdefault("executor", (GraphExecutor if graphs else EagerExecutor)(device_skip=device_skip))
     return GateRuntime(gates=gates, sites=frozenset(s.key for s in SITES), **kw)
 
 
@@ -27,7 +31,7 @@ def bits(t):
 
 
 def assert_same_decision(fast, plain):
-    """fast: what fast_bias returned; plain: the straightforward path's usable bias (None: suppresses nothing)."""
+    """fast: what GateRuntime.bias returned; plain: the spec path's usable bias (None: suppresses nothing)."""
     if isinstance(fast, DeferredBias):  # device_skip: the same bias, and the skip decided on the device
         assert fast.unmasked.shape == () and fast.unmasked.dtype == torch.bool
         assert bool(fast.unmasked) == (plain is None)
@@ -44,19 +48,32 @@ def assert_same_decision(fast, plain):
 @pytest.mark.parametrize("bias_fill", [None, 12.0, -12.0, -3.0])
 @pytest.mark.parametrize("cond_only", [False, True])
 @pytest.mark.parametrize("threshold", [0.5, 0.3])
-@pytest.mark.parametrize("device_skip", [False, True])
-def test_fast_bias_equals_straightforward_bias(bias_fill, cond_only, threshold, device_skip):
-    rt = runtime(bias_fill, threshold=threshold, cond_only=cond_only, device_skip=device_skip)
+@pytest.mark.parametrize("skip_unmasked", [True, False])
+@pytest.mark.parametrize("executor", sorted(EXECUTORS))
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_executor_gives_the_spec_bits(device, executor, skip_unmasked, bias_fill, cond_only, threshold):
+    """The one test every executor answers to: on the same inputs, over two steps, the bias (or the skip) it hands
+    the attention is the spec path's, bit for bit. On the CPU the graph executors replay their program eagerly on
+    the graph's buffers; on CUDA they capture it."""
+    rt = runtime(bias_fill, threshold=threshold, cond_only=cond_only, skip_unmasked=skip_unmasked,
+                 executor=EXECUTORS[executor]())
+    graphs, deferred = isinstance(rt.executor, GraphExecutor), rt.executor.device_skip and skip_unmasked
     torch.manual_seed(1)
-    context = torch.randn(4, 77, 40)
-    rows = torch.tensor([False, True, False, True]) if cond_only else None
+    context = torch.randn(4, 77, 40, device=device)
+    rows = torch.tensor([False, True, False, True], device=device) if cond_only else None
     with torch.inference_mode():
-        for key in rt.sites:  # several layers of one shared head reuse the cached text side
-            x = torch.randn(4, 36, 48)
-            fast = rt.fast_bias(key, x, context, rows)
-            assert isinstance(fast, DeferredBias) == device_skip
-            assert_same_decision(fast, rt.usable(rt.compute(key, x, context, rows)))
+        for step in range(2):
+            for key in sorted(rt.sites):  # several layers of one shared head reuse the cached text side
+                x = torch.randn(4, 36, 48, device=device)
+                fast = rt.bias(key, x, context, rows)
+                assert isinstance(fast, DeferredBias) == deferred
+                assert_same_decision(fast, rt.usable(rt.compute(key, x, context, rows)))
+                if fast is not None and (graphs or device == "cuda"):  # rows padded for SDPA's aligned-mask kernel
+                    assert (fast.bias if deferred else fast).stride()[-2:] == (80, 1)
     assert len(rt._token_cache) == 1 and rt._token_cache[0][0] is context
+    if graphs:
+        assert len(rt.executor.graphs) == len(set(rt.gates.site_heads[k] for k in rt.sites))  # one per head
+        assert rt.stats["eager"] == 0
 
 
 def test_empty_row_rule_searching_only_the_empty_rows_matches_the_full_argmax():
@@ -78,7 +95,7 @@ def test_empty_row_rule_searching_only_the_empty_rows_matches_the_full_argmax():
 
 
 class _LogitsHead:
-    """Stands in for a GateHead: hands _hard_gate chosen logits (the comparison is what is under test)."""
+    """Stands in for a GateHead: hands EagerExecutor.hard_gate chosen logits (the comparison is what is under test)."""
 
     def __init__(self, logits):
         self._logits = logits
@@ -105,9 +122,9 @@ def test_the_cpu_float_mask_decides_and_biases_exactly_as_the_bool_mask(threshol
     logits[:, :3] = -200.0  # three rows emptied (sigmoid gives 0.0): the fallback runs on both
     rt = GateRuntime(gates=runtime().gates, sites=frozenset(), threshold=threshold, negative_value=negative_value)
     for cond_rows in (None, torch.tensor([True, False])):
-        hard, scores, _, kept = rt._hard_gate(_LogitsHead(logits), logits, logits, cond_rows, exact=True)
-        keep, scores_f, _, kept_f = rt._hard_gate(_LogitsHead(logits), logits, logits, cond_rows, exact=True,
-                                                  as_float=True)
+        hard, scores, _, kept = rt.executor.hard_gate(rt, _LogitsHead(logits), logits, logits, cond_rows)
+        keep, scores_f, _, kept_f = rt.executor.hard_gate(rt, _LogitsHead(logits), logits, logits, cond_rows,
+                                                          as_float=True)
         assert keep.dtype == torch.float32 and torch.equal(keep, hard.float()) and torch.equal(kept_f, kept.float())
         assert int((kept == 0).sum()) >= 3
         _keep_argmax_of_empty_rows(hard, kept, scores, only_empty=True)
@@ -121,15 +138,15 @@ def test_the_cpu_float_mask_decides_and_biases_exactly_as_the_bool_mask(threshol
 @pytest.mark.parametrize("graphs", [False, True])
 @pytest.mark.parametrize("device_skip", [False, True])
 def test_a_single_token_is_never_suppressed(graphs, device_skip):
-    """With one token every location keeps it (the empty-row rule), so the bias is all zeros and the straightforward
-    path runs the unmasked attention; the fast path decides so too, although rows were empty before the rule."""
+    """With one token every location keeps it (the empty-row rule), so the bias is all zeros and the spec path runs
+    the unmasked attention; every executor decides so too, although rows were empty before the rule."""
     rt = runtime(-12.0, graphs=graphs, device_skip=device_skip)
     key = sorted(rt.sites)[0]  # served by head 0, whose logit bias empties every row
     x, c = torch.randn(2, 9, 48), torch.randn(2, 1, 40)
     with torch.inference_mode():
         assert not bool(rt.compute(key, x, c).probabilities.gt(0.5).any())
         assert rt.usable(rt.compute(key, x, c)) is None
-        assert_same_decision(rt.fast_bias(key, x, c), None)
+        assert_same_decision(rt.bias(key, x, c), None)
 
 
 @pytest.mark.parametrize("graphs", [False, True])
@@ -141,11 +158,11 @@ def test_device_skip_reads_nothing_back_from_the_device(graphs):
     x, c = torch.randn(2, 9, 48, device=meta), torch.randn(2, 77, 40, device=meta)
     with torch.inference_mode():
         for key in sorted(rt.sites):
-            out = rt.fast_bias(key, x, c)
+            out = rt.bias(key, x, c)
             assert isinstance(out, DeferredBias) and out.bias.device == meta and out.unmasked.device == meta
-        rt.device_skip = False
+        rt.executor = type(rt.executor)(device_skip=False)
         with pytest.raises((RuntimeError, NotImplementedError)):
-            rt.fast_bias(sorted(rt.sites)[0], x, c)
+            rt.bias(sorted(rt.sites)[0], x, c)
 
 
 def test_masked_attention_with_a_deferred_bias_keeps_the_unmasked_output_where_flagged():
@@ -177,8 +194,8 @@ def test_text_side_is_recomputed_for_a_new_conditioning():
     key = next(iter(rt.sites))
     x = torch.randn(2, 9, 48)
     with torch.inference_mode():
-        a = rt.fast_bias(key, x, torch.randn(2, 77, 40))
-        b = rt.fast_bias(key, x, torch.randn(2, 77, 40))
+        a = rt.bias(key, x, torch.randn(2, 77, 40))
+        b = rt.bias(key, x, torch.randn(2, 77, 40))
     assert not torch.equal(a, b)
 
 
@@ -187,8 +204,8 @@ def test_half_precision_features_get_a_half_bias_with_the_same_values():
     key = next(iter(rt.sites))
     x, c = torch.randn(2, 9, 48), torch.randn(2, 77, 40)
     with torch.inference_mode():
-        full = rt.fast_bias(key, x, c)
-        half = rt.fast_bias(key, x.half(), c.half())
+        full = rt.bias(key, x, c)
+        half = rt.bias(key, x.half(), c.half())
     assert half.dtype == torch.float16 and torch.isfinite(half).all()
     assert set(half.unique().tolist()) <= {0.0, -10000.0} and full.dtype == torch.float32
 
@@ -200,7 +217,7 @@ def test_observers_see_probabilities_hard_gate_and_bias():
     rt.observers.append(lambda key, result, info: seen.append((key, result)))
     key = next(iter(rt.sites))
     with torch.inference_mode():
-        assert rt.fast_bias(key, torch.randn(1, 9, 48), torch.randn(1, 77, 40), info={"step": 1}) is None
+        assert rt.bias(key, torch.randn(1, 9, 48), torch.randn(1, 77, 40), info={"step": 1}) is None
     (k, result), = seen
     assert k == key and result.hard.shape == (1, 9, 77) and bool(result.hard.all())
     assert ((result.probabilities > 0.5) == result.hard.bool()).all()
@@ -220,13 +237,14 @@ def test_padded_bias_is_one_aligned_view_with_the_same_values(dtype):
     assert all(s % 8 == 0 for s in mask.stride()[:-1]) and mask.stride(-1) == 1
 
 
+# --- the benchmark-only low-precision executor (benchmarks/low_precision_gate.py): not exact, within a margin ------
 @pytest.mark.parametrize("gate_dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bias_fill", [None, -12.0])  # mixed rows; every row of head 0 empty (fallback)
 def test_low_precision_gate_agrees_wherever_the_logit_is_clear_of_the_threshold(gate_dtype, bias_fill):
-    """gate_dtype trades exactness for speed: a decision may flip only for a pair whose float32 logit lies within
-    that dtype's rounding of the threshold (here: 0.1 in logit units for float16, 0.5 for bfloat16)."""
+    """A low-precision gate trades exactness for speed: a decision may flip only for a pair whose float32 logit lies
+    within that dtype's rounding of the threshold (here: 0.1 in logit units for float16, 0.5 for bfloat16)."""
     exact = runtime(bias_fill, seed=3)
-    fast = GateRuntime(gates=exact.gates, sites=exact.sites, gate_dtype=gate_dtype)
+    fast = GateRuntime(gates=exact.gates, sites=exact.sites, executor=LowPrecisionExecutor(gate_dtype))
     margin = 0.1 if gate_dtype == torch.float16 else 0.5
     torch.manual_seed(2)
     context = torch.randn(2, 77, 40)
@@ -234,7 +252,7 @@ def test_low_precision_gate_agrees_wherever_the_logit_is_clear_of_the_threshold(
     with torch.inference_mode():
         for key in sorted(exact.sites):
             x = torch.randn(2, 64, 48) * 3
-            reference, approximate = exact.fast_bias(key, x, context), fast.fast_bias(key, x, context)
+            reference, approximate = exact.bias(key, x, context), fast.bias(key, x, context)
             assert approximate is not None and torch.isfinite(approximate).all()
             logits = exact._head(key, x.device)[1].logits(x, context)
             top2 = logits.topk(2, dim=-1).values
@@ -248,43 +266,18 @@ def test_low_precision_gate_agrees_wherever_the_logit_is_clear_of_the_threshold(
 
 
 def test_low_precision_gate_gives_observers_float32_probabilities():
-    rt = runtime(seed=1, gate_dtype=torch.float16)
+    rt = runtime(seed=1, executor=LowPrecisionExecutor(torch.float16))
     seen = []
     rt.observers.append(lambda key, result, info: seen.append(result))
     key = next(iter(rt.sites))
     with torch.inference_mode():
-        bias = rt.fast_bias(key, torch.randn(1, 9, 48), torch.randn(1, 77, 40))
+        bias = rt.bias(key, torch.randn(1, 9, 48), torch.randn(1, 77, 40))
     (result,) = seen
     assert result.probabilities.dtype == torch.float32 and bias.dtype == torch.float32
     assert torch.equal(result.hard.bool(), bias == 0)
 
 
-# --- the gate as a replayed program on fixed buffers (a CUDA graph on CUDA; eager replay here) ------------------------
-@pytest.mark.parametrize("bias_fill", [None, 12.0, -12.0])  # mixed, all kept, every row empty (fallback)
-@pytest.mark.parametrize("cond_only", [False, True])
-@pytest.mark.parametrize("skip_unmasked, device_skip", [(True, False), (False, False), (True, True)])
-def test_graph_replay_gives_the_straightforward_bias(bias_fill, cond_only, skip_unmasked, device_skip):
-    rt = runtime(bias_fill, threshold=0.4, cond_only=cond_only, graphs=True, skip_unmasked=skip_unmasked,
-                 device_skip=device_skip)
-    torch.manual_seed(1)
-    context = torch.randn(4, 77, 40)
-    rows = torch.tensor([False, True, False, True]) if cond_only else None
-    with torch.inference_mode():
-        for step in range(2):
-            for key in sorted(rt.sites):
-                x = torch.randn(4, 36, 48)
-                fast = rt.fast_bias(key, x, context, rows)
-                plain = rt.compute(key, x, context, rows).bias
-                if device_skip:
-                    assert_same_decision(fast, rt.usable(rt.compute(key, x, context, rows)))
-                    assert fast.bias.stride()[-2:] == (80, 1)
-                elif fast is None:
-                    assert skip_unmasked and not bool((plain != 0).any())
-                else:
-                    assert torch.equal(bits(fast), bits(plain)) and fast.stride()[-2:] == (80, 1)
-    assert len(rt._graphs) == len(set(rt.gates.site_heads[k] for k in rt.sites))  # one per head at one shape
-
-
+# --- the graph executor: a replayed program on fixed buffers (a CUDA graph on CUDA; eager replay here) ----------
 @pytest.mark.parametrize("device_skip", [False, True])
 def test_graphs_of_one_shape_share_their_feature_and_output_buffers_and_stay_exact(device_skip):
     """A gate file with a head per layer: one graph per head, but one feature buffer and one bias per shape."""
@@ -293,15 +286,15 @@ def test_graphs_of_one_shape_share_their_feature_and_output_buffers_and_stay_exa
     with torch.no_grad():
         for p in gates.heads.parameters():
             p.normal_(0, 0.4)
-    rt = GateRuntime(gates=gates, sites=frozenset(s.key for s in SITES), graphs=True, device_skip=device_skip)
+    rt = GateRuntime(gates=gates, sites=frozenset(s.key for s in SITES), executor=GraphExecutor(device_skip))
     torch.manual_seed(2)
     context = torch.randn(2, 77, 40)
     with torch.inference_mode():
         for n in (36, 16, 36):  # two resolutions, interleaved
             for key in sorted(rt.sites):
                 x = torch.randn(2, n, 48)
-                assert_same_decision(rt.fast_bias(key, x, context), rt.usable(rt.compute(key, x, context)))
-    graphs = list(rt._graphs._graphs.values())
+                assert_same_decision(rt.bias(key, x, context), rt.usable(rt.compute(key, x, context)))
+    graphs = list(rt.executor.graphs._graphs.values())
     assert len(graphs) == 2 * len(SITES) and rt.stats["eager"] == 0
     for n in (36, 16):
         same = [gr for gr in graphs if gr.inputs["x"].shape[1] == n]
@@ -315,15 +308,15 @@ def test_graph_copies_the_text_side_once_per_conditioning_and_keeps_one_program_
     key = sorted(rt.sites)[0]
     context = torch.randn(2, 77, 40)
     with torch.inference_mode():
-        rt.fast_bias(key, torch.randn(2, 9, 48), context)
-        (graph,) = rt._graphs._graphs.values()
+        rt.bias(key, torch.randn(2, 9, 48), context)
+        (graph,) = rt.executor.graphs._graphs.values()
         g_t = rt._token_cache[0][1]  # g transposed, as the logits' matmul takes it
         assert graph._last["g"] is g_t and torch.equal(graph.inputs["g"], g_t)
         assert graph.inputs["g"].stride() == g_t.stride()
-        rt.fast_bias(key, torch.randn(2, 16, 48), context)  # another resolution: another program
-        assert len(rt._graphs) == 2
+        rt.bias(key, torch.randn(2, 16, 48), context)  # another resolution: another program
+        assert len(rt.executor.graphs) == 2
         x, other = torch.randn(2, 9, 48), torch.randn(2, 77, 40)
-        new = rt.fast_bias(key, x, other)  # a new prompt: its text side replaces the old one in the buffer
+        new = rt.bias(key, x, other)  # a new prompt: its text side replaces the old one in the buffer
         assert graph._last["g"] is rt._token_cache[0][1] and torch.equal(new, rt.compute(key, x, other).bias)
 
 
@@ -338,10 +331,10 @@ def test_a_failed_capture_falls_back_to_the_eager_gate_for_good(monkeypatch, cap
     key = sorted(rt.sites)[0]
     x, c = torch.randn(2, 9, 48), torch.randn(2, 77, 40)
     with torch.inference_mode(), caplog.at_level("WARNING", logger="MaskAttn"):
-        first = rt.fast_bias(key, x, c)
-        second = rt.fast_bias(key, x, c)
+        first = rt.bias(key, x, c)
+        second = rt.bias(key, x, c)
     assert torch.equal(first, rt.compute(key, x, c).bias) and torch.equal(second, first)
-    assert rt._graphs.failed.startswith("RuntimeError") and len(rt._graphs) == 0
+    assert rt.executor.graphs.failed.startswith("RuntimeError") and len(rt.executor.graphs) == 0
     assert sum("could not capture" in r.getMessage() for r in caplog.records) == 1
 
 
@@ -354,8 +347,8 @@ def test_graph_cache_drops_the_least_recently_used_beyond_its_limit(monkeypatch)
     c = torch.randn(1, 77, 40)
     with torch.inference_mode():
         for n in (4, 5, 4, 6):
-            rt.fast_bias(key, torch.randn(1, n, 48), c)
-    assert [k[3][1] for k in rt._graphs._graphs] == [4, 6]
+            rt.bias(key, torch.randn(1, n, 48), c)
+    assert [k[3][1] for k in rt.executor.graphs._graphs] == [4, 6]
 
 
 def test_a_graph_is_recaptured_when_its_heads_parameters_are_replaced_not_when_updated_in_place():
@@ -366,20 +359,20 @@ def test_a_graph_is_recaptured_when_its_heads_parameters_are_replaced_not_when_u
     x, c = torch.randn(2, 9, 48), torch.randn(2, 77, 40)
     head = rt.gates.heads[rt.gates.site_heads[key]]
     with torch.inference_mode():
-        rt.fast_bias(key, x, c)
-    assert len(rt._graphs) == 1
+        rt.bias(key, x, c)
+    assert len(rt.executor.graphs) == 1
     with torch.no_grad():
         head.feature_net[1].weight.mul_(-1.0)  # in place: same addresses, the graph reads the new values
     with torch.inference_mode():
-        updated = rt.fast_bias(key, x, c)
-    assert len(rt._graphs) == 1 and updated is not None
+        updated = rt.bias(key, x, c)
+    assert len(rt.executor.graphs) == 1 and updated is not None
     assert torch.equal(bits(updated), bits(rt.compute(key, x, c).bias))
     state = {name: value.clone() * 0.5 for name, value in head.state_dict().items()}
     head.load_state_dict(state, assign=True)  # new tensors: a replay would read the old, freed storage on CUDA
     c = c.clone()  # (a new conditioning: the text side is cached per conditioning, and the text MLP changed too)
     with torch.inference_mode():
-        replaced = rt.fast_bias(key, x, c)
-    assert len(rt._graphs) == 2 and replaced is not None
+        replaced = rt.bias(key, x, c)
+    assert len(rt.executor.graphs) == 2 and replaced is not None
     assert torch.equal(bits(replaced), bits(rt.compute(key, x, c).bias))
 
 
@@ -392,11 +385,11 @@ def test_a_graph_made_in_one_grad_mode_replays_in_the_other(first, then):
     key = sorted(rt.sites)[0]
     x, c = torch.randn(2, 9, 48), torch.randn(2, 77, 40)
     with modes[first]():
-        a = rt.fast_bias(key, x, c)
+        a = rt.bias(key, x, c)
         a = None if a is None else a.clone()  # (the graph's output buffer is rewritten by the next replay)
     with modes[then]():
-        b = rt.fast_bias(key, x, c)
-    assert a is not None and b is not None and len(rt._graphs) == 1 and rt.stats == {"graph": 2, "eager": 0}
+        b = rt.bias(key, x, c)
+    assert a is not None and b is not None and len(rt.executor.graphs) == 1 and rt.stats == {"graph": 2, "eager": 0}
     assert torch.equal(bits(a), bits(b)) and torch.equal(bits(b), bits(rt.compute(key, x, c).bias))
 
 
@@ -404,12 +397,12 @@ def test_graphs_are_opt_in_and_observers_take_the_eager_path():
     rt = runtime()
     key = sorted(rt.sites)[0]
     with torch.inference_mode():
-        rt.fast_bias(key, torch.randn(1, 9, 48), torch.randn(1, 77, 40))
-        assert len(rt._graphs) == 0 and rt.stats == {"graph": 0, "eager": 1}
-        rt.graphs = True
+        rt.bias(key, torch.randn(1, 9, 48), torch.randn(1, 77, 40))
+        assert len(getattr(rt.executor, "graphs", ())) == 0 and rt.stats == {"graph": 0, "eager": 1}
+        rt.executor = GraphExecutor()
         rt.observers.append(lambda *a: None)
-        rt.fast_bias(key, torch.randn(1, 9, 48), torch.randn(1, 77, 40))
-        assert len(rt._graphs) == 0 and rt.stats == {"graph": 0, "eager": 2}
+        rt.bias(key, torch.randn(1, 9, 48), torch.randn(1, 77, 40))
+        assert len(rt.executor.graphs) == 0 and rt.stats == {"graph": 0, "eager": 2}
 
 
 def test_capture_branch_captures_once_and_replays_after(monkeypatch):
@@ -455,15 +448,15 @@ def test_capture_branch_captures_once_and_replays_after(monkeypatch):
     with torch.inference_mode():
         for key in sorted(rt.sites) * 2:
             x = torch.randn(2, 16, 48)
-            assert torch.equal(rt.fast_bias(key, x, context), rt.compute(key, x, context).bias)
+            assert torch.equal(rt.bias(key, x, context), rt.compute(key, x, context).bias)
     heads = len(set(rt.gates.site_heads.values()))
     assert calls == {"capture": heads, "replay": 6} and rt.stats == {"graph": 6, "eager": 0}
 
 
 def test_padded_bias_takes_its_values_from_the_output_device(monkeypatch):
     """torch.where moves 0-dim CPU operands to the output's device with a blocking copy: on CUDA a host sync per
-    gated layer, and an operation CUDA-graph capture refuses (what broke the graph gate on the H100). The values
-    must already live on the output's device (here 'meta', standing in for 'cuda')."""
+    gated layer, and an operation CUDA-graph capture refuses. The values must already live on the output's device
+    (here 'meta', standing in for 'cuda')."""
     from comfyui_maskattn.masks.runtime import bias_from_gate
 
     seen = []
