@@ -4,7 +4,7 @@
     python benchmarks/train_step.py --sdxl-size      # SDXL-size random weights, 1024 px, batch 1 (CUDA when present)
 
 "plain": the untouched model, forward + backward to its input (the UNet frozen, as in training).
-"gated": one full training step (nodes/train.py + masks/train.py): gate heads at the chosen stage, masked attention
+"gated": one full training step (nodes/gate_training.py): gate heads at the chosen stage, masked attention
 on the differentiable path, denoising loss, backward to the gates, clipping and the AdamW update.
 Rounds are interleaved so drift hits both alike; prints the median seconds, the ratio and the peak memory (CUDA:
 max allocated; CPU: not measured). Timings are reported, never asserted.
@@ -67,7 +67,7 @@ def main(argv=None):
     register_pack()
     host = load_host(args.comfyui)
     from comfyui_maskattn.masks.train import GateTrainer, TrainConfig
-    from comfyui_maskattn.nodes import train as T
+    from comfyui_maskattn.nodes import gate_training as T
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")

@@ -10,9 +10,9 @@ and RUN_DIR/<name>.safetensors, the gate file the Load MaskAttn Gates node reads
 Several GPUs (or CPU processes): `torchrun --nproc_per_node N -m cli.train ...` runs DistributedDataParallel over
 the gate parameters, each rank on its own shard of the data; rank 0 alone writes files.
 
-The loop, its defaults (`TRAIN_DEFAULTS`) and the objectives are the Train node's (masks/train.py,
-masks/objectives.py); the model session is the host adapter both share (nodes/train.py: hooks.install is the only
-way into a ModelPatcher).
+The run is the Train node's: both call nodes/gate_training.py (`start_gates`, `train`: the model session, the loop,
+resume, DDP), whose defaults (`TRAIN_DEFAULTS`) and objectives live in masks/train.py and masks/objectives.py;
+here are only the command line, the dataset, the files and the progress display.
 """
 
 from __future__ import annotations
@@ -207,7 +207,7 @@ def encode_dataset(args, examples, model, clip, vae, fingerprint: str, dist: Dis
     from safetensors.torch import load_file, save_file
 
     from comfyui_maskattn.cli.dataset import load_image
-    from comfyui_maskattn.nodes.train import TrainingExamples, prepare_examples
+    from comfyui_maskattn.nodes.gate_training import TrainingExamples, prepare_examples
 
     cache_dir = Path(args.output) / "cache"
     cache = cache_dir / f"{fingerprint}-r{dist.rank}of{dist.world}.safetensors"
@@ -345,16 +345,8 @@ def main(argv=None) -> int:
 def _run(args, examples, dist: Dist, fingerprint) -> int:
 
     from comfyui_maskattn.masks.gatefile import load_gates, save_gates
-    from comfyui_maskattn.masks.objectives import get_objective
-    from comfyui_maskattn.masks.train import (
-        GateTrainer,
-        TrainConfig,
-        load_state,
-        resolve_warmup,
-        run_training,
-        save_state,
-    )
-    from comfyui_maskattn.nodes import train as train_nodes  # the host adapter: the model session
+    from comfyui_maskattn.masks.train import TrainConfig, load_state, resolve_mask_steps, resolve_warmup, save_state
+    from comfyui_maskattn.nodes import gate_training  # the one training run, shared with the Train node
 
     if len(examples) < dist.world:
         say(dist, f"error: {len(examples)} examples cannot be shared by {dist.world} processes")
@@ -363,10 +355,10 @@ def _run(args, examples, dist: Dist, fingerprint) -> int:
         say(dist, "error: --mask-steps needs object masks in the dataset (NAME.objects.json files or \"objects\" in "
                   "the captions JSONL); none were found")
         return EXIT_DATASET
-    mask_steps = args.steps if args.mask_steps < 0 else args.mask_steps
-    if mask_steps > args.steps:
+    if args.mask_steps > args.steps:
         say(dist, f"error: --mask-steps {args.mask_steps} is more than --steps {args.steps}")
         return EXIT_USAGE
+    mask_steps = resolve_mask_steps(args.mask_steps, args.steps)
     out = Path(args.output)
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -399,11 +391,16 @@ def _run(args, examples, dist: Dist, fingerprint) -> int:
         objective=args.objective,
         mask_steps=mask_steps,
     )
-    if args.init:
-        gates = train_nodes.trainable_copy(load_gates(args.init))
-    else:
-        bias = get_objective(args.objective).init_bias if args.init_bias is None else args.init_bias
-        gates = train_nodes.new_gates(model, args.stage, args.placement, args.hidden, args.seed, bias)
+    gates = gate_training.start_gates(
+        model,
+        load_gates(args.init) if args.init else None,
+        stage=args.stage,
+        placement=args.placement,
+        hidden=args.hidden,
+        seed=args.seed,
+        objective=args.objective,
+        init_bias=args.init_bias,
+    )
     layout = {
         "stage": gates.stage,
         "placement": gates.placement,
@@ -430,19 +427,22 @@ def _run(args, examples, dist: Dist, fingerprint) -> int:
             return EXIT_USAGE
 
     csv_path = out / "loss.csv"
-    with train_nodes.TrainingSession(
-        model, gates, dist.device, gradient_checkpointing=args.gradient_checkpointing, objective=config.objective
-    ) as session:
-        data = data.to(session.device)
-        trainer = GateTrainer(gates.heads, config, rank=dist.rank, world_size=dist.world, device=session.device)
+    log_file = writer = bar = None
+    start = time.perf_counter()
+
+    def checkpoint(trainer, final=False):
+        if not dist.main:
+            return
+        state = trainer.state_dict()
+        state["extra"] = {"layout": layout, "args": {k: v for k, v in vars(args).items() if k != "resume"}}
+        if not final:
+            save_state(state, out / "checkpoints" / f"step_{trainer.step:07d}.pt")
+        save_state(state, out / "latest.pt")
+
+    def begin(trainer, session):
+        nonlocal log_file, writer, bar, start
         if resume is not None:
-            try:
-                trainer.load_state_dict(resume)
-            except ValueError as e:
-                say(dist, f"error: --resume: {e}")
-                return EXIT_USAGE
             say(dist, f"resumed at step {trainer.step}")
-        loss_fn = session.loss_fn(data, config.batch_size, trainer=trainer)
         say(
             dist,
             f"training {gates.parameter_count():,} gate parameters at {len(gates.site_heads)} layers on "
@@ -451,17 +451,6 @@ def _run(args, examples, dist: Dist, fingerprint) -> int:
             + (f" after {config.mask_steps} mask-supervised steps" if config.mask_steps else "")
             + f", steps {trainer.step}->{config.steps}",
         )
-
-        def checkpoint(final=False):
-            if not dist.main:
-                return
-            state = trainer.state_dict()
-            state["extra"] = {"layout": layout, "args": {k: v for k, v in vars(args).items() if k != "resume"}}
-            if not final:
-                save_state(state, out / "checkpoints" / f"step_{trainer.step:07d}.pt")
-            save_state(state, out / "latest.pt")
-
-        log_file = writer = None
         if dist.main:
             rows = []
             if resume is not None and csv_path.is_file():  # keep the log consistent with the resumed step
@@ -471,63 +460,81 @@ def _run(args, examples, dist: Dist, fingerprint) -> int:
             writer = csv.DictWriter(log_file, fieldnames=["step", "loss", "lr", "grad_norm", "skipped", "seconds"])
             writer.writeheader()
             writer.writerows(rows)
-        bar = None
-        if dist.main and not args.no_progress:
-            from tqdm import tqdm
+            if not args.no_progress:
+                from tqdm import tqdm
 
-            bar = tqdm(total=config.steps, initial=trainer.step, desc="MaskAttn gates", unit="step", dynamic_ncols=True)
+                bar = tqdm(total=config.steps, initial=trainer.step, desc="MaskAttn gates", unit="step",
+                           dynamic_ncols=True)
         start = time.perf_counter()
 
-        def log_step(report):
-            if not dist.main:
-                return
-            writer.writerow(
-                {
-                    "step": report.step,
-                    "loss": f"{report.loss:.6g}",
-                    "lr": f"{report.lr:.6g}",
-                    "grad_norm": f"{report.grad_norm:.4g}",
-                    "skipped": int(report.skipped),
-                    "seconds": f"{time.perf_counter() - start:.3f}",
-                }
-            )
-            if bar is not None:
-                bar.set_postfix(loss=f"{report.loss:.4f}", lr=f"{report.lr:.2e}")
-                bar.update(1)
-            elif report.step % 50 == 0 or report.step == config.steps:
-                print(f"step {report.step}/{config.steps} loss {report.loss:.4f} lr {report.lr:.2e}", flush=True)
+    def log_step(report):
+        if not dist.main:
+            return
+        writer.writerow(
+            {
+                "step": report.step,
+                "loss": f"{report.loss:.6g}",
+                "lr": f"{report.lr:.6g}",
+                "grad_norm": f"{report.grad_norm:.4g}",
+                "skipped": int(report.skipped),
+                "seconds": f"{time.perf_counter() - start:.3f}",
+            }
+        )
+        if bar is not None:
+            bar.set_postfix(loss=f"{report.loss:.4f}", lr=f"{report.lr:.2e}")
+            bar.update(1)
+        elif report.step % 50 == 0 or report.step == config.steps:
+            print(f"step {report.step}/{config.steps} loss {report.loss:.4f} lr {report.lr:.2e}", flush=True)
 
-        def periodic_checkpoint(_trainer):
-            if log_file is not None:
-                log_file.flush()
-            checkpoint()
-            dist.barrier()
+    def periodic_checkpoint(trainer):
+        if log_file is not None:
+            log_file.flush()
+        checkpoint(trainer)
+        dist.barrier()
 
-        try:
-            complete = run_training(
-                trainer,
-                loss_fn,
-                on_step=log_step,
-                save_every=args.save_every,
-                on_checkpoint=periodic_checkpoint,
-                stop_after=args.stop_after,
-            )
-            stopped_early = not complete
-        finally:
-            if bar is not None:
-                bar.close()
-            if log_file is not None:
-                log_file.close()
-        if stopped_early:
-            checkpoint()
+    def end(trainer, complete):
+        if bar is not None:
+            bar.close()
+        if log_file is not None:
+            log_file.close()
+        if not complete:
+            checkpoint(trainer)
             dist.barrier()
-            say(dist, f"stopped after step {trainer.step} of {config.steps}; continue with --resume")
-            return 0
-        checkpoint(final=True)
+            return
+        checkpoint(trainer, final=True)
         print(f"[rank {dist.rank}] final gate checksum {_checksum(gates.heads)}", flush=True)
-        skipped = trainer.skipped
-        trainer = loss_fn = data = None  # free before writing
-    train_nodes.finished_gates(gates, config.steps)
+
+    try:
+        run = gate_training.train(
+            model,
+            data,
+            gates,
+            config,
+            device=dist.device,
+            gradient_checkpointing=args.gradient_checkpointing,
+            rank=dist.rank,
+            world_size=dist.world,
+            resume=resume,
+            on_start=begin,
+            on_step=log_step,
+            save_every=args.save_every,
+            on_checkpoint=periodic_checkpoint,
+            stop_after=args.stop_after,
+            on_end=end,
+        )
+    except gate_training.ResumeError as e:
+        say(dist, f"error: --resume: {e}")
+        return EXIT_USAGE
+    finally:
+        if bar is not None:
+            bar.close()
+        if log_file is not None and not log_file.closed:
+            log_file.close()
+    data = None  # free before writing
+    if not run.complete:
+        say(dist, f"stopped after step {run.step} of {config.steps}; continue with --resume")
+        return 0
+    gate_training.finished_gates(gates, config.steps)
     if dist.main:
         gates.source = f"{args.name}.safetensors"
         path = save_gates(
@@ -541,7 +548,10 @@ def _run(args, examples, dist: Dist, fingerprint) -> int:
                 "base_model": Path(args.checkpoint).name if args.checkpoint else "",
             },
         )
-        print(f"wrote {path}" + (f" ({skipped} steps skipped for non-finite values)" if skipped else ""), flush=True)
+        print(
+            f"wrote {path}" + (f" ({run.skipped} steps skipped for non-finite values)" if run.skipped else ""),
+            flush=True,
+        )
     dist.barrier()
     return 0
 

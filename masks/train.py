@@ -7,7 +7,7 @@ affine in that raw output,
     D(x_t, sigma) = c_skip(sigma) * x_t + c_out(sigma) * F(x_t, sigma),
 
 so the loss on the raw output, ||F - F_target||^2, equals ||D - x0||^2 / c_out(sigma)^2. The host layer reads
-c_out from the model's own sampling object (nodes/train.py) and hands it here; nothing here assumes eps.
+c_out from the model's own sampling object (nodes/gate_training.py) and hands it here; nothing here assumes eps.
 `prediction_target` spells out the four parameterisations for tests and readers.
 
 Randomness is counter-based: every random draw of optimisation step k on rank r comes from a generator seeded
@@ -58,6 +58,14 @@ def resolve_warmup(warmup: int, steps: int) -> int:
     if warmup < 0:
         return max(0, round(TRAIN_DEFAULTS["warmup_fraction"] * steps))
     return min(int(warmup), int(steps))
+
+
+def resolve_mask_steps(mask_steps: int, steps: int, has_masks: bool = True) -> int:
+    """Leading mask-supervised steps: -1 means every step when there are masks (none without); never more than
+    `steps`."""
+    if mask_steps < 0:
+        return int(steps) if has_masks else 0
+    return min(int(mask_steps), int(steps))
 
 
 @dataclass

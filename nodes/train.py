@@ -1,510 +1,24 @@
-"""Training MaskAttn gates inside ComfyUI: the host adapter (shared by the node and the command-line trainer).
-
-The loop, the maths of a step (loss, optimiser, schedule, checkpoints) and the one table of defaults live in
-../masks/train.py, the objectives in ../masks/objectives.py, mask supervision in ../masks/supervised.py; here is
-what needs the host:
-
-- examples: a LATENT batch and its CONDITIONING list become cached model inputs (the latent in the model's own
-  latent scale, the text states and `y` built by the model's own `extra_conds`, as the samplers build them);
-- the objective: noise levels from the model's own sigma table, x_t from its own `noise_scaling`, c_out of its
-  denoised estimate from its own `calculate_denoised` (eps, v, EDM or flow: whatever the model uses);
-- a TrainingSession: the model patched with the gates (hooks.install), gates live on the training device, the
-  UNet frozen, the gate and the masked attention of the chosen objective (masks/objectives.TrainingGate) in place
-  of the runtime's, and the 2024 host's in-place residual adds made safe for autograd; everything is undone on
-  exit, error or cancel.
+"""The "Train MaskAttn Gates" node: a thin front door to the one training run (nodes/gate_training.py, whose loop,
+defaults and objectives live in ../masks/train.py and ../masks/objectives.py). Here: the node's inputs (mask
+supervision from MASK sockets), ComfyUI's progress bar and cancel, and the loss-curve image.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import functools
-import logging
 import math
-from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..masks.gates import MaskAttnGates
-from ..masks.objectives import (
-    DEFAULT_OBJECTIVE,
-    OBJECTIVES,
-    TrainingGate,
-    clean_image_loss,
-    get_objective,
-    sigma_band_table,
-)
-from ..masks.record import latent_hw
-from ..masks.supervised import ObjectMasks, mask_loss, object_masks
-from ..masks.topology import PLACEMENTS, STAGE_CHOICES, select_sites
-from ..masks.train import (
-    TRAIN_DEFAULTS,
-    Draw,
-    GateTrainer,
-    TrainConfig,
-    denoising_loss,
-    draw,
-    resolve_warmup,
-    run_training,
-)
-from . import hooks
+from ..masks.objectives import OBJECTIVES, get_objective
+from ..masks.supervised import ObjectMasks, object_masks
+from ..masks.topology import PLACEMENTS, STAGE_CHOICES
+from ..masks.train import TRAIN_DEFAULTS, TrainConfig, resolve_mask_steps, resolve_warmup
+from . import gate_training, hooks
+from .gate_training import TrainingInputError
 from .region import MASK_SOCKETS
 
-log = logging.getLogger("MaskAttn")
 CATEGORY = "MaskAttn"
-
-
-class TrainingInputError(ValueError):
-    """Training inputs that cannot be used; the message says what to fix."""
-
-
-# --- examples ---------------------------------------------------------------------------------------------------
-@dataclass
-class TrainingExamples:
-    """Model inputs of N training examples, computed once (latents already in the model's latent scale)."""
-
-    latents: Tensor  # [N, C, h, w]
-    contexts: list[Tensor]  # N x [1, T_i, D]
-    extras: dict[str, list[Tensor]] = field(default_factory=dict)  # e.g. "y": N x [1, adm]
-    objects: list[ObjectMasks | None] | None = None  # per image: object masks and the tokens naming them
-
-    def __len__(self):
-        return self.latents.shape[0]
-
-    def to(self, device) -> "TrainingExamples":
-        return TrainingExamples(
-            self.latents.to(device),
-            [c.to(device) for c in self.contexts],
-            {k: [t.to(device) for t in v] for k, v in self.extras.items()},
-            self.objects,
-        )
-
-    def subset(self, index) -> "TrainingExamples":
-        index = [int(i) for i in index]
-        return TrainingExamples(
-            self.latents[index],
-            [self.contexts[i] for i in index],
-            {k: [v[i] for i in index] for k, v in self.extras.items()},
-            None if self.objects is None else [self.objects[i] for i in index],
-        )
-
-    def with_objects(self, objects: list[ObjectMasks | None]) -> "TrainingExamples":
-        """These examples with object masks (one entry per image, None for an image without); checked against the
-        conditioning lengths."""
-        if len(objects) != len(self):
-            raise TrainingInputError(f"{len(self)} images but object masks for {len(objects)}")
-        for i, o in enumerate(objects):
-            if o is not None and o.owner.shape[0] != self.contexts[i].shape[1]:
-                raise TrainingInputError(
-                    f"image {i}: the caption's tokens ({o.owner.shape[0]}) do not match its conditioning "
-                    f"({self.contexts[i].shape[1]} tokens): give the text that was encoded for this image"
-                )
-        return TrainingExamples(self.latents, self.contexts, self.extras, list(objects))
-
-    def batch(self, index: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """(x0 [B,...], context [B, T, D] with lengths repeated up to a common multiple, extras concatenated)."""
-        idx = [int(i) for i in index]
-        contexts = [self.contexts[i] for i in idx]
-        length = functools.reduce(math.lcm, (c.shape[1] for c in contexts))
-        context = torch.cat([c.repeat(1, length // c.shape[1], 1) for c in contexts])
-        extras = {k: torch.cat([v[i] for i in idx]) for k, v in self.extras.items()}
-        return self.latents[idx], context, extras
-
-
-_IGNORED_COND_KEYS = ("control", "gligen", "area", "strength", "mask", "hooks", "uuid")
-
-
-def prepare_examples(model, latent: dict, conditioning: list, device=None) -> TrainingExamples:
-    """LATENT + CONDITIONING (one entry per image, or one for all) -> TrainingExamples (on `device`, default CPU).
-
-    The conditioning goes through the model's own `extra_conds` exactly as ComfyUI's samplers call it, so SDXL's
-    `y` (pooled text, sizes) is what sampling would use.
-    """
-    if not isinstance(latent, dict) or not isinstance(latent.get("samples"), Tensor):
-        raise TrainingInputError("latents: expected a LATENT (a dict with 'samples'), e.g. from VAE Encode")
-    samples = latent["samples"]
-    if samples.ndim != 4 or samples.shape[0] < 1:
-        raise TrainingInputError(f"latents: expected samples [N, C, h, w] with N >= 1, got {tuple(samples.shape)}")
-    if not isinstance(conditioning, (list, tuple)) or not conditioning:
-        raise TrainingInputError("positive: expected a CONDITIONING list with one entry per image (or one for all)")
-    n = samples.shape[0]
-    entries = []
-    for j, entry in enumerate(conditioning):
-        if not (isinstance(entry, (list, tuple)) and len(entry) >= 2 and isinstance(entry[0], Tensor)):
-            raise TrainingInputError(f"positive[{j}]: not a CONDITIONING entry [tensor, dict]")
-        c, opts = entry[0], dict(entry[1] or {})
-        for i in range(c.shape[0]):  # a batched entry counts as several examples
-            entries.append(
-                (
-                    c[i : i + 1],
-                    {
-                        k: (
-                            v[i : i + 1]
-                            if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == c.shape[0] and c.shape[0] > 1
-                            else v
-                        )
-                        for k, v in opts.items()
-                    },
-                )
-            )
-    if len(entries) == 1 and n > 1:
-        entries = entries * n
-    if len(entries) != n:
-        raise TrainingInputError(
-            f"{n} latents but {len(entries)} conditionings: give one conditioning per image "
-            f"(in the latent batch's order) or a single one for all"
-        )
-    ignored = sorted({k for _, o in entries for k in o if k in _IGNORED_COND_KEYS and o[k] is not None})
-    if ignored:
-        log.warning("MaskAttn training ignores these conditioning fields: %s", ", ".join(ignored))
-
-    base = model.model
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    with torch.inference_mode(False), torch.no_grad():
-        x0 = base.process_latent_in(samples.detach().clone().float()).to(device)
-        contexts, extras = [], {}
-        for i, (c, opts) in enumerate(entries):
-            params = {k: v for k, v in opts.items() if k not in _IGNORED_COND_KEYS}
-            noise = x0[i : i + 1]
-            params.update(cross_attn=c.detach().clone().to(device), device=device, noise=noise)
-            params.setdefault("width", noise.shape[3] * 8)
-            params.setdefault("height", noise.shape[2] * 8)
-            params.setdefault("prompt_type", "positive")
-            for k in ("pooled_output",):
-                if isinstance(params.get(k), Tensor):
-                    params[k] = params[k].detach().clone()
-            out = base.extra_conds(**params)
-            cross = out.pop("c_crossattn", None)
-            contexts.append(
-                (cross.cond if cross is not None else params["cross_attn"]).detach().clone().float().to(device)
-            )
-            for name, cond in out.items():
-                value = getattr(cond, "cond", None)
-                if not isinstance(value, Tensor):
-                    continue
-                extras.setdefault(name, []).append(value.detach().clone().to(device))
-        for name, values in list(extras.items()):
-            if len(values) != n:
-                raise TrainingInputError(f"conditioning field {name!r} is present for some images only")
-    dims = {c.shape[-1] for c in contexts}
-    if len(dims) != 1:
-        raise TrainingInputError(
-            f"conditionings of different widths {sorted(dims)}: encode every caption with the same CLIP"
-        )
-    return TrainingExamples(x0, contexts, extras)
-
-
-# --- the objective, from the model's own sampling object ----------------------------------------------------------
-class ModelObjective:
-    """The model's own noise levels, forward process and output scale (eps / v / EDM / flow alike)."""
-
-    def __init__(self, model):
-        self.sampling = model.model.model_sampling
-        table = getattr(self.sampling, "sigmas", None)
-        if table is None or table.numel() < 2:
-            table = torch.tensor([float(self.sampling.percent_to_sigma(p)) for p in torch.linspace(0.001, 0.999, 1000)])
-        table = table.detach().float().cpu()
-        self.sigma_table = table[table > 0]
-
-    def noisy(self, sigma: Tensor, noise: Tensor, x0: Tensor) -> Tensor:
-        s = sigma.reshape(sigma.shape[:1] + (1,) * (x0.ndim - 1)).to(x0.device, x0.dtype)
-        return self.sampling.noise_scaling(s, noise.to(x0.device, x0.dtype), x0)
-
-    def output_scale(self, sigma: Tensor) -> Tensor:
-        """c_out(sigma): how the model's raw output enters its denoised estimate (read from calculate_denoised)."""
-        s = sigma.float().reshape(-1)
-        ones, zeros = torch.ones(s.shape[0], 1), torch.zeros(s.shape[0], 1)
-        return (
-            self.sampling.calculate_denoised(s, ones, zeros) - self.sampling.calculate_denoised(s, zeros, zeros)
-        ).reshape(-1)
-
-
-# --- the session ----------------------------------------------------------------------------------------------------
-def _clone_input_pre_hook(module, args):
-    # The 2024 host's BasicTransformerBlock does `x += n` after norm1(x) / norm2(x) saved x for backward. Feeding
-    # the norms a copy keeps the saved tensor intact. Only installed while training.
-    if args and isinstance(args[0], Tensor) and torch.is_grad_enabled():
-        return (args[0].clone(),) + tuple(args[1:])
-    return None
-
-
-def _transformer_blocks(diffusion_model: nn.Module):
-    for m in diffusion_model.modules():
-        if hasattr(m, "attn2") and hasattr(m, "norm1") and hasattr(m, "norm2") and hasattr(m, "ff"):
-            yield m
-
-
-def _checkpointed(block, original, x, *args, **kwargs):
-    if not torch.is_grad_enabled():
-        return original(x, *args, **kwargs)
-    from torch.utils.checkpoint import checkpoint
-
-    # The block may add into its input in place (2024 host); checkpointing keeps that input for the recomputation,
-    # so the block gets a copy. The UNet rewrites transformer_options["block"/"block_index"] as it goes: the
-    # recomputation (during backward) must see this block's values, so the dict is copied now.
-    kwargs = {k: (dict(v) if k == "transformer_options" and isinstance(v, dict) else v) for k, v in kwargs.items()}
-    return checkpoint(lambda y, *a, **k: original(y.clone(), *a, **k), x, *args, use_reentrant=False, **kwargs)
-
-
-def trainable_copy(gates: MaskAttnGates) -> MaskAttnGates:
-    """A MaskAttnGates with its own fp32 CPU copy of the heads (the input object is never trained in place)."""
-    if not isinstance(gates, MaskAttnGates):
-        raise TrainingInputError(f"maskattn: only learned gate heads can be trained, got {type(gates).__name__}")
-    with torch.inference_mode(False):
-        heads = nn.ModuleList(copy.deepcopy(h) for h in gates.heads)
-        for h in heads:
-            for m in h.modules():
-                for name, p in list(m._parameters.items()):
-                    if p is not None:
-                        m._parameters[name] = nn.Parameter(
-                            p.detach().clone().to("cpu", torch.float32), requires_grad=True
-                        )
-    return MaskAttnGates(
-        heads=heads,
-        site_heads=dict(gates.site_heads),
-        site_stages=dict(gates.site_stages),
-        architecture=gates.architecture,
-        threshold=gates.threshold,
-        negative_value=gates.negative_value,
-        stage=gates.stage,
-        placement=gates.placement,
-        kind=gates.kind,
-        source=gates.source,
-    )
-
-
-#: Fresh heads of the default objective start open: logit bias 2 keeps nearly every (location, token) pair (P ~ 0.88
-#: where f.g ~ 0). Under the reference's straight-through estimator a suppressed pair's gradient is exactly 0, so a
-#: pair that starts closed can only reopen through weights it shares with open pairs; starting open lets every pair
-#: report whether it should close (tests/test_train_host.py: the planted gate is recovered this way). Each objective
-#: names its own start (masks/objectives.py); "paper" is the reference's 0.
-INITIAL_LOGIT_BIAS = OBJECTIVES[DEFAULT_OBJECTIVE].init_bias
-
-
-def fresh_gates(
-    sites, hidden_dim: int = TRAIN_DEFAULTS["hidden"], seed: int = 0, initial_bias: float = INITIAL_LOGIT_BIAS, **fields
-) -> MaskAttnGates:
-    gates = MaskAttnGates.fresh(sites, hidden_dim=hidden_dim, share_by_stage=True, seed=seed, **fields)
-    with torch.no_grad():
-        for head in gates.heads:
-            head.logit_bias.fill_(float(initial_bias))
-    return gates
-
-
-def new_gates(
-    model,
-    stage: str = TRAIN_DEFAULTS["stage"],
-    placement: str = TRAIN_DEFAULTS["placement"],
-    hidden_dim: int = TRAIN_DEFAULTS["hidden"],
-    seed: int = 0,
-    initial_bias: float = INITIAL_LOGIT_BIAS,
-) -> MaskAttnGates:
-    if stage not in STAGE_CHOICES or placement not in PLACEMENTS:
-        raise TrainingInputError(f"stage must be one of {STAGE_CHOICES} and placement one of {PLACEMENTS}")
-    sites = select_sites(hooks.model_sites(model), stage, placement)
-    if not sites:
-        raise TrainingInputError(f"no cross-attention layers at stage '{stage}', placement '{placement}' in this model")
-    return fresh_gates(sites, hidden_dim, seed, initial_bias, stage=stage, placement=placement)
-
-
-class TrainingSession:
-    """Context manager: `model` patched with trainable `gates` on `device`; undone on exit.
-
-    denoise(x_t, sigma, context, extras) -> the model's denoised estimate, differentiable w.r.t. the gate heads
-    as the objective says (masks/objectives.py).
-    """
-
-    def __init__(
-        self,
-        model,
-        gates: MaskAttnGates,
-        device=None,
-        *,
-        gradient_checkpointing: bool = False,
-        load: bool = True,
-        objective: str = DEFAULT_OBJECTIVE,
-    ):
-        self.model, self.gates = model, gates
-        self.device = torch.device(device) if device is not None else None
-        self.gradient_checkpointing = gradient_checkpointing
-        self.load = load
-        self.objective_spec = get_objective(objective)
-        self._stack: contextlib.ExitStack | None = None
-
-    def __enter__(self):
-        import comfy.model_management as mm
-
-        stack = contextlib.ExitStack()
-        try:
-            stack.enter_context(torch.inference_mode(False))
-            all_sites = hooks.model_sites(self.model)
-            self.gates.check_fits(all_sites)
-            sites = [s for s in all_sites if self.gates.covers(s.key)]
-            patched, runtime = hooks.install(
-                self.model, self.gates, sites, threshold=self.gates.threshold, negative_value=self.gates.negative_value
-            )
-            runtime.skip_unmasked = False  # a device sync per layer, and it would drop the gradient
-            # The objective's gate and attention (differentiable on every device). The runtime's sampling path
-            # (text-side cache) is bypassed while the heads require grad: fast_bias then calls `compute`.
-            self.gate = TrainingGate(
-                self.objective_spec,
-                heads_for=lambda key: self.gates.heads[self.gates.site_heads[key]],
-                grid_of=latent_hw,
-                threshold=self.gates.threshold,
-                negative_value=self.gates.negative_value,
-                observers=runtime.observers,
-            )
-            runtime.compute = self.gate.compute
-            runtime.attention_override = self.gate.attention
-            self.patched, self.runtime = patched, runtime
-            if self.load:
-                mm.load_models_gpu([patched])
-            unet = patched.model.diffusion_model
-            if self.device is None:
-                self.device = next(unet.parameters()).device
-            # Frozen UNet: no weight gradients. Weights created under inference mode cannot be saved for backward.
-            flags = []
-            for m in unet.modules():
-                for name, p in list(m._parameters.items()):
-                    if p is None:
-                        continue
-                    if p.is_inference():
-                        m._parameters[name] = p = nn.Parameter(p.detach().clone(), requires_grad=False)
-                    flags.append((p, p.requires_grad))
-                    p.requires_grad_(False)
-                for name, b in list(m._buffers.items()):
-                    if b is not None and b.is_inference():
-                        m._buffers[name] = b.detach().clone()
-            stack.callback(lambda: [p.requires_grad_(f) for p, f in flags])
-            # Gates: the live fp32 parameters on the training device (heads_on returns them when devices match).
-            first = next(self.gates.heads.parameters())
-            home = first.device
-            self.gates.heads.to(device=self.device, dtype=torch.float32)
-            self.gates._on_device.clear()
-            stack.callback(lambda: (self.gates.heads.to(home), self.gates._on_device.clear()))
-            handles = []
-            for block in _transformer_blocks(unet):
-                for norm in (block.norm1, block.norm2):
-                    handles.append(norm.register_forward_pre_hook(_clone_input_pre_hook))
-                if self.gradient_checkpointing:
-                    block.forward = functools.partial(_checkpointed, block, block.forward)
-                    stack.callback(lambda b=block: b.__dict__.pop("forward", None))
-            stack.callback(lambda: [h.remove() for h in handles])
-            unet_training = unet.training
-            unet.eval()
-            stack.callback(lambda: unet.train(unet_training))
-            stack.callback(mm.soft_empty_cache)
-            self.objective = ModelObjective(patched)
-        except BaseException:
-            stack.close()
-            raise
-        self._stack = stack
-        return self
-
-    def __exit__(self, *exc):
-        stack, self._stack = self._stack, None
-        if stack is not None:
-            stack.close()
-        return False
-
-    def denoise(self, xt: Tensor, sigma: Tensor, context: Tensor, extras: dict[str, Tensor]) -> Tensor:
-        to = dict(self.patched.model_options.get("transformer_options", {}))
-        to["cond_or_uncond"] = [0]
-        to["sigmas"] = sigma
-        base = self.patched.model
-        c_concat = extras.get("c_concat")
-        kwargs = {k: v for k, v in extras.items() if k != "c_concat"}
-        return base.apply_model(xt, sigma, c_concat=c_concat, c_crossattn=context, transformer_options=to, **kwargs)
-
-    def loss_fn(self, examples: TrainingExamples, batch_size: int, teacher=None, trainer: GateTrainer | None = None):
-        """The closure GateTrainer.train_step runs: draw a batch from `gen`, return the objective's loss.
-
-        teacher: optional callable (x_t, sigma, context, extras) -> denoised target, used instead of the clean
-        latent (distillation; the planted-answer test uses it). trainer: where the step count comes from (the
-        concrete estimator's annealing and the mask-supervised leading steps need it; without it, step 0 of 1).
-        """
-        model_objective, device, gate = self.objective, self.device, self.gate
-        spec = gate.objective
-        table = sigma_band_table(model_objective.sigma_table, spec.sigma_band)
-        # the clean-image loss is divided by the mean c_out^2 of its noise levels: the eps loss's magnitude
-        x0_scale = float(model_objective.output_scale(table).pow(2).mean()) if spec.loss_space == "x0" else 1.0
-        mask_steps = trainer.config.mask_steps if trainer is not None else 0
-        # Only a missing list is an error here: under DDP a rank whose shard has no masks still runs the mask loss
-        # (zero weight, the same graph) while the others wait for its gradients. The front doors check that some
-        # image has masks.
-        if mask_steps and examples.objects is None:
-            raise TrainingInputError("mask-supervised steps were asked for, but no object masks were given")
-        shape = tuple(examples.latents.shape[1:])
-
-        def run(gen: torch.Generator) -> Tensor:
-            step = trainer.step if trainer is not None else 0
-            total = trainer.config.steps if trainer is not None else 1
-            supervised = step < mask_steps
-            d: Draw = draw(gen, len(examples), batch_size, model_objective.sigma_table if supervised else table, shape)
-            noise_seed = int(torch.randint(1 << 62, (1,), generator=gen)) if spec.estimator == "concrete" else 0
-            gate.detach_features = supervised
-            gate.begin_step(step, total, noise_seed)
-            x0, context, extras = examples.batch(d.index)
-            x0, context = x0.to(device), context.to(device)
-            extras = {k: v.to(device) for k, v in extras.items()}
-            sigma = d.sigma.to(device)
-            xt = model_objective.noisy(sigma, d.noise, x0)
-            if supervised:
-                self.denoise(xt, sigma, context, extras)  # the gates see their inputs; only their logits train
-                return mask_loss(gate.records, [examples.objects[int(i)] for i in d.index])
-            denoised = self.denoise(xt, sigma, context, extras)
-            if teacher is None:
-                target = x0
-            else:
-                with torch.no_grad():
-                    target = teacher(xt, sigma, context, extras)
-            if spec.loss_space == "x0":
-                loss = clean_image_loss(denoised, target, x0_scale)
-            else:
-                loss = denoising_loss(denoised, target, model_objective.output_scale(d.sigma).to(device))
-            prior = gate.sparsity_term()
-            return loss if prior is None else loss + prior
-
-        return run
-
-
-def finished_gates(gates: MaskAttnGates, steps: int) -> MaskAttnGates:
-    """The trained gates as a read-only MASKATTN on the CPU."""
-    with torch.no_grad():
-        gates.heads.to("cpu", torch.float32)
-        gates.heads.requires_grad_(False)
-    gates._on_device.clear()
-    gates.kind = "trained"
-    return gates
-
-
-def train(
-    model,
-    examples: TrainingExamples,
-    gates: MaskAttnGates,
-    config: TrainConfig,
-    *,
-    device=None,
-    gradient_checkpointing: bool = False,
-    on_step=None,
-    should_stop=None,
-    teacher=None,
-) -> list[float]:
-    """Train `gates` (in place) for config.steps steps on `examples`; returns the loss per step.
-
-    on_step(report) after each step; should_stop() is called before and inside each step and raises to cancel.
-    """
-    with TrainingSession(
-        model, gates, device, gradient_checkpointing=gradient_checkpointing, objective=config.objective
-    ) as session:
-        data = examples.to(session.device)
-        trainer = GateTrainer(gates.heads, config, device=session.device)
-        loss_fn = session.loss_fn(data, config.batch_size, teacher=teacher, trainer=trainer)
-        run_training(trainer, loss_fn, should_stop=should_stop, on_step=on_step)
-        history = list(trainer.history)
-        del trainer, loss_fn, data
-    return history
 
 
 # --- the loss-curve image -----------------------------------------------------------------------------------------
@@ -754,16 +268,13 @@ class MaskAttnTrainGates:
         try:
             spec = get_objective(objective)
             with torch.inference_mode(False):
-                gates = (
-                    trainable_copy(maskattn)
-                    if maskattn is not None
-                    else new_gates(model, stage, placement, hidden_size, seed, spec.init_bias)
-                )
+                gates = gate_training.start_gates(model, maskattn, stage=stage, placement=placement,
+                                                  hidden=hidden_size, seed=seed, objective=spec.name)
                 gates.check_fits(hooks.model_sites(model))
-                examples = prepare_examples(model, latents, positive)
+                examples = gate_training.prepare_examples(model, latents, positive)
                 if supervised:
                     examples = examples.with_objects(node_object_masks(clip, captions, phrases, planes, len(examples)))
-            lead = (steps if supervised else 0) if mask_steps < 0 else int(mask_steps)
+            lead = resolve_mask_steps(mask_steps, steps, supervised)
             if lead and not supervised:
                 raise TrainingInputError("mask_steps: no masks connected; connect mask_1.. with phrases and captions, "
                                          "or set mask_steps to -1")
@@ -777,12 +288,12 @@ class MaskAttnTrainGates:
                 seed=seed,
                 warmup_steps=resolve_warmup(warmup_steps, steps),
                 objective=spec.name,
-                mask_steps=min(lead, steps),
+                mask_steps=lead,
             )
         except (TrainingInputError, ValueError) as e:
             raise NodeError(f"{NODE}: {e}") from None
         pbar = comfy.utils.ProgressBar(steps)
-        history = train(
+        run = gate_training.train(
             model,
             examples,
             gates,
@@ -792,8 +303,8 @@ class MaskAttnTrainGates:
         )
         gates.source = f"trained in ComfyUI ({steps} steps, {spec.name}" + (
             f", {config.mask_steps} on masks)" if config.mask_steps else ")")
-        finished_gates(gates, steps)
-        return (gates, loss_curve_image(history))
+        gate_training.finished_gates(gates, steps)
+        return (gates, loss_curve_image(run.history))
 
 
 NODE_CLASS_MAPPINGS = {"MaskAttnTrainGates": MaskAttnTrainGates}

@@ -14,6 +14,15 @@ pytestmark = pytest.mark.usefixtures("host")
 
 @pytest.fixture(scope="module")
 def T(host):
+    """The training run both front doors call."""
+    from comfyui_maskattn.nodes import gate_training
+
+    return gate_training
+
+
+@pytest.fixture(scope="module")
+def N(host):
+    """The Train node's module."""
     from comfyui_maskattn.nodes import train
 
     return train
@@ -143,7 +152,7 @@ def test_student_recovers_a_planted_gate_from_the_teachers_outputs(host, T, smal
         to = dict(teacher_model.model_options["transformer_options"], cond_or_uncond=[0], sigmas=sigma)
         return teacher_model.model.apply_model(xt, sigma, c_crossattn=context, transformer_options=to, **extras)
 
-    # The student: fresh heads as the node and the CLI make them (open start, see nodes/train.py), its own seed.
+    # The student: fresh heads as the node and the CLI make them (open start, see nodes/gate_training.py), its own seed.
     from comfyui_maskattn.masks.objectives import get_objective
 
     student = T.fresh_gates(site, hidden_dim=8, seed=7, initial_bias=get_objective(objective_name).init_bias)
@@ -201,7 +210,7 @@ def test_student_recovers_a_planted_gate_from_the_teachers_outputs(host, T, smal
     agree0, balanced0, loss0 = evaluate(student)
     config = TrainConfig(steps=PLANTED_STEPS, batch_size=n, lr=1e-2, warmup_steps=PLANTED_STEPS // 10, seed=0,
                          objective=objective_name)
-    history = T.train(model, examples, student, config, teacher=teacher_denoise)
+    history = T.train(model, examples, student, config, teacher=teacher_denoise).history
     agree1, balanced1, loss1 = evaluate(student)
     print(
         f"planted gate: agreement {agree0:.3f} -> {agree1:.3f}, balanced accuracy {balanced0:.3f} -> "
@@ -223,14 +232,14 @@ def _node_args(**kw):
     return args
 
 
-def test_node_trains_inside_inference_mode_and_changes_no_input(host, T, small):
+def test_node_trains_inside_inference_mode_and_changes_no_input(host, T, N, small):
     from comfyui_maskattn.nodes import gates as gate_nodes
 
     latent, conds = _data(host, small)
     before = _snapshot(small)
     with torch.inference_mode():  # as ComfyUI runs every node
-        gates, image = T.MaskAttnTrainGates().train(small, latent, conds, **_node_args())
-        again, _ = T.MaskAttnTrainGates().train(small, latent, conds, **_node_args(maskattn=gates, steps=2))
+        gates, image = N.MaskAttnTrainGates().train(small, latent, conds, **_node_args())
+        again, _ = N.MaskAttnTrainGates().train(small, latent, conds, **_node_args(maskattn=gates, steps=2))
     assert _snapshot(small) == before
     assert gates.kind == "trained" and len(gates.site_heads) == 5
     assert image.shape == (1, 360, 640, 3) and 0 <= float(image.min()) and float(image.max()) <= 1
@@ -250,17 +259,17 @@ def test_node_trains_inside_inference_mode_and_changes_no_input(host, T, small):
     assert torch.isfinite(out).all()
 
 
-def test_node_rejects_mismatched_inputs(host, T, small):
+def test_node_rejects_mismatched_inputs(host, N, small):
     from comfyui_maskattn.nodes.gates import NodeError
 
     latent, conds = _data(host, small, n=3)
     with pytest.raises(NodeError, match="3 latents but 2 conditionings"):
-        T.MaskAttnTrainGates().train(small, latent, conds[:2], **_node_args())
+        N.MaskAttnTrainGates().train(small, latent, conds[:2], **_node_args())
     with pytest.raises(NodeError, match="LATENT"):
-        T.MaskAttnTrainGates().train(small, {"bad": 1}, conds, **_node_args())
+        N.MaskAttnTrainGates().train(small, {"bad": 1}, conds, **_node_args())
 
 
-def test_cancel_stops_within_a_step_and_leaves_nothing(host, T, small):
+def test_cancel_stops_within_a_step_and_leaves_nothing(host, T, N, small):
     import comfy.model_management as mm
     import comfy.utils
 
@@ -277,7 +286,7 @@ def test_cancel_stops_within_a_step_and_leaves_nothing(host, T, small):
     comfy.utils.set_progress_bar_global_hook(hook)
     try:
         with torch.inference_mode(), pytest.raises(mm.InterruptProcessingException):
-            T.MaskAttnTrainGates().train(small, latent, conds, **_node_args(steps=50))
+            N.MaskAttnTrainGates().train(small, latent, conds, **_node_args(steps=50))
     finally:
         comfy.utils.set_progress_bar_global_hook(old)
         mm.interrupt_current_processing(False)
@@ -290,7 +299,7 @@ def _steps(T, model, examples, gates, precision="fp32", steps=3, **kw):
     from comfyui_maskattn.masks.train import TrainConfig
 
     config = TrainConfig(steps=steps, batch_size=2, lr=1e-3, precision=precision)
-    return T.train(model, examples, gates, config, **kw)
+    return T.train(model, examples, gates, config, **kw).history
 
 
 @pytest.mark.parametrize("case", ["bf16 weights", "fp16 autocast", "bf16 autocast"])
@@ -334,13 +343,13 @@ def test_in_place_residual_of_the_2024_host_is_guarded(host, T, small, monkeypat
         _steps(T, small, examples, T.new_gates(small, "all", "encoder_decoder", 8, 0), steps=1)
 
 
-def test_model_loaded_under_inference_mode_trains(host, T):
+def test_model_loaded_under_inference_mode_trains(host, T, N):
     """ComfyUI loads checkpoints inside inference mode: such weights cannot be saved for backward as they are."""
     with torch.inference_mode():
         model = host.tiny_sdxl(seed=3, transformer_depth=(0, 1, 1))
         assert next(model.model.diffusion_model.parameters()).is_inference()
         latent, conds = _data(host, model, n=2)
-        gates, _ = T.MaskAttnTrainGates().train(model, latent, conds, **_node_args(steps=2))
+        gates, _ = N.MaskAttnTrainGates().train(model, latent, conds, **_node_args(steps=2))
     assert gates.kind == "trained" and all(torch.isfinite(p).all() for p in gates.heads.parameters())
     out = host.ksample(model, conds[:1], conds[1:], steps=2, width=32, height=32)  # the model still samples
     assert torch.isfinite(out).all()
@@ -362,7 +371,7 @@ def _objects_for(examples, tokens, left_words=(1, 2), right_words=(3, 4)):
 
 def _resume_matches(T, model, examples, objective, mask_steps=0, steps=4):
     """Straight run vs. a run stopped after 2 steps, checkpointed, and resumed in a fresh trainer and session."""
-    from comfyui_maskattn.masks.train import GateTrainer, TrainConfig, run_training
+    from comfyui_maskattn.masks.train import TrainConfig
 
     config = TrainConfig(steps=steps, batch_size=2, lr=1e-2, seed=4, objective=objective, mask_steps=mask_steps)
 
@@ -370,12 +379,10 @@ def _resume_matches(T, model, examples, objective, mask_steps=0, steps=4):
         return T.new_gates(model, "all", "encoder_decoder", 8, 0, 0.5)
 
     def session_run(gates, state=None, stop_after=0):
-        with T.TrainingSession(model, gates, objective=objective) as session:
-            trainer = GateTrainer(gates.heads, config, device=session.device)
-            if state is not None:
-                trainer.load_state_dict(state)
-            run_training(trainer, session.loss_fn(examples, 2, trainer=trainer), stop_after=stop_after)
-            return trainer.state_dict(), list(trainer.history)
+        saved = {}
+        run = T.train(model, examples, gates, config, resume=state, stop_after=stop_after,
+                      on_end=lambda trainer, complete: saved.update(state=trainer.state_dict()))
+        return saved["state"], run.history
 
     straight = fresh()
     _, history = session_run(straight)
@@ -455,14 +462,14 @@ def test_mask_supervised_training_learns_planted_masks(host, T, small):
 
     before = agreement()
     config = TrainConfig(steps=100, batch_size=n, lr=2e-2, warmup_steps=5, mask_steps=100, objective="paper_open")
-    history = T.train(small, examples, gates, config)
+    history = T.train(small, examples, gates, config).history
     after = agreement()
     print(f"mask supervision: agreement {before:.3f} -> {after:.3f}, loss {history[0]:.3f} -> {history[-1]:.3f}")
     assert after >= 0.85 and after > before + 0.3, (before, after)  # (0.908 here; the all-open start: 0.5)
     assert history[-1] < 0.6 * history[0]
 
 
-def test_node_trains_on_mask_inputs_and_reports_bad_ones(host, T, small):
+def test_node_trains_on_mask_inputs_and_reports_bad_ones(host, N, small):
     import sys
     from pathlib import Path
 
@@ -483,18 +490,18 @@ def test_node_trains_on_mask_inputs_and_reports_bad_ones(host, T, small):
     left[..., :16] = 1
     args = _node_args(steps=2)
     with torch.inference_mode():
-        gates, _ = T.MaskAttnTrainGates().train(
+        gates, _ = N.MaskAttnTrainGates().train(
             model, latent, conds, **args, clip=clip, captions="\n".join(captions), phrases="red cube | blue sphere",
             mask_1=left, mask_2=1 - left, objective="soft_backward")
     assert gates.kind == "trained" and "2 on masks" in gates.source and "soft_backward" in gates.source
     with torch.inference_mode(), pytest.raises(NodeError, match="mask_2 is not connected"):
-        T.MaskAttnTrainGates().train(model, latent, conds, **args, clip=clip, captions="\n".join(captions),
+        N.MaskAttnTrainGates().train(model, latent, conds, **args, clip=clip, captions="\n".join(captions),
                                      phrases="red cube | blue sphere", mask_1=left)
     with torch.inference_mode(), pytest.raises(NodeError, match="green"):
-        T.MaskAttnTrainGates().train(model, latent, conds, **args, clip=clip, captions="\n".join(captions),
+        N.MaskAttnTrainGates().train(model, latent, conds, **args, clip=clip, captions="\n".join(captions),
                                      phrases="green cube", mask_1=left)
     with torch.inference_mode(), pytest.raises(NodeError, match="captions: 3 lines for 2 images"):
-        T.MaskAttnTrainGates().train(model, latent, conds, **args, clip=clip, captions="a\nb\nc",
+        N.MaskAttnTrainGates().train(model, latent, conds, **args, clip=clip, captions="a\nb\nc",
                                      phrases="red cube", mask_1=left)
 
 
@@ -515,7 +522,7 @@ def test_a_shard_without_masks_runs_the_same_zero_weight_mask_loss(host, T, smal
         assert all(p.grad is not None and float(p.grad.abs().sum()) == 0.0 for p in gates.heads.parameters())
 
 
-def test_node_names_phrases_that_hold_no_phrase(host, T):
+def test_node_names_phrases_that_hold_no_phrase(host, N):
     import sys
     from pathlib import Path
 
@@ -529,5 +536,48 @@ def test_node_names_phrases_that_hold_no_phrase(host, T):
     model = host.tiny_sdxl(seed=0, transformer_depth=(0, 1, 1), context_dim=cond.shape[-1])
     latent = {"samples": torch.zeros(1, 4, 4, 4)}
     with torch.inference_mode(), pytest.raises(NodeError, match="Train MaskAttn Gates: phrases: no image has a"):
-        T.MaskAttnTrainGates().train(model, latent, [[cond, {"pooled_output": pooled}]], **_node_args(steps=1),
+        N.MaskAttnTrainGates().train(model, latent, [[cond, {"pooled_output": pooled}]], **_node_args(steps=1),
                                      clip=clip, captions="a red cube", phrases="|", mask_1=torch.ones(1, 32, 32))
+
+
+def test_node_and_command_line_run_the_one_training_run(host, T, N, small, tmp_path, monkeypatch):
+    """Both front doors go through gate_training.train (one loop, one table of defaults); the command line never
+    imports the node's module."""
+    import ast
+    import sys
+    from pathlib import Path
+
+    from comfyui_maskattn.cli.train import main
+    from comfyui_maskattn.masks.train import TRAIN_DEFAULTS
+
+    tests = Path(__file__).resolve().parent
+    sys.path.insert(0, str(tests))
+    from train_support import make_dataset
+
+    calls = []
+    real = T.train
+
+    def recording(model, examples, gates, config, **kw):
+        calls.append(config)
+        return real(model, examples, gates, config, **kw)
+
+    monkeypatch.setattr(T, "train", recording)
+    latent, conds = _data(host, small)
+    with torch.inference_mode():
+        N.MaskAttnTrainGates().train(small, latent, conds, **_node_args(steps=1, objective="soft_x0"))
+    data = make_dataset(tmp_path / "data", count=2)
+    code = main(["--model-factory", f"{tests / 'train_support.py'}:tiny_components", "--data", str(data), "--output",
+                 str(tmp_path / "run"), "--resolution", "32", "--hidden", "8", "--steps", "1", "--no-progress", "--cpu",
+                 "--objective", "soft_x0"])
+    assert code == 0 and (tmp_path / "run" / "maskattn_gates.safetensors").is_file()
+    assert [c.objective for c in calls] == ["soft_x0", "soft_x0"] and [c.steps for c in calls] == [1, 1]
+    assert calls[0].weight_decay == calls[1].weight_decay == TRAIN_DEFAULTS["weight_decay"]
+
+    source = (tests.parent / "cli" / "train.py").read_text()
+    imported = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom):
+            imported |= {f"{node.module}.{a.name}" for a in node.names} | {node.module or ""}
+        elif isinstance(node, ast.Import):
+            imported |= {a.name for a in node.names}
+    assert not {m for m in imported if m.endswith("nodes.train") or m.startswith("comfyui_maskattn.nodes.train")}
