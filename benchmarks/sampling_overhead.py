@@ -45,13 +45,13 @@ def main(argv=None):
                     help="also time the fast path without its one host sync per gated layer (skip_unmasked=False: "
                          "all-open layers then run the masked kernel with a zero bias instead of the plain one)")
     ap.add_argument("--low-precision-gate", action="store_true",
-                    help="also time the fast path with the gate in the model's dtype (GateRuntime.gate_dtype), with "
+                    help="also time the fast path with the gate in the model's dtype (low_precision_gate.py), with "
                          "and without the sync; only where the model is not float32")
     ap.add_argument("--graphs", action="store_true",
-                    help="also time the gate replayed as a CUDA graph (GateRuntime.graphs=True; on the CPU its eager "
+                    help="also time the gate replayed as a CUDA graph (GraphExecutor; on the CPU its eager "
                          "replay on the same fixed buffers), and print how many gate calls took each path")
     ap.add_argument("--device-skip", action="store_true",
-                    help="also time the exact path without a host sync (GateRuntime.device_skip=True: both the masked "
+                    help="also time the exact path without a host sync (device_skip executors: both the masked "
                          "and the unmasked attention run, a device-side select keeps the right one); with --graphs "
                          "also the two combined")
     ap.add_argument("--decompose", action="store_true",
@@ -72,6 +72,9 @@ def main(argv=None):
                     help="profile one run per case and print the time the device worked (the union of its kernels' "
                          "spans; on the CPU, of the torch operators'), per step and against the untouched model's "
                          "wall time: the floor a case cannot beat however cheap its host side gets")
+    ap.add_argument("--no-zero-shot", action="store_true",
+                    help="leave out the zero-shot rows (v1 and v2 at mid and all, v2 with self-attention masking at "
+                         "mid; gated from the first step, the most they can cost)")
     ap.add_argument("--profile", action="store_true",
                     help="print a torch.profiler table of one run of the default mid-stage case (and of the "
                          "CUDA-graph one with --graphs)")
@@ -84,10 +87,12 @@ def main(argv=None):
     comfy_host.load_host()
     from comfyui_maskattn.masks.gates import MaskAttnGates
     from comfyui_maskattn.masks.topology import select_sites
+    from comfyui_maskattn.masks.runtime import EagerExecutor
     from comfyui_maskattn.nodes import hooks
+    from low_precision_gate import LowPrecisionExecutor
 
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if cuda else torch.float32)
-    pos = neg = None
+    pos = neg = clip = None
     if args.compbench:
         from benchmarks.compbench import tinyt2i
 
@@ -116,7 +121,7 @@ def main(argv=None):
     def add(stage, variant, name, gates, chosen, setup=None):
         patched, runtime = hooks.install(model, gates, chosen, threshold=0.5, negative_value=-1e4)
         if variant != "fast":  # only the default case takes $MASKATTN_CUDA_GATE's variant; the others set theirs
-            runtime.graphs = runtime.device_skip = False
+            runtime.executor = EagerExecutor()
         if setup is not None:
             setup(runtime)
         cases[name], runtimes[name] = patched, runtime
@@ -138,15 +143,20 @@ def main(argv=None):
                     _variant("graphs+device_skip"))
         if low_precision:
             add(stage, "low-precision gate", f"  {dtype_name(dtype)} gate {stage}", gates, chosen,
-                lambda rt: setattr(rt, "gate_dtype", dtype))
+                lambda rt: setattr(rt, "executor", LowPrecisionExecutor(dtype)))
         if args.sync_free:
             add(stage, "sync-free", f"  sync-free {stage}", gates, chosen,
                 lambda rt: setattr(rt, "skip_unmasked", False))
             if low_precision:
                 add(stage, "sync-free low-precision", f"  sync-free {dtype_name(dtype)} gate {stage}", gates, chosen,
-                    lambda rt: (setattr(rt, "skip_unmasked", False), setattr(rt, "gate_dtype", dtype)))
+                    lambda rt: (setattr(rt, "skip_unmasked", False),
+                                setattr(rt, "executor", LowPrecisionExecutor(dtype))))
         if args.straightforward or args.check:  # the spec path line by line, as before the speed work
             add(stage, "straightforward", f"  straightforward {stage}", gates, chosen, _straightforward)
+
+    if not args.no_zero_shot:
+        for name, patched in zero_shot_cases(model, sites, pos, clip if args.compbench else None).items():
+            cases[name] = patched
 
     def run(m):
         return comfy_host.ksample(m, pos, neg, steps=args.steps, cfg=5.0, width=size, height=size, batch=args.batch)
@@ -161,14 +171,17 @@ def main(argv=None):
     if args.graphs:
         print("gate calls by path: " + "; ".join(
             f"{name.strip()}: {rt.stats['graph']} graph, {rt.stats['eager']} eager"
-            + (f" (capture failed: {rt._graphs.failed})" if rt._graphs.failed else "")
+            + (f" (capture failed: {rt.executor.graphs.failed})" if getattr(rt.executor, "graphs", None) is not None
+               and rt.executor.graphs.failed else "")
             for name, rt in runtimes.items() if "graph" in name or name.startswith("maskattn")))
     print_fastest_exact(times, groups, hooks.cuda_gate_variant() if cuda else hooks.CUDA_GATE_DEFAULT)
     if args.check:
         check_latents(cases, groups, run_latent=lambda m: run(m))
     if args.device_time:
         try:
-            print_device_time(cases, times, run, args.steps)
+            # (the learned-gate variants; the zero-shot rows are timed above)
+            learned = {n: m for n, m in cases.items() if not n.startswith("zero-shot")}
+            print_device_time(learned, times, run, args.steps)
         except Exception as error:  # a profiler that cannot trace this device must not cost the rest of the report
             print(f"device time: the profiler failed ({type(error).__name__}: {error})")
     if args.flip_rate:
@@ -212,6 +225,41 @@ def main(argv=None):
     return 0
 
 
+def zero_shot_cases(model, sites, pos, clip=None) -> dict:
+    """Zero-shot gates (v1: partition "layer"; v2: "aggregate") installed as Apply MaskAttn installs them, gated from
+    the first step. Two groups: with the compbench model's CLIP the node builds them from its prompt; on the random
+    models tokens 2-3 and 7-8 of the 77 ("a red book and a yellow vase") are the groups."""
+    from comfyui_maskattn.masks.topology import select_sites
+    from comfyui_maskattn.masks.zeroshot import ZeroShotGates, group_prompt
+    from comfyui_maskattn.nodes import hooks
+
+    text = "a red circle to the left of a blue square" if clip is not None else "a red book and a yellow vase"
+    tokens = pos[0][0].shape[1]
+
+    def gates(stage, **options):
+        if clip is not None:
+            from comfyui_maskattn.nodes.zeroshot import MaskAttnZeroShotGates
+
+            return MaskAttnZeroShotGates().build(clip, text, stage, 0.0, "", **options)["result"][0]
+        token_groups = [-1] * tokens
+        token_groups[2:4], token_groups[7:9] = [0, 0], [1, 1]
+        kinds = ["start"] + ["text"] * 9 + ["end"] * (tokens - 10)
+        return ZeroShotGates(group_prompt(text), token_groups, stage=stage, start_percent=0.0, token_kinds=kinds,
+                             **options)
+
+    out = {}
+    for stage, label, options in (("mid", "v1", {"partition": "layer"}), ("mid", "v2", {"partition": "aggregate"}),
+                                  ("mid", "v2 + self-attention", {"partition": "aggregate",
+                                                                  "self_attention": "separate_groups"}),
+                                  ("all", "v1", {"partition": "layer"}), ("all", "v2", {"partition": "aggregate"})):
+        g = gates(stage, **options)
+        g.check_fits(sites)
+        chosen = [s for s in select_sites(sites, stage, "encoder_decoder") if g.covers(s.key)]
+        out[f"zero-shot {label} {stage} ({len(chosen)} layers)"], _ = hooks.install(model, g, chosen, threshold=0.5,
+                                                                                   negative_value=-1e4)
+    return out
+
+
 def print_breakdown(cases, runtimes, run, runs: int = 3):
     """Where the extra time of a patched run goes (CPU, one thread: wall time is the work): timers around the gate,
     the host's attention calls and the two hook objects, each counting its own time only (a timed call inside another
@@ -250,7 +298,7 @@ def print_breakdown(cases, runtimes, run, runs: int = 3):
         for name, model in cases.items():
             runtime = runtimes.get(name)
             if runtime is not None:
-                runtime.fast_bias = timed(runtime.fast_bias, "gate")
+                runtime.executor.bias = timed(runtime.executor.bias, "gate")
             run(model)
             spent.clear()
             t = time.perf_counter()
@@ -258,7 +306,7 @@ def print_breakdown(cases, runtimes, run, runs: int = 3):
                 run(model)
             rows[name] = ((time.perf_counter() - t) / runs, {k: (v[0] / runs, v[1] // runs) for k, v in spent.items()})
             if runtime is not None:
-                del runtime.fast_bias
+                del runtime.executor.bias
     finally:
         for obj, name, fn in saved:
             setattr(obj, name, fn)
@@ -337,8 +385,7 @@ def _variant(name: str):
     """Setup for the case that runs the exact variant $MASKATTN_CUDA_GATE calls `name`."""
     from comfyui_maskattn.nodes.hooks import CUDA_GATE_VARIANTS
 
-    graphs, device_skip = CUDA_GATE_VARIANTS[name]
-    return lambda rt: (setattr(rt, "graphs", graphs), setattr(rt, "device_skip", device_skip))
+    return lambda rt: setattr(rt, "executor", CUDA_GATE_VARIANTS[name]())
 
 
 # bit for bit the spec path; the names $MASKATTN_CUDA_GATE gives them ("fast" is the default case: whichever runs)
@@ -390,22 +437,25 @@ def check_latents(cases, groups, run_latent):
 
 
 def count_flips(runtime, dtypes):
-    """Wrap runtime.fast_bias: beside each float32 decision, make the low-precision ones from the same inputs and
+    """Wrap runtime.bias: beside each float32 decision, make the low-precision ones from the same inputs and
     count the (location, token) pairs and the locations whose kept set differs."""
     import dataclasses
 
-    def shadow(gate_dtype):  # the same gates and settings, never skipping, with its own caches
-        return dataclasses.replace(runtime, skip_unmasked=False, gate_dtype=gate_dtype, observers=[])
+    from comfyui_maskattn.masks.runtime import EagerExecutor
+    from low_precision_gate import LowPrecisionExecutor
 
-    shadows = {dt: shadow(dt) for dt in dtypes}
+    def shadow(executor):  # the same gates and settings, never skipping, with its own caches
+        return dataclasses.replace(runtime, skip_unmasked=False, executor=executor, observers=[])
+
+    shadows = {dt: shadow(LowPrecisionExecutor(dt)) for dt in dtypes}
     counts = {dt: {"pairs": 0, "total": 0, "rows": 0, "row_total": 0} for dt in dtypes}
-    exact = shadow(None)
-    original = runtime.fast_bias
+    exact = shadow(EagerExecutor())
+    original = runtime.bias
 
-    def fast_bias(key, features, context, cond_rows=None, info=None):
-        reference = exact.fast_bias(key, features, context, cond_rows) != 0
+    def bias(key, features, context, cond_rows=None, info=None):
+        reference = exact.bias(key, features, context, cond_rows) != 0
         for dt, shadow in shadows.items():
-            differs = (shadow.fast_bias(key, features, context, cond_rows) != 0) != reference
+            differs = (shadow.bias(key, features, context, cond_rows) != 0) != reference
             c = counts[dt]
             c["pairs"] += int(differs.sum())
             c["total"] += differs.numel()
@@ -413,7 +463,7 @@ def count_flips(runtime, dtypes):
             c["row_total"] += differs[..., 0].numel()
         return original(key, features, context, cond_rows, info)
 
-    runtime.fast_bias = fast_bias
+    runtime.bias = bias
     return counts
 
 

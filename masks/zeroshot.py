@@ -12,6 +12,10 @@ yet, so this module gives the same injection point a gate that needs no training
 3. at sampling time, per gated layer, every latent location is assigned to the group it attends to most (from
    this layer's own attention, see `ZeroShotGates.attention_probabilities`), and the tokens of the other groups
    are gated out there. Start, end and padding tokens, and words in no group, stay visible everywhere.
+   Options (v2, masks/zeroshot_partition.py): the partition from attention aggregated over layers and steps; end and
+   padding tokens hidden inside the groups' regions; self-attention separated between regions. The aggregate is
+   kept in every mode: it gives the groups' regions as masks and each word's leakage (share of its attention inside
+   its group's region).
 
 The grouping is shown to the user in a small text format ("red book | yellow vase") that can be edited and fed
 back (`grouping_from_text`). Pure Python + torch: no ComfyUI import.
@@ -28,8 +32,17 @@ from torch import Tensor
 
 from .gate import NEGATIVE_VALUE
 from .gates import GateMismatchError
+from .record import latent_hw
 from .runtime import prompt_rows
 from .topology import STAGE_CHOICES, CrossAttnSite, SiteKey, architecture_name
+from .zeroshot_partition import (
+    DEFAULT_MEMORY,
+    PartitionState,
+    group_density,
+    image_masks,
+    regions,
+    self_attention_bias,
+)
 
 # Where zero-shot gating starts by default, as a fraction of the sampling schedule (ComfyUI's start_percent).
 # In the first steps the latent is mostly noise: per-token cross-attention maps are low-contrast and an argmax
@@ -38,6 +51,20 @@ from .topology import STAGE_CHOICES, CrossAttnSite, SiteKey, architecture_name
 # help. 0.2 is SDXL sigma ~5.1: the first 4 of 20 "normal" steps, the first 5 of 20 "karras" steps run ungated.
 DEFAULT_START_PERCENT = 0.2
 DEFAULT_STAGE = "mid"  # the method's default stage; SDXL 32x32 / SD1.x 16x16 maps at 1024 / 512 px
+
+# v2 options (masks/zeroshot_partition.py). partition: "layer" = v1 (this layer's attention at this step only);
+# "aggregate" = densities aggregated over the gated layers and the steps (from the first step). Measured on the
+# compbench (benchmarks/compbench/results_zeroshot): the aggregate cost binding, so "layer" stays the default.
+PARTITIONS = ("layer", "aggregate")
+DEFAULT_PARTITION = "layer"
+# End and padding tokens: "keep" visible everywhere; "hide_in_regions" hidden inside every group's region (a causal
+# CLIP-style encoder folds the whole prompt into them, so they carry every group's words into every region).
+END_TOKENS = ("keep", "hide_in_regions")
+DEFAULT_END_TOKENS = "keep"
+# Self-attention (attn1) of the gated layers: "open" untouched; "separate_groups" a location of one group's region
+# does not attend to another group's region (Bounded Attention's subject masking).
+SELF_ATTENTION = ("open", "separate_groups")
+DEFAULT_SELF_ATTENTION = "open"
 
 
 class GroupingError(ValueError):
@@ -612,9 +639,27 @@ class ZeroShotGates(PromptGateSource):
 
     def __init__(self, grouping: Grouping, token_groups: list[int], *, stage: str = DEFAULT_STAGE,
                  start_percent: float = DEFAULT_START_PERCENT, encoders=(), threshold: float = 0.5,
-                 negative_value: float = NEGATIVE_VALUE):
+                 negative_value: float = NEGATIVE_VALUE, partition: str = DEFAULT_PARTITION,
+                 memory: float = DEFAULT_MEMORY, end_tokens: str = DEFAULT_END_TOKENS,
+                 self_attention: str = DEFAULT_SELF_ATTENTION, token_kinds: list[str] | None = None,
+                 word_tokens: list[tuple[str, int, list[int]]] | None = None):
         if stage not in STAGE_CHOICES:
             raise ValueError(f"stage must be one of {STAGE_CHOICES}, got {stage!r}")
+        for name, value, choices in (("partition", partition, PARTITIONS), ("end_tokens", end_tokens, END_TOKENS),
+                                     ("self_attention", self_attention, SELF_ATTENTION)):
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        self.partition = partition
+        self.end_tokens = end_tokens
+        self.self_attention = self_attention
+        self.masks_self_attention = self_attention == "separate_groups"
+        # the steps before the start are observed too (nothing is gated there; the aggregate forms unbiased)
+        self.observes_inactive = True
+        self.state = PartitionState(memory)
+        kinds = list(token_kinds or [])
+        self.end_positions = [p for p, kind in enumerate(kinds[:len(token_groups)]) if kind == "end"]
+        # (word, group, token positions) of every grouped word, for the leakage report
+        self.word_tokens = list(word_tokens or [])
         self.grouping = grouping
         self.token_groups = list(token_groups)
         self.groups = sorted({g for g in self.token_groups if g >= 0})
@@ -729,6 +774,28 @@ class ZeroShotGates(PromptGateSource):
                 f"conditioning output to the KSampler's positive input, or give it exactly the positive prompt."))
             return torch.ones(b, n, t, device=q.device, dtype=torch.float32)
         grouped, column, onehot = maps
+        gated = self._gate(q, k, heads, info, rows, grouped, column, onehot, gate=True)
+        if rows is None:
+            return gated
+        out = torch.ones(b, n, t, device=q.device, dtype=torch.float32)
+        return out.index_copy_(0, rows, gated)
+
+    def observe_attention(self, key: SiteKey, q: Tensor, k: Tensor, heads: int, info: dict) -> None:
+        """A gated layer's attention at a step before gating starts: added to the aggregate (v2), nothing gated."""
+        if not self.active:
+            return
+        b, t = q.shape[0], k.shape[1]
+        rows = self._cond_rows(b, info, q.device)
+        maps = self._group_tensors(t, q.device)
+        if (isinstance(rows, list) and not rows) or maps is None:
+            return
+        self._gate(q, k, heads, info, rows, *maps, gate=False)
+
+    def _gate(self, q: Tensor, k: Tensor, heads: int, info: dict, rows, grouped: Tensor, column: Tensor,
+              onehot: Tensor, gate: bool) -> Tensor | None:
+        """Keep-probabilities [R, N, T] of the prompt's rows (see attention_probabilities); gate=False only feeds the
+        aggregate and the leakage totals."""
+        n, t = q.shape[1], k.shape[1]
         qc = (q if rows is None else q.index_select(0, rows)).float()
         kc = (k if rows is None else k.index_select(0, rows)).float()
         bc, d = qc.shape[0], qc.shape[-1] // heads
@@ -738,9 +805,24 @@ class ZeroShotGates(PromptGateSource):
         ours = self._repeated_copies(kc, len(self.token_groups))  # [b, T] bool, or None: every token is ours
         if ours is not None:
             attention = attention * ours[:, None, :]
-        mass = attention @ onehot  # [b, N, G]
-        density = mass / mass.sum(dim=1, keepdim=True).clamp_min(1e-30)
-        share = density / density.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+        self.state.clock(info)
+        # the aggregate is kept in both modes: it gives the MASK outputs and the self-attention regions
+        h, w = latent_hw(n, info)
+        aggregate = self.state.add(group_density(attention, onehot), h, w, (bc, len(self.groups)))
+        if self.partition == "aggregate":
+            density = aggregate
+            share = density / density.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+        else:  # v1, bit for bit
+            mass = attention @ onehot  # [b, N, G]
+            density = mass / mass.sum(dim=1, keepdim=True).clamp_min(1e-30)
+            share = density / density.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+            density = density * n  # (mean 1 over the grid, for the regions)
+        region = regions(density)
+        # leakage against the regions the masks show (the aggregate's), whichever partition gates
+        self.state.add_leakage(attention, region if density is aggregate else regions(aggregate), column, grouped,
+                                len(self.groups))
+        if not gate:
+            return None
         top2 = share.topk(2, dim=-1).values  # G >= 2
         best, second = top2[..., :1], top2[..., 1:]
         winner = share >= best
@@ -748,12 +830,82 @@ class ZeroShotGates(PromptGateSource):
         keep = 0.5 + 0.5 * (share - other)
         keep = torch.where(winner, keep.clamp_min(0.5 + 1e-4), keep)  # the winner (and ties) stay above 0.5
         per_token = keep.index_select(-1, column).masked_fill(~grouped, 1.0)  # [b, N, T]
+        if self.end_tokens == "hide_in_regions" and self.end_positions:
+            end = self._end_mask(t, q.device)
+            outside = (region < 0).float()[:, :, None]  # background keeps the end tokens
+            per_token = torch.where(end[None, None, :], outside, per_token)
         if ours is not None:
             per_token = per_token.masked_fill(~ours[:, None, :], 1.0)
+        return per_token
+
+    def _end_mask(self, tokens: int, device) -> Tensor:
+        key = ("end", tokens, str(device))
+        cached = self._maps.get(key)
+        if cached is None:
+            length = len(self.token_groups)
+            end = torch.zeros(length, dtype=torch.bool)
+            end[self.end_positions] = True
+            cached = self._maps[key] = end.repeat(tokens // length).to(device)
+        return cached
+
+    def self_attention_bias(self, key: SiteKey, q: Tensor, heads: int, info: dict,
+                            negative_value: float) -> Tensor | None:
+        """[B, N, N] additive bias for a gated layer's self-attention (self_attention="separate_groups"): a location
+        in one group's region does not attend to another group's region; the prompt's rows only. None when there
+        is no aggregate yet (the first gated layer of a run) or nothing to separate."""
+        if not self.masks_self_attention or not self.active:
+            return None
+        b, n = q.shape[:2]
+        rows = self._cond_rows(b, info, q.device)
+        if isinstance(rows, list) and not rows:
+            return None
+        bc = b if rows is None else rows.shape[0]
+        h, w = latent_hw(n, info)
+        density = self.state.at(h, w, (bc, len(self.groups)))
+        if density is None:
+            return None
+        bias = self_attention_bias(regions(density), negative_value, q.dtype)
         if rows is None:
-            return per_token
-        out = torch.ones(b, n, t, device=q.device, dtype=torch.float32)
-        return out.index_copy_(0, rows, per_token)
+            return bias
+        return torch.zeros(b, n, n, device=q.device, dtype=q.dtype).index_copy_(0, rows, bias)
+
+    # the partition as a product ------------------------------------------------------------------------------------
+    def group_labels(self) -> list[str]:
+        """One label per gated group column ("red book")."""
+        words = self.grouping.group_words()
+        return [" ".join(words[g]) for g in self.groups]
+
+    def region_masks(self, height: int, width: int) -> Tensor | None:
+        """[R, G, height, width] 0/1: each group's region in the last run's aggregate (R prompt rows, G groups in
+        column order), or None when no run was seen."""
+        aggregate = self.state.combined()
+        if aggregate is None:
+            return None
+        return image_masks(aggregate, height, width)
+
+    def leakage(self) -> list[tuple[str, str, float]]:
+        """(word, its group, share of its attention inside its group's region) for every grouped word, over the
+        last run's gated (and observed) layers, steps and images; empty when no run was seen."""
+        if self.state.inside is None:
+            return []
+        length = len(self.token_groups)
+        inside = self.state.inside.reshape(-1, length).sum(0).tolist()
+        total = self.state.total.reshape(-1, length).sum(0).tolist()
+        labels = self.grouping.group_words()
+        out = []
+        for word, group, positions in self.word_tokens:
+            mass = sum(total[p] for p in positions if p < length)
+            if mass > 0:
+                out.append((word, " ".join(labels[group]), sum(inside[p] for p in positions if p < length) / mass))
+        return out
+
+    def leakage_text(self) -> str:
+        """The leakage report as lines "word (group): 83% inside its region"."""
+        rows = self.leakage()
+        if not rows:
+            return ""
+        return "\n".join(f"{word} ({group}): {100 * share:.0f}% of its attention inside its region, "
+                         f"{100 * (1 - share):.0f}% leaks" for word, group, share in rows)
 
     # for messages ----------------------------------------------------------------------------------------------------
     def describe(self) -> str:
@@ -763,6 +915,8 @@ class ZeroShotGates(PromptGateSource):
         if g >= 2:
             lines.append(f"# {g} groups, gated at stage {self.stage} from {self.start_percent:.0%} of the schedule "
                          f"(training-free zero-shot gates, not learned MaskAttn gates)")
+            lines.append(f"# partition: {self.partition}; end tokens: {self.end_tokens}; self-attention: "
+                         f"{self.self_attention}")
         else:
             lines.append(f"# {g} group{'s' if g != 1 else ''} with tokens: nothing to separate, the model runs "
                          f"unchanged")
@@ -782,9 +936,23 @@ class ZeroShotGates(PromptGateSource):
 
 
 def build_zero_shot_gates(text: str, tokens: dict, vocab: dict[int, str], *, groups_text: str = "",
-                          stage: str = DEFAULT_STAGE, start_percent: float = DEFAULT_START_PERCENT) -> ZeroShotGates:
+                          stage: str = DEFAULT_STAGE, start_percent: float = DEFAULT_START_PERCENT,
+                          partition: str = DEFAULT_PARTITION, memory: float = DEFAULT_MEMORY,
+                          end_tokens: str = DEFAULT_END_TOKENS,
+                          self_attention: str = DEFAULT_SELF_ATTENTION) -> ZeroShotGates:
     """Prompt text + ComfyUI tokenization (+ an optional user grouping) -> ZeroShotGates."""
+    from .region import token_kinds  # (region builds on this module)
+
     written = any(line.split("#", 1)[0].strip() for line in (groups_text or "").splitlines())
     grouping = grouping_from_text(text, groups_text) if written else group_prompt(text)
-    token_groups, _ = token_group_map(grouping, tokens, vocab)
-    return ZeroShotGates(grouping, token_groups, stage=stage, start_percent=start_percent, encoders=tokens.keys())
+    token_groups, per_encoder = token_group_map(grouping, tokens, vocab)
+    first = per_encoder[next(iter(per_encoder))]
+    word_tokens = []
+    for g, members in enumerate(grouping.groups):
+        for i in members:
+            where = [p for p in first.get(i, []) if p < len(token_groups) and token_groups[p] == g]
+            if where:
+                word_tokens.append((grouping.items[i].text, g, where))
+    return ZeroShotGates(grouping, token_groups, stage=stage, start_percent=start_percent, encoders=tokens.keys(),
+                         partition=partition, memory=memory, end_tokens=end_tokens, self_attention=self_attention,
+                         token_kinds=token_kinds(tokens, vocab), word_tokens=word_tokens)

@@ -23,7 +23,7 @@ import torch
 
 from ..masks.attention import masked_attention, warn_mask_fallback
 from ..masks.gates import MaskAttnGates
-from ..masks.runtime import PROMPT_ROWS_KEY, GateRuntime, rows_by_text
+from ..masks.runtime import EXECUTORS, PROMPT_ROWS_KEY, EagerExecutor, GateRuntime, rows_by_text
 from ..masks.topology import CrossAttnSite, SiteKey, discover_sites, key_to_name
 
 log = logging.getLogger("MaskAttn")
@@ -429,12 +429,20 @@ class MaskAttnAttention:
         if seen is not None and seen != (q.shape[0], k.shape[1]):
             raise PatchOrderError(self.patch.order_message(self.key, seen, (q.shape[0], k.shape[1])))
         runtime = self.patch.runtime
-        if runtime.gates.needs_attention and self.key in runtime.sites and self.patch.clock.active(extra_options):
+        if runtime.gates.needs_attention and self.key in runtime.sites:
             heads = extra_options["n_heads"]
-            if seen is None:  # (our gate patch did not run here: rows by position)
-                rows = _cond_rows(runtime, extra_options, q.shape[0], q.device, self.key)
-            bias = runtime.usable(runtime.compute_from_attention(self.key, q, k, heads, rows, extra_options))
+            if self.patch.clock.active(extra_options):
+                if seen is None:  # (our gate patch did not run here: rows by position)
+                    rows = _cond_rows(runtime, extra_options, q.shape[0], q.device, self.key)
+                bias = runtime.usable(runtime.compute_from_attention(self.key, q, k, heads, rows, extra_options))
+            elif getattr(runtime.gates, "observes_inactive", False):  # (zero-shot v2 aggregates ungated steps too)
+                runtime.gates.observe_attention(self.key, q, k, heads, extra_options)
             extra_options.pop(PROMPT_ROWS_KEY, None)
+        return self._finish(q, k, v, bias, extra_options)
+
+    def _finish(self, q, k, v, bias, extra_options):
+        """The (masked) attention through the host's backend, plus the adopted callbacks' terms."""
+        runtime = self.patch.runtime
         override = runtime.attention_override
         if override is None:
             out = host_attention(q, k, v, extra_options["n_heads"], bias, extra_options)
@@ -451,12 +459,29 @@ class MaskAttnAttention:
         return out if out.dtype == q.dtype else out.to(q.dtype)
 
 
+class MaskAttnSelfAttention(MaskAttnAttention):
+    """attn1 replace container for one gated site, installed only for gate sources that mask self-attention
+    (zero-shot gates with self_attention="separate_groups"): the bias comes from the gate source's partition;
+    adopted callbacks are chained as in the attn2 container."""
+
+    def __call__(self, q, k, v, extra_options):
+        runtime = self.patch.runtime
+        bias = None
+        masks = getattr(runtime.gates, "masks_self_attention", False)
+        if masks and self.key in runtime.sites and self.patch.clock.active(extra_options):
+            bias = runtime.gates.self_attention_bias(self.key, q, extra_options["n_heads"], extra_options,
+                                                     runtime.negative_value)
+            if bias is not None and runtime.cond_only:
+                rows = _cond_rows(runtime, extra_options, q.shape[0], q.device, self.key)
+                bias = bias * rows.to(bias.dtype)[:, None, None]
+        return self._finish(q, k, v, bias, extra_options)
+
+
 # --- which exact gate variant CUDA devices run ------------------------------------------------------------------
-#: Every variant gives the straightforward path's bits (tests, cuda_check.py); they differ only in how the GPU is
-#: driven: (GateRuntime.graphs, GateRuntime.device_skip). Which is fastest is for a GPU run to say
-#: (benchmarks/gpu_check.sh prints it); until one has, CUDA keeps the measured eager gate.
-CUDA_GATE_VARIANTS = {"eager": (False, False), "graphs": (True, False), "device_skip": (False, True),
-                      "graphs+device_skip": (True, True)}
+#: Every variant (an executor of masks/runtime.py) gives the spec path's bits (tests, cuda_check.py); they differ
+#: only in how the GPU is driven. Which is fastest is for a GPU run to say (benchmarks/gpu_check.sh prints it);
+#: until one has, CUDA keeps the measured eager gate.
+CUDA_GATE_VARIANTS = EXECUTORS
 CUDA_GATE_DEFAULT = "eager"
 CUDA_GATE_ENV = "MASKATTN_CUDA_GATE"
 
@@ -481,10 +506,13 @@ def install(model, gates: MaskAttnGates, sites: list[CrossAttnSite], *, threshol
             sigma_start: float | None = None, sigma_end: float | None = None, cond_only: bool = False):
     """A patched clone of `model` (a ModelPatcher); the input model is never changed."""
     on_cuda = torch.device(getattr(model, "load_device", None) or "cpu").type == "cuda"
-    cuda_variant = CUDA_GATE_VARIANTS[cuda_gate_variant()] if on_cuda else None  # (a bad setting fails here, first)
+    # a bad $MASKATTN_CUDA_GATE fails here, first; the CPU keeps the synced eager gate (a host sync costs it nothing)
+    make_executor = CUDA_GATE_VARIANTS[cuda_gate_variant()] if on_cuda else EagerExecutor
     patched = model.clone()
     to = patched.model_options.setdefault("transformer_options", {})
     replaces = to.get("patches_replace", {}).get("attn2", {})
+    self_replaces = to.get("patches_replace", {}).get("attn1", {})
+    masks_self = bool(getattr(gates, "masks_self_attention", False))
     # A second Apply MaskAttn replaces the first: drop our earlier patches, keep callbacks adopted by it.
     others = [p for p in to.get("patches", {}).get("attn2_patch", [])
               if not isinstance(p, (MaskAttnGatePatch, MaskAttnLayoutPatch))]
@@ -500,17 +528,36 @@ def install(model, gates: MaskAttnGates, sites: list[CrossAttnSite], *, threshol
                 f"before that node, or narrow MaskAttn's stage/placement so the layers do not overlap."
             )
         foreign[site.key] = existing
+    foreign_self = {}
+    for site in sites if masks_self else ():
+        existing = self_replaces.get(site.key)
+        if existing is None or isinstance(existing, MaskAttnAttention):
+            continue
+        if not _chainable(existing):
+            raise ForeignPatchError(
+                f"Apply MaskAttn: another node already replaced the self-attention at {key_to_name(site.key)} with "
+                f"{type(existing).__name__}, which cannot be chained (it has no callback list). Apply MaskAttn "
+                f"before that node, or set the zero-shot gates' self_attention to 'open'."
+            )
+        foreign_self[site.key] = existing
 
     runtime = GateRuntime(gates=gates, sites=frozenset(s.key for s in sites), threshold=threshold,
-                          negative_value=negative_value, cond_only=cond_only)
-    if cuda_variant is not None:
-        runtime.graphs, runtime.device_skip = cuda_variant
+                          negative_value=negative_value, cond_only=cond_only, executor=make_executor())
     gate_patch = MaskAttnGatePatch(runtime, StepClock(sigma_start, sigma_end))
     to.setdefault("patches", {})["attn2_patch"] = OrderedPatchList([MaskAttnLayoutPatch(), *others, gate_patch])
     for site in sites:
         existing = replaces.get(site.key)
         adopt = existing if isinstance(existing, MaskAttnAttention) or site.key in foreign else None
         patched.set_model_attn2_replace(MaskAttnAttention(gate_patch, site.key, adopt), *site.key)
+        existing = self_replaces.get(site.key)
+        if masks_self:
+            adopt = existing if isinstance(existing, MaskAttnAttention) or site.key in foreign_self else None
+            patched.set_model_attn1_replace(MaskAttnSelfAttention(gate_patch, site.key, adopt), *site.key)
+        elif isinstance(existing, MaskAttnSelfAttention):  # a second Apply without self-attention masking
+            if existing.callback:  # (keeps the adopted callbacks; these gates mask nothing there)
+                patched.set_model_attn1_replace(MaskAttnSelfAttention(gate_patch, site.key, existing), *site.key)
+            else:
+                patched.model_options["transformer_options"]["patches_replace"]["attn1"].pop(site.key, None)
     return patched, runtime
 
 

@@ -517,6 +517,11 @@ class MaskAttnPreviewGates:
         gates = hooks.installed_runtime(model).gates
         payload = self._viewer_payload(run, recorded, columns, b, base_ui, float(opacity), gates)
         summary = run.summary()
+        leakage = gates.leakage() if callable(getattr(gates, "leakage", None)) else []
+        if leakage:  # zero-shot gates: the share of each word's attention inside its group's region
+            payload["leakage"] = [{"word": w, "group": g, "inside": round(share, 4)} for w, g, share in leakage]
+            summary += "; attention inside its region: " + ", ".join(f"{w} {100 * share:.0f}%"
+                                                                      for w, _, share in leakage)
         if image is None and latent is None:
             summary += ("; connect the sampler's LATENT or the decoded IMAGE here so this node runs after sampling "
                         "(else it may show the previous run)")

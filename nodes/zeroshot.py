@@ -10,7 +10,19 @@ from __future__ import annotations
 import logging
 
 from ..masks.topology import STAGE_CHOICES
-from ..masks.zeroshot import DEFAULT_STAGE, DEFAULT_START_PERCENT, GroupingError, build_zero_shot_gates
+from ..masks.zeroshot import (
+    DEFAULT_END_TOKENS,
+    DEFAULT_PARTITION,
+    DEFAULT_SELF_ATTENTION,
+    DEFAULT_STAGE,
+    DEFAULT_START_PERCENT,
+    END_TOKENS,
+    PARTITIONS,
+    SELF_ATTENTION,
+    GroupingError,
+    ZeroShotGates,
+    build_zero_shot_gates,
+)
 
 CATEGORY = "MaskAttn"
 NOTICE_EVENT = "maskattn.notice"  # websocket event: a message for one node's canvas text
@@ -91,11 +103,25 @@ class MaskAttnZeroShotGates:
                                       "tooltip": "Override the grouping: e.g. 'red book | yellow vase' (groups split "
                                                  "by | or new lines, words by spaces, # starts a comment). Empty: "
                                                  "automatic."}),
+                "partition": (list(PARTITIONS), {"default": DEFAULT_PARTITION,
+                                                 "tooltip": "aggregate (v2): each location's group from attention "
+                                                            "averaged over the gated layers and the steps so far, "
+                                                            "from the first step; layer (v1): this layer's attention "
+                                                            "at this step only."}),
+                "end_tokens": (list(END_TOKENS), {"default": DEFAULT_END_TOKENS,
+                                                  "tooltip": "keep: end/padding tokens visible everywhere; "
+                                                             "hide_in_regions: hidden inside every group's region "
+                                                             "(they carry the whole prompt)."}),
+                "self_attention": (list(SELF_ATTENTION), {"default": DEFAULT_SELF_ATTENTION,
+                                                          "tooltip": "separate_groups: a location in one group's "
+                                                                     "region does not attend to another group's "
+                                                                     "region (self-attention of the gated layers)."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    def build(self, clip, text, stage, start_percent, groups="", unique_id=None):
+    def build(self, clip, text, stage, start_percent, groups="", partition=DEFAULT_PARTITION,
+              end_tokens=DEFAULT_END_TOKENS, self_attention=DEFAULT_SELF_ATTENTION, unique_id=None):
         from .gates import NodeError
 
         node = "MaskAttn Zero-Shot Gates"
@@ -106,7 +132,8 @@ class MaskAttnZeroShotGates:
         vocab = clip_vocab(clip, "l" if "l" in tokens else next(iter(tokens)))
         try:
             gates = build_zero_shot_gates(text, tokens, vocab, groups_text=groups or "", stage=stage,
-                                          start_percent=start_percent)
+                                          start_percent=start_percent, partition=partition, end_tokens=end_tokens,
+                                          self_attention=self_attention)
         except GroupingError as e:
             raise NodeError(f"{node}: groups: {e}. Use words of the prompt, groups split by |.") from None
 
@@ -131,5 +158,74 @@ def encode(clip, text: str):
     return comfy_nodes.CLIPTextEncode().encode(clip, text)[0]
 
 
-NODE_CLASS_MAPPINGS = {"MaskAttnZeroShotGates": MaskAttnZeroShotGates}
-NODE_DISPLAY_NAME_MAPPINGS = {"MaskAttnZeroShotGates": "MaskAttn Zero-Shot Gates"}
+MASK_OUTPUTS = 4  # mask_1 .. mask_4 for direct wiring; `masks` holds every group
+
+
+class MaskAttnZeroShotMasks:
+    DESCRIPTION = (
+        "The partition zero-shot gates found in the last sampling run, as masks at image size: one per group (for "
+        "Conditioning Set Mask, IPAdapter's attn_mask, ControlNet or inpainting), and how much of each word's "
+        "attention fell inside its group's region (its leakage). Connect the sampled image or latent so it runs "
+        "after the sampler."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MASK",) * (MASK_OUTPUTS + 1) + ("STRING",)
+    RETURN_NAMES = ("masks",) + tuple(f"mask_{i + 1}" for i in range(MASK_OUTPUTS)) + ("leakage",)
+    OUTPUT_TOOLTIPS = ("Every group's region, one mask per group (in the grouping's order).",) + tuple(
+        f"Group {i + 1}'s region (all zero when there is no such group)." for i in range(MASK_OUTPUTS)) + (
+        "Per word: the share of its attention inside its group's region and the share that leaks outside.",)
+    FUNCTION = "masks"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {"maskattn": ("MASKATTN", {"tooltip": "The zero-shot gates the sampled model was applied "
+                                                              "with."})},
+            "optional": {
+                "image": ("IMAGE", {"tooltip": "The decoded image: sets the masks' size, runs this node after the "
+                                               "sampler."}),
+                "latent": ("LATENT", {"tooltip": "Or the sampled latent (masks at 8x its size)."}),
+                "batch_index": ("INT", {"default": 0, "min": 0, "max": 4096,
+                                        "tooltip": "Which image of the batch."}),
+            },
+        }
+
+    def masks(self, maskattn, image=None, latent=None, batch_index=0):
+        import torch
+
+        from .gates import NodeError
+
+        node = "MaskAttn Zero-Shot Masks"
+        if not isinstance(maskattn, ZeroShotGates):
+            raise NodeError(f"{node}: maskattn: connect the output of 'MaskAttn Zero-Shot Gates' (got "
+                            f"{getattr(maskattn, 'kind', type(maskattn).__name__)} gates, which have no partition).")
+        if image is not None:
+            height, width = int(image.shape[1]), int(image.shape[2])
+        elif latent is not None:
+            height, width = 8 * int(latent["samples"].shape[-2]), 8 * int(latent["samples"].shape[-1])
+        else:
+            raise NodeError(f"{node}: connect the sampled image or latent (it sets the masks' size and makes this "
+                            f"node run after the sampler).")
+        groups = max(len(maskattn.groups), 1)
+        regions = maskattn.region_masks(height, width)
+        if regions is None:
+            message = ("no sampling run with these zero-shot gates was seen yet (or they have fewer than two groups): "
+                       "the masks are empty")
+            log.warning("%s: %s.", node, message)
+            empty = torch.zeros(groups, height, width)
+            return {"ui": {"text": [message]}, "result": (empty,) + tuple(
+                torch.zeros(1, height, width) for _ in range(MASK_OUTPUTS)) + (message,)}
+        index = min(batch_index, regions.shape[0] - 1)
+        per_group = regions[index].cpu()  # [G, H, W]
+        singles = tuple(per_group[i:i + 1] if i < per_group.shape[0] else torch.zeros(1, height, width)
+                        for i in range(MASK_OUTPUTS))
+        labels = maskattn.group_labels()
+        leakage = maskattn.leakage_text()
+        text = "\n".join([f"mask_{i + 1}: {label}" for i, label in enumerate(labels)] + [leakage])
+        return {"ui": {"text": [text]}, "result": (per_group,) + singles + (leakage,)}
+
+
+NODE_CLASS_MAPPINGS = {"MaskAttnZeroShotGates": MaskAttnZeroShotGates, "MaskAttnZeroShotMasks": MaskAttnZeroShotMasks}
+NODE_DISPLAY_NAME_MAPPINGS = {"MaskAttnZeroShotGates": "MaskAttn Zero-Shot Gates",
+                              "MaskAttnZeroShotMasks": "MaskAttn Zero-Shot Masks"}

@@ -165,14 +165,16 @@ KEY = ("input", 7, 0)
 RED_BOOK, YELLOW_VASE = [2, 3], [7, 8]
 
 
-def two_group_gates(length=77):
+def two_group_gates(length=77, partition="layer", **options):
+    """v1 (partition "layer") unless asked: these tests read one call's partition; v2's memory is tested in
+    test_zeroshot_v2.py."""
     g = group_prompt("a red book and a yellow vase")
     token_groups = [-1] * length
     for p in RED_BOOK:
         token_groups[p] = 0
     for p in YELLOW_VASE:
         token_groups[p] = 1
-    gates = ZeroShotGates(g, token_groups, stage="all", start_percent=0.0)
+    gates = ZeroShotGates(g, token_groups, stage="all", start_percent=0.0, partition=partition, **options)
     gates.check_fits([])
     return gates
 

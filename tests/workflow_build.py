@@ -30,7 +30,8 @@ SOCKETS = {
     "SaveImage": ([("images", "IMAGE")], ["filename_prefix"], []),
     "ImageBatch": ([("image1", "IMAGE"), ("image2", "IMAGE")], [], [("IMAGE", "IMAGE")]),
     "MaskAttnLoadGates": ([("maskattn", "MASKATTN")], ["gate_name"], [("maskattn", "MASKATTN")]),
-    "MaskAttnZeroShotGates": ([("clip", "CLIP")], ["text", "stage", "start_percent", "groups"],
+    "MaskAttnZeroShotGates": ([("clip", "CLIP")], ["text", "stage", "start_percent", "groups", "partition",
+                                                   "end_tokens", "self_attention"],
                               [("maskattn", "MASKATTN"), ("grouping", "STRING"), ("conditioning", "CONDITIONING")]),
     "Note": ([], ["text"], []),
     "MaskAttnApply": ([("model", "MODEL"), ("maskattn", "MASKATTN")],
@@ -55,7 +56,7 @@ SEED = 42
 APPLY = [0.5, 1.0, "all", "encoder_decoder", 0.0, 1.0, True]  # the method: threshold 0.5, full strength
 
 
-ZERO_SHOT = [PROMPT, "mid", 0.2, ""]
+ZERO_SHOT = [PROMPT, "mid", 0.2, "", "layer", "keep", "open"]
 SWITCH_NOTE = (
     "Gates: training-free 'MaskAttn Zero-Shot Gates' (no file needed, any SDXL checkpoint). They feed Apply MaskAttn "
     "through the bypassed (purple) 'Load MaskAttn Gates'.\n\nLearned gates: select 'Load MaskAttn Gates', press "

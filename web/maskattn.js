@@ -317,7 +317,11 @@ class GateViewer {
       }
     }
     const shown = groups ? part.n : n;
-    this.status.textContent = shown ? `${d.summary}` : "not recorded at this layer/step";
+    // zero-shot gates: the share of the shown word's attention inside its group's region (the rest leaks)
+    const leak = (d.leakage || []).find((e) => e.word === d.tokens[this.token]?.word);
+    const leakText = leak ? ` · "${leak.word}": ${Math.round(100 * leak.inside)}% of its attention inside its ` +
+      `region (${leak.group}), ${Math.round(100 * (1 - leak.inside))}% leaks` : "";
+    this.status.textContent = shown ? `${d.summary}${leakText}` : "not recorded at this layer/step";
   }
 }
 
