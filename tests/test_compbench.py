@@ -155,3 +155,55 @@ def test_judge_accuracy_script_runs():
                           "--conditions", "clean"], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert "| clean |" in out.stdout and "missing_object" in out.stdout
+
+
+# ------------------------------------------------------------------------------------------------------- trio world
+
+
+def test_trio_world_is_deterministic_packed_and_round_trips():
+    a, b = world.sample_trio(5), world.sample_trio(5)
+    assert np.array_equal(a.image, b.image) and a.caption == b.caption and isinstance(a.triple, world.Trio)
+    assert len(set(a.triple.colours)) == 3 and set(a.boxes) == {"a", "b", "c"}
+    assert world.parse_caption(a.caption) == a.triple
+    assert world.caption(world.Trio((("red", "circle"), ("orange", "square"), ("blue", "diamond")))) == (
+        "a red circle and an orange square and a blue diamond")
+    with pytest.raises(ValueError):
+        world.parse_caption("a red circle and a red square and a blue diamond")  # colours must differ
+    # the layout depends on the seed alone; one object left out keeps the others' boxes
+    lone = world.sample_trio(5, trio=a.triple, omit="c")
+    assert set(lone.boxes) == {"a", "b"} and lone.boxes["a"] == a.boxes["a"]
+    for seed in range(200):
+        boxes = list(world.sample_trio(seed).boxes.values())
+        gaps = []
+        for i, p in enumerate(boxes):
+            for q in boxes[i + 1:]:
+                gaps.append(max(q[0] - p[2], p[0] - q[2], q[1] - p[3], p[1] - q[3]))
+        assert min(gaps) >= 2.0 - 1e-6  # never touching: colours never blend into a third
+        assert sorted(gaps)[1] <= 6.0 + 1e-6  # packed: each object near another (two gaps within reach)
+        assert all(0 <= v <= 64 for box in boxes for v in box)
+
+
+def test_trio_split_holds_out_the_same_pairings():
+    train, held = world.split_trios(seed=0)
+    assert len(train) + len(held) == len(world.all_trios()) == 6 * 5 * 4 * 4 ** 3
+    assert not set(train) & set(held)
+    pairings = set(world.heldout_pairings(seed=0))
+    assert not pairings & {o for t in train for o in t.objects}
+    assert all(any(o in pairings for o in t.objects) for t in held)
+    assert all(world.sample_trio(i, combos=train).triple in set(train) for i in range(50))
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_judge_scores_trios(size):
+    """True trio captions accepted, a swap of two objects' shapes and a missing object rejected, 100 scenes."""
+    for seed in range(100):
+        s = world.sample_trio(seed, size=size)
+        sc = judge.score(s.image, s.caption)
+        assert sc.correct and sc.matched["c"].colour == s.triple.colours[2], (seed, s.caption)
+        (c0, s0), (c1, s1), third = s.triple.objects
+        if s0 != s1:
+            swapped = world.Trio(((c0, s1), (c1, s0), third))
+            wrong = judge.score(s.image, swapped)
+            assert wrong.presence and not wrong.binding and not wrong.correct
+        gone = judge.score(world.sample_trio(seed, size=size, omit="b").image, s.triple)
+        assert not gone.presence and not gone.correct

@@ -15,6 +15,7 @@ from benchmarks.compbench import experiment, tinyt2i, train_model, world
 
 REPO = Path(__file__).resolve().parent.parent
 COMMITTED = REPO / "benchmarks" / "compbench" / "tiny_t2i.safetensors"
+COMMITTED_V2 = REPO / "benchmarks" / "compbench" / "tiny_t2i_v2.safetensors"  # both worlds, held-out pairings unseen
 
 
 def test_tokens_follow_clip_layout_and_reject_unknown_words():
@@ -32,6 +33,20 @@ def test_every_world_caption_fits_the_encoder():
     cfg = tinyt2i.TinyConfig()
     for t in world.all_combos():
         assert len(tinyt2i.token_ids(world.caption(t), cfg.tokens)) == cfg.tokens
+    for t in world.all_trios()[::97]:
+        assert len(tinyt2i.token_ids(world.caption(t), cfg.tokens)) == cfg.tokens
+
+
+def test_a_model_trained_on_a_shorter_vocabulary_keeps_its_ids_and_names_what_it_lacks():
+    """The first model knew 20 words (no "and"): it loads with that prefix, and a trio caption is refused by word."""
+    torch.manual_seed(0)
+    old = tinyt2i.TinyTextEncoder(tinyt2i.TinyConfig(), vocab_size=len(tinyt2i.VOCAB) - 1)
+    assert old.embed.num_embeddings == len(tinyt2i.VOCAB) - 1
+    old.encode(["a red circle above a blue square"])
+    with pytest.raises(ValueError, match=r"\['and', 'and'\]"):
+        old.encode(["a red circle and a blue square and a green diamond"])
+    clip = tinyt2i.TinyClip(old)
+    assert "and</w>" not in clip.tokenizer.clip_l.inv_vocab.values()
 
 
 def test_text_encoder_is_causal_and_pools_at_the_end_token():
@@ -106,6 +121,23 @@ def test_training_script_writes_a_loadable_model_that_samples_through_comfyui(ho
     assert res["samples"].shape == (2, 4, 32, 32) and torch.isfinite(res["samples"]).all()
 
 
+def test_training_on_both_worlds_without_held_out_pairings(tmp_path):
+    """--worlds pairs trio --hold-out-pairings: both worlds in the batches, never a held-out pairing."""
+    held = set(world.heldout_pairings(seed=0))
+    seen_trio = seen_pairs = 0
+    for step in range(6):
+        _, captions = train_model.batch_examples(step, 16, 32, 0, drop=0.0, worlds=("pairs", "trio"), hold_out=True)
+        for c in captions:
+            t = world.parse_caption(c)
+            objects = t.objects if isinstance(t, world.Trio) else (t.a, t.b)
+            assert not held & set(objects), c
+            seen_trio += isinstance(t, world.Trio)
+            seen_pairs += not isinstance(t, world.Trio)
+    assert seen_trio > 20 and seen_pairs > 20
+    _, every = train_model.batch_examples(0, 400, 32, 0, drop=0.0)
+    assert any(held & {world.parse_caption(c).a, world.parse_caption(c).b} for c in every)  # the default sees all
+
+
 def test_load_rejects_other_files(host, tmp_path):
     from safetensors.torch import save_file
 
@@ -175,6 +207,32 @@ def test_quick_experiment_runs_every_arm_through_the_pack(host, tmp_path, monkey
     assert (tmp_path / "samples.png").stat().st_size > 0
 
 
+def test_quick_experiment_on_trios_with_seen_and_unseen_pairings(host, tmp_path):
+    """The second model on the trio world: three-object region masks and couple prompts through the pack, a table per
+    pairing kind, the caption-layout arm left out (a Trio names no layout), relation n/a."""
+    from comfyui_maskattn.masks.region import phrase_tokens  # noqa: F401  (the region arm's import)
+
+    _, meta = tinyt2i.load(COMMITTED_V2)[2:]
+    assert meta["held_out_pairings"] == "True" and meta["worlds"] == "pairs trio"
+    rc = experiment.main(["--quick", "--model", str(COMMITTED_V2), "--out", str(tmp_path), "--prompts", "3",
+                          "--world", "trio", "--pairings", "unseen", "seen",
+                          "--arms", "base", "region oracle", "layout mask", "attention couple"])
+    assert rc == 0
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert report["arms_left_out"] == ["layout mask"]
+    assert set(report["tables"]) == {"high · unseen pairings", "high · seen pairings"}
+    held = set(world.heldout_pairings(seed=0))
+    prompts = [world.parse_caption(p) for p in report["prompts"]]
+    assert all(held & set(t.objects) for t in prompts[:3]) and not any(held & set(t.objects) for t in prompts[3:])
+    for table in report["tables"].values():
+        assert set(table) == {"ground truth", "base", "region oracle", "attention couple"}
+        assert table["ground truth"]["correct"][0] == 1.0
+        assert not np.isfinite(table["base"]["relation_given_present"][0])  # no relation in a trio
+    assert 0.0 < report["kept_fraction"]["high: region oracle"]["high"] < 1.0
+    md = (tmp_path / "results.md").read_text()
+    assert "### Stage high · seen pairings" in md and "Left out (no meaning in this world): layout mask" in md
+
+
 def test_scoring_separates_the_failure_modes():
     """Ground truth, a colour leak (the shapes swapped between the colours) and a missing object, scored."""
     t = world.Triple("red", "circle", "left of", "blue", "square")
@@ -189,6 +247,18 @@ def test_scoring_separates_the_failure_modes():
     assert gone["relation_given_present"] == (0, 0) and gone["shape"] == (1, 1)
     same = world.Triple("red", "circle", "left of", "blue", "circle")
     assert experiment.score_image(world.sample(3, triple=same, size=32).image, same)["colour_leak"] == (0, 0)
+
+
+def test_scoring_trios_counts_leaks_between_any_two_objects():
+    trio = world.Trio((("red", "circle"), ("blue", "square"), ("green", "diamond")))
+    truth = world.sample_trio(4, trio=trio, size=32).image
+    leaked = world.sample_trio(4, trio=world.Trio((("red", "circle"), ("blue", "diamond"), ("green", "diamond"))),
+                               size=32).image
+    good, leak = experiment.score_image(truth, trio), experiment.score_image(leaked, trio)
+    assert good["correct"] == (1, 1) and good["colour_leak"] == (0, 1) and good["two_objects"] == (1, 1)
+    assert good["relation_given_present"] == (0, 0)  # a trio names no relation: n/a, not a success
+    assert leak["presence"] == (1, 1) and leak["binding_given_present"] == (0, 1) and leak["colour_leak"] == (1, 1)
+    assert leak["shape"] == (2, 3) and leak["correct"] == (0, 1)
 
 
 def test_paired_bootstrap_of_ratios():
@@ -211,6 +281,22 @@ def test_region_masks_follow_the_boxes_and_the_caption(host):
     assert not (a[0] * b[0]).any()  # objects never overlap
     top, bottom = experiment.region_masks(ctx, [0], 1, "halves")
     assert top[0, :16].all() and not top[0, 16:].any() and torch.equal(bottom, 1 - top)
+    trio = world.Trio((("red", "circle"), ("blue", "square"), ("green", "diamond")))
+    ctx.triples = [trio]
+    masks = experiment.region_masks(ctx, [0], 2, "boxes")
+    assert len(masks) == 3 and all(m.shape == (1, 32, 32) and m.any() for m in masks)
+    assert not (masks[0] * masks[1] + masks[1] * masks[2] + masks[0] * masks[2]).any()
+
+
+def test_evaluation_prompts_by_world_and_pairing():
+    held = set(world.heldout_pairings(seed=0))
+    unseen = experiment.evaluation_prompts(40, 7, "pairs", "unseen")
+    seen = experiment.evaluation_prompts(40, 7, "pairs", "seen")
+    assert all(held & {t.a, t.b} for t in unseen) and not any(held & {t.a, t.b} for t in seen)
+    assert {t.relation for t in seen} == set(world.RELATIONS)
+    trios = experiment.evaluation_prompts(30, 7, "trio", "unseen")
+    assert len(trios) == 30 and all(isinstance(t, world.Trio) and held & set(t.objects) for t in trios)
+    assert not any(held & set(t.objects) for t in experiment.evaluation_prompts(30, 7, "trio", "seen"))
 
 
 def test_attention_couple_with_the_base_prompt_everywhere_is_the_base_model(host):

@@ -50,13 +50,13 @@ from benchmarks.compbench import judge, tinyt2i, world  # noqa: E402
 HERE = Path(__file__).resolve().parent
 # name -> (label, higher is better); each metric is a ratio of per-image (numerator, denominator) sums
 METRICS = {
-    "presence": ("both colours present", True),
-    "binding_given_present": ("binding given both present", True),
+    "presence": ("all colours present", True),
+    "binding_given_present": ("binding given all present", True),
     "colour_leak": ("colour leak", False),
     "shape": ("shape right (per object present)", True),
-    "relation_given_present": ("relation given both present", True),
+    "relation_given_present": ("relation given all present", True),
     "correct": ("all correct", True),
-    "two_objects": ("two readable objects", True),
+    "two_objects": ("only the named objects, readable", True),
 }
 HEADLINE = ("correct", "binding_given_present", "colour_leak", "relation_given_present")
 CEILING = "region oracle"
@@ -72,11 +72,20 @@ def load_pack() -> dict:
     return importlib.import_module("comfyui_maskattn.nodes").NODE_CLASS_MAPPINGS
 
 
-def evaluation_prompts(n: int, seed: int) -> list[world.Triple]:
-    """n held-out triples, balanced over the four relations, in a seeded order."""
-    _, heldout = world.split_combos(seed=0)
+WORLDS = ("pairs", "trio")
+PAIRINGS = ("unseen", "seen")
+
+
+def evaluation_prompts(n: int, seed: int, scenes: str = "pairs", pairings: str = "unseen") -> list:
+    """n prompts of the `scenes` world ("pairs": Triples balanced over the four relations; "trio": Trios), from
+    the held-out split ("unseen": every prompt names at least one held-out colour-shape pairing) or the train split
+    ("seen"), in a seeded order."""
+    train, heldout = world.split_trios(seed=0) if scenes == "trio" else world.split_combos(seed=0)
+    pool = heldout if pairings == "unseen" else train
     rng = np.random.default_rng(seed)
-    by_relation = {r: [t for t in heldout if t.relation == r] for r in world.PHRASES}
+    if scenes == "trio":
+        return sorted((pool[i] for i in rng.permutation(len(pool))[:n]), key=world.caption)
+    by_relation = {r: [t for t in pool if t.relation == r] for r in world.PHRASES}
     picked = []
     for r, triples in by_relation.items():
         order = rng.permutation(len(triples))
@@ -84,9 +93,23 @@ def evaluation_prompts(n: int, seed: int) -> list[world.Triple]:
     return sorted(picked[:n], key=lambda t: (t.relation, world.caption(t)))
 
 
-def structure(t: world.Triple) -> str:
+def structure(t) -> str:
     """Prompts with the same word positions share token positions ("to the left of" is 4 words, "above" 1)."""
+    if isinstance(t, world.Trio):
+        return "trio"
     return "horizontal" if t.relation in ("left of", "right of") else "vertical"
+
+
+def objects_of(t) -> list[tuple[str, str]]:
+    """(colour, shape) per named object, in caption order."""
+    return list(t.objects) if isinstance(t, world.Trio) else [t.a, t.b]
+
+
+def scene(t, seed: int, size: int, omit: str | None = None) -> world.Sample:
+    """The ground-truth scene of prompt `t` for a world seed (Triple or Trio)."""
+    if isinstance(t, world.Trio):
+        return world.sample_trio(seed, trio=t, size=size, omit=omit)
+    return world.sample(seed, triple=t, size=size, omit=omit)
 
 
 # --- the layouts the region arms are given --------------------------------------------------------------------------
@@ -119,20 +142,18 @@ def half_masks(relation: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return first, 1.0 - first
 
 
-def region_masks(ctx: "Context", idx: list[int], seed: int, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image masks of objects A and B ([len(idx), size, size] each): true boxes or caption halves."""
-    a, b = [], []
+def region_masks(ctx: "Context", idx: list[int], seed: int, kind: str) -> tuple[torch.Tensor, ...]:
+    """Per-image masks of each named object ([len(idx), size, size] each, caption order): true boxes or caption
+    halves (pairs only: a Trio names no layout)."""
+    per_object = []
     for i in idx:
         t = ctx.triples[i]
         if kind == "boxes":
-            boxes = world.sample(layout_seed(i, seed), triple=t, size=ctx.size).boxes
-            a.append(box_mask(boxes["a"], ctx.size))
-            b.append(box_mask(boxes["b"], ctx.size))
+            boxes = scene(t, layout_seed(i, seed), ctx.size).boxes
+            per_object.append([box_mask(boxes[k], ctx.size) for k in "abc"[: len(objects_of(t))]])
         else:
-            ma, mb = half_masks(t.relation, ctx.size)
-            a.append(ma)
-            b.append(mb)
-    return torch.stack(a), torch.stack(b)
+            per_object.append(list(half_masks(t.relation, ctx.size)))
+    return tuple(torch.stack(masks) for masks in zip(*per_object))
 
 
 # --- arms -----------------------------------------------------------------------------------------------------------
@@ -165,6 +186,10 @@ class Arm:
     def prepare(self, ctx: Context) -> None:
         pass
 
+    def supports(self, ctx: Context) -> bool:
+        """False: this arm has no meaning for ctx's world (e.g. a caption layout for Trios); it is left out."""
+        return True
+
     def model_for(self, ctx: Context, idx: list[int], seed: int):
         raise NotImplementedError
 
@@ -177,27 +202,77 @@ class BaseArm(Arm):
 
 
 class LearnedArm(Arm):
-    name = "learned"
+    """"Train MaskAttn Gates" (the node, model frozen) on --gate-captions images of the train split, then Apply.
+
+    objective: a name of masks/objectives.OBJECTIVES (None: the trainer's default); init: logit bias of the fresh
+    heads (None: the objective's own); lr: None for --gate-lr; masks: leading steps trained on the train images'
+    true boxes (world.sample(...).boxes: each object's colour + shape words kept in its box), -1 = every step,
+    "half" = the first half, 0 = none; seed: the heads' init, example order and noise of the training run."""
+
+    def __init__(self, name: str = "learned", objective: str | None = None, seed: int = 0, init: float | None = None,
+                 lr: float | None = None, masks: int | str = 0):
+        self.name, self.objective, self.seed, self.init, self.lr, self.masks = name, objective, seed, init, lr, masks
 
     def prepare(self, ctx):
+        from comfyui_maskattn.masks.train import TRAIN_DEFAULTS
+
         a = ctx.args
         train_split, _ = world.split_combos(seed=0)
         data = world.dataset(a.gate_captions, seed=1000, combos=train_split, size=ctx.size)
         latents = {"samples": tinyt2i.encode_images(np.stack([d.image for d in data]))}
-        cond = ctx.clip.conditioning([d.caption for d in data])
+        captions = [d.caption for d in data]
+        cond = ctx.clip.conditioning(captions)
+        objective = self.objective or TRAIN_DEFAULTS["objective"]
+        mask_steps = a.gate_steps // 2 if self.masks == "half" else self.masks
+        lr = a.gate_lr if self.lr is None else self.lr
+        extra = {"objective": objective}
+        if self.init is not None:
+            from comfyui_maskattn.nodes.gate_training import new_gates
+
+            extra["maskattn"] = new_gates(ctx.model, ctx.stage, "encoder_decoder", TRAIN_DEFAULTS["hidden"],
+                                          self.seed, self.init)
+        if mask_steps:
+            extra.update(clip=ctx.clip, captions="\n".join(captions), mask_steps=mask_steps,
+                         phrases="\n".join(f"{d.triple.colour_a} {d.triple.shape_a} | {d.triple.colour_b} "
+                                           f"{d.triple.shape_b}" for d in data),
+                         mask_1=torch.stack([box_mask(d.boxes["a"], ctx.size) for d in data]),
+                         mask_2=torch.stack([box_mask(d.boxes["b"], ctx.size) for d in data]))
         t0 = time.time()
         gates, _curve = ctx.nodes["MaskAttnTrainGates"]().train(ctx.model, latents, cond, a.gate_steps, a.gate_batch,
-                                                                a.gate_lr, ctx.stage, "encoder_decoder", 128, 0)
+                                                                lr, ctx.stage, "encoder_decoder",
+                                                                TRAIN_DEFAULTS["hidden"], self.seed, **extra)
         self.gated_model = ctx.apply(gates)
-        ctx.info[self.name] = {"train_s": round(time.time() - t0, 1), "distinct_captions":
-                               len({d.caption for d in data})}
+        ctx.info[self.name] = {"train_s": round(time.time() - t0, 1), "distinct_captions": len(set(captions)),
+                               "objective": objective, "lr": lr, "seed": self.seed, "init_bias": self.init,
+                               "mask_steps": mask_steps, "steps": a.gate_steps, "batch": a.gate_batch}
 
     def model_for(self, ctx, idx, seed):
         return self.gated_model
 
+    def supports(self, ctx):
+        return ctx.args.world == "pairs"  # its training data and box masks are the pairs world's
+
+
+#: Training variants measured for issue 19 (name -> LearnedArm keywords): the paper's recipe (reference init 0, its
+#: lr 1e-4), objectives at --gate-lr, mask supervision on the true boxes (alone, and followed by soft_x0); a seed
+#: suffix sN trains with gate seed N. Run by name with --arms (ABLATIONS), not in the default design.
+LEARNED_VARIANTS = {
+    **{f"learned paper recipe s{k}": dict(objective="paper", init=0.0, lr=1e-4, seed=k) for k in range(3)},
+    "learned paper_open s0": dict(objective="paper_open"),
+    "learned soft_x0 s0": dict(objective="soft_x0"),
+    "learned box masks s0": dict(masks=-1),
+    "learned box masks then soft_x0 s0": dict(objective="soft_x0", masks="half"),
+}
+
 
 class ZeroShotArm(Arm):
-    name = "zero-shot"
+    """"MaskAttn Zero-Shot Gates" with the given start and options (v1: partition "layer", start 0.2)."""
+
+    def __init__(self, name: str = "zero-shot", start: float = 0.2, memory: float | None = None,
+                 observe_early: bool = True, **options):
+        self.name, self.start = name, start
+        self.options = options or {"partition": "layer"}
+        self.memory, self.observe_early = memory, observe_early  # v2 settings the node does not expose
 
     def prepare(self, ctx):
         self.models = {}
@@ -206,7 +281,11 @@ class ZeroShotArm(Arm):
         key = structure(ctx.triples[idx[0]])
         if key not in self.models:
             result = ctx.nodes["MaskAttnZeroShotGates"]().build(ctx.clip, world.caption(ctx.triples[idx[0]]),
-                                                                ctx.stage, 0.2)["result"]
+                                                                ctx.stage, self.start, **self.options)["result"]
+            if self.memory is not None:
+                result[0].state.memory = self.memory
+            if not self.observe_early:
+                result[0].observes_inactive = False
             self.models[key] = ctx.apply(result[0])
             ctx.info.setdefault(self.name, {})[key] = result[1].splitlines()[0]
         return self.models[key]
@@ -223,20 +302,24 @@ class RegionArm(Arm):
 
         first = ctx.triples[idx[0]]
         text = world.caption(first)
-        phrases = [f"{first.colour_a} {first.shape_a}", f"{first.colour_b} {first.shape_b}"]
+        phrases = [f"{c} {s}" for c, s in objects_of(first)]
         # every prompt of one structure puts its object words at the same token positions: one gate set serves all
         vocab = ctx.clip.tokenizer.clip_l.inv_vocab
         expected = phrase_tokens(text, phrases, ctx.clip.tokenize(text, return_word_ids=True), vocab)
         for i in idx[1:]:
             t = ctx.triples[i]
             other = world.caption(t)
-            got = phrase_tokens(other, [f"{t.colour_a} {t.shape_a}", f"{t.colour_b} {t.shape_b}"],
+            got = phrase_tokens(other, [f"{c} {s}" for c, s in objects_of(t)],
                                 ctx.clip.tokenize(other, return_word_ids=True), vocab)
             assert got == expected, (text, other)
-        mask_a, mask_b = region_masks(ctx, idx, seed, self.masks)
-        gates, _ = ctx.nodes["MaskAttnRegionGates"]().build(ctx.clip, text, "\n".join(phrases), ctx.stage,
-                                                            self.end_tokens, mask_1=mask_a, mask_2=mask_b)["result"]
+        masks = region_masks(ctx, idx, seed, self.masks)
+        gates, _ = ctx.nodes["MaskAttnRegionGates"]().build(
+            ctx.clip, text, "\n".join(phrases), ctx.stage, self.end_tokens,
+            **{f"mask_{k + 1}": m for k, m in enumerate(masks)})["result"]
         return ctx.apply(gates)
+
+    def supports(self, ctx):
+        return self.masks == "boxes" or ctx.args.world == "pairs"
 
 
 class CoupleArm(Arm):
@@ -247,24 +330,42 @@ class CoupleArm(Arm):
     def model_for(self, ctx, idx, seed):
         from benchmarks.compbench.couple import couple_model
 
-        mask_a, mask_b = region_masks(ctx, idx, seed, "boxes")
-        prompts_a = [f"{world.article(ctx.triples[i].colour_a)} {ctx.triples[i].colour_a} {ctx.triples[i].shape_a}"
-                     for i in idx]
-        prompts_b = [f"{world.article(ctx.triples[i].colour_b)} {ctx.triples[i].colour_b} {ctx.triples[i].shape_b}"
-                     for i in idx]
-        contexts = torch.stack([ctx.clip.conditioning(prompts_a)[0][0], ctx.clip.conditioning(prompts_b)[0][0]])
-        return couple_model(ctx.model, contexts, torch.stack([mask_a, mask_b]))
+        masks = region_masks(ctx, idx, seed, "boxes")
+        per_object = zip(*(objects_of(ctx.triples[i]) for i in idx))  # object k of every prompt
+        contexts = [ctx.clip.conditioning([f"{world.article(c)} {c} {s}" for c, s in objs])[0][0]
+                    for objs in per_object]
+        return couple_model(ctx.model, torch.stack(contexts), torch.stack(masks))
 
 
 ARMS = {
     "base": BaseArm,
     "learned": LearnedArm,
     "zero-shot": ZeroShotArm,
+    "zero-shot v2": lambda: ZeroShotArm("zero-shot v2", 0.2, partition="aggregate"),
     "region oracle": lambda: RegionArm("region oracle", "boxes", "keep"),
     "region oracle, end hidden": lambda: RegionArm("region oracle, end hidden", "boxes", "hide_in_regions"),
     "layout mask": lambda: RegionArm("layout mask", "halves", "keep"),
     "attention couple": CoupleArm,
 }
+# Zero-shot v2 ablations (issue 20), each one change; run by name with --arms (not in the default design); the
+# first ones ran with memory 0.8, the default before they measured 0.5 better
+ABLATIONS = {
+    "zs agg": lambda: ZeroShotArm("zs agg", 0.2, memory=0.8, partition="aggregate"),
+    "zs agg start0": lambda: ZeroShotArm("zs agg start0", 0.0, memory=0.8, partition="aggregate"),
+    "zs agg start0.1": lambda: ZeroShotArm("zs agg start0.1", 0.1, memory=0.8, partition="aggregate"),
+    "zs agg end hidden": lambda: ZeroShotArm("zs agg end hidden", 0.2, memory=0.8, partition="aggregate",
+                                             end_tokens="hide_in_regions"),
+    "zs agg self": lambda: ZeroShotArm("zs agg self", 0.2, memory=0.8, partition="aggregate",
+                                       self_attention="separate_groups"),
+    "zs layer end hidden": lambda: ZeroShotArm("zs layer end hidden", 0.2, partition="layer",
+                                               end_tokens="hide_in_regions"),
+    "zs layer self": lambda: ZeroShotArm("zs layer self", 0.2, partition="layer", self_attention="separate_groups"),
+    "zs agg m0.5": lambda: ZeroShotArm("zs agg m0.5", 0.2, memory=0.5, partition="aggregate"),
+    "zs agg gated steps only": lambda: ZeroShotArm("zs agg gated steps only", 0.2, observe_early=False,
+                                                   memory=0.8, partition="aggregate"),
+}
+# the training variants are run by name too: as default arms each would train gates in the CI smoke run
+ABLATIONS.update({name: (lambda name=name, kw=kw: LearnedArm(name, **kw)) for name, kw in LEARNED_VARIANTS.items()})
 
 
 # --- sampling -------------------------------------------------------------------------------------------------------
@@ -318,31 +419,33 @@ def sample_arm(arm: Arm, ctx: Context) -> tuple[dict, dict]:
 
 
 # --- scoring --------------------------------------------------------------------------------------------------------
-def score_image(image: np.ndarray, t: world.Triple) -> dict:
-    """Per metric (numerator, denominator) for one image:
+def score_image(image: np.ndarray, t) -> dict:
+    """Per metric (numerator, denominator) for one image of a Triple (or a Trio: three objects, no relation):
 
-    presence: both named colours found; binding_given_present: both colours' largest objects have the named shapes,
-    among images with both present; colour_leak (lower is better): an object drawn in one named colour with the
-    *other* object's shape (e.g. a blue circle for "a red circle ... a blue square"), among prompts whose two
+    presence: every named colour found; binding_given_present: every named colour's largest object has the named
+    shape, among images with all present; colour_leak (lower is better): an object drawn in one named colour with
+    *another* named object's shape (e.g. a blue circle for "a red circle ... a blue square"), among prompts whose
     shapes differ; shape: per named object whose colour is found, its shape is right; relation_given_present: the
-    centroids' relation holds, among images with both present; correct: all three; two_objects: exactly two
-    objects, both shapes readable (a quality proxy)."""
+    centroids' relation holds, among images with both present (a Trio has no relation: 0/0, "n/a"); correct: all
+    three; two_objects: exactly the named number of objects, all shapes readable (a quality proxy)."""
     sc = judge.score(image, t)
     present = int(sc.presence)
-    found = [(sc.matched.get(k), shape) for k, shape in (("a", t.shape_a), ("b", t.shape_b))]
+    named = objects_of(t)
+    found = [(sc.matched.get(k), shape) for k, (_, shape) in zip("abc", named)]
     found = [(d, shape) for d, shape in found if d is not None]
-    differ = t.shape_a != t.shape_b
-    leak = differ and any((d.colour, d.shape) in ((t.colour_b, t.shape_a), (t.colour_a, t.shape_b))
-                          for d in sc.objects)
+    wrong = {(c, other) for c, s in named for _, other in named if other != s}  # a colour with another's shape
+    differ = len({s for _, s in named}) > 1
+    leak = differ and any((d.colour, d.shape) in wrong for d in sc.objects)
     readable = [o for o in sc.objects if o.shape != "unknown"]
+    trio = isinstance(t, world.Trio)
     return {
         "presence": (present, 1),
         "binding_given_present": (int(sc.binding), present),
         "colour_leak": (int(leak), int(differ)),
         "shape": (sum(d.shape == shape for d, shape in found), len(found)),
-        "relation_given_present": (int(sc.relation), present),
+        "relation_given_present": (0, 0) if trio else (int(sc.relation), present),
         "correct": (int(sc.correct), 1),
-        "two_objects": (int(len(sc.objects) == 2 and len(readable) == 2), 1),
+        "two_objects": (int(len(sc.objects) == len(named) and len(readable) == len(named)), 1),
     }
 
 
@@ -465,9 +568,16 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--quick", action="store_true",
                     help=f"the smoke run: {', '.join(f'{k}={v}' for k, v in QUICK.items())} (explicit flags win)")
-    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=[*ARMS, *ABLATIONS])
     ap.add_argument("--stages", nargs="+", default=None, help="gated stages to run (default: high all)")
-    ap.add_argument("--prompts", type=int, default=None, help="held-out prompts, balanced over relations (400)")
+    ap.add_argument("--world", default="pairs", choices=WORLDS,
+                    help="pairs: two objects and a relation (the first world); trio: three objects close together, "
+                         "no relation (attribute leakage); the model must know the world's words")
+    ap.add_argument("--pairings", nargs="+", default=["unseen"], choices=PAIRINGS,
+                    help="prompts naming a held-out colour-shape pairing (unseen) and/or only trained ones (seen); "
+                         "with both, --prompts of each and one table per kind")
+    ap.add_argument("--prompts", type=int, default=None,
+                    help="prompts per --pairings kind, balanced over relations (400)")
     ap.add_argument("--seeds", type=int, default=None, help="noise seeds per prompt, the same in every arm (4)")
     ap.add_argument("--steps", type=int, default=None, help="sampling steps (20)")
     ap.add_argument("--cfg", type=float, default=4.0)
@@ -486,12 +596,18 @@ def main(argv=None) -> int:
     started = time.time()
     nodes_map = load_pack()
     model, clip, cfg, meta = tinyt2i.load(args.model)
-    triples = evaluation_prompts(args.prompts, seed=7)
+    subsets = {}
+    triples = []
+    for kind in args.pairings:
+        subsets[kind] = list(range(len(triples), len(triples) + args.prompts))
+        triples += evaluation_prompts(args.prompts, 7, args.world, kind)
     seeds = list(range(args.seeds))
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     ctx = Context(nodes_map, model, clip, triples, seeds, cfg.image_size, args)
-    arms = [ARMS[name]() for name in args.arms]
+    arms = [{**ARMS, **ABLATIONS}[name]() for name in args.arms]
+    left_out = [a.name for a in arms if not a.supports(ctx)]
+    arms = [a for a in arms if a.supports(ctx)]
     timings, kept, images = {}, {}, {}
     for arm in [a for a in arms if not a.staged]:
         t0 = time.time()
@@ -505,14 +621,17 @@ def main(argv=None) -> int:
             images[(stage, arm.name)], kept[f"{stage}: {arm.name}"] = sample_arm(arm, ctx)
             timings[f"{stage}: {arm.name}"] = time.time() - t0
 
-    truth = {(i, s): world.sample(layout_seed(i, s), triple=t, size=ctx.size).image
-             for i, t in enumerate(triples) for s in seeds}
+    truth = {(i, s): scene(t, layout_seed(i, s), ctx.size).image for i, t in enumerate(triples) for s in seeds}
     t0 = time.time()
     tables = {}
     for stage in args.stages:
         by_arm = {"ground truth": truth}
         by_arm.update({a.name: images[a.name if not a.staged else (stage, a.name)] for a in arms})
-        tables[stage] = summarise(by_arm, triples, seeds, CEILING if CEILING in by_arm else None)
+        for kind, rows in subsets.items():
+            key = stage if len(subsets) == 1 else f"{stage} · {kind} pairings"
+            part = {name: {(rows.index(i), s): img for (i, s), img in imgs.items() if i in rows}
+                    for name, imgs in by_arm.items()}
+            tables[key] = summarise(part, [triples[i] for i in rows], seeds, CEILING if CEILING in by_arm else None)
     timings["judge"] = time.time() - t0
 
     first = args.stages[0]
@@ -525,6 +644,7 @@ def main(argv=None) -> int:
         "model": {"file": Path(args.model).name, **{k: meta.get(k) for k in ("steps", "batch", "seconds",
                                                                             "parameters", "final_loss")}},
         "settings": {k: v for k, v in vars(args).items() if k not in ("model", "out")},
+        "arms_left_out": left_out,
         "prompts": [world.caption(t) for t in triples],
         "tables": tables,
         "kept_fraction": kept,
@@ -552,12 +672,17 @@ def _fmt(v, scale=100.0, digits=1, signed=False):
 
 def markdown(report: dict) -> str:
     s = report["settings"]
-    lines = [f"{len(report['prompts'])} held-out prompts x {s['seeds']} seeds, {s['steps']} steps euler/normal, "
-             f"cfg {s['cfg']}. Rates in % with 95% bootstrap intervals over prompts; colour leak: lower is better.",
+    kinds = " and ".join(s.get("pairings", ["unseen"]))
+    lines = [f"World {s.get('world', 'pairs')}, model {report['model']['file']}: {s['prompts']} prompts per kind "
+             f"({kinds} pairings) x {s['seeds']} seeds, {s['steps']} steps euler/normal, cfg {s['cfg']}. Rates in % "
+             "with 95% bootstrap intervals over prompts; colour leak: lower is better.",
              "Ceiling for \"% of the way\": the region oracle (Region Gates on the true boxes)."]
+    if report.get("arms_left_out"):
+        lines.append(f"Left out (no meaning in this world): {', '.join(report['arms_left_out'])}.")
     names = list(METRICS)
-    for stage, table in report["tables"].items():
-        lines += ["", f"### Stage {stage}", "",
+    for key, table in report["tables"].items():
+        stage = key.split(" · ")[0]
+        lines += ["", f"### Stage {key}", "",
                   "| arm | " + " | ".join(METRICS[m][0] for m in names) + " | diversity |",
                   "|---" * (len(names) + 2) + "|"]
         for arm, r in table.items():

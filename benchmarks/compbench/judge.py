@@ -280,8 +280,11 @@ def relation_holds(a: Detection, b: Detection, relation: str, min_sep: float = 2
 
 
 def score(image: np.ndarray, target, cfg: JudgeConfig = DEFAULT, objects: list[Detection] | None = None) -> Score:
-    """Score `image` against `target`: a caption string or a world.Triple (its two colours must differ)."""
+    """Score `image` against `target`: a caption string, a world.Triple (its two colours must differ) or a
+    world.Trio (no relation: `relation` is True whenever all three colours are present)."""
     t = world.parse_caption(target) if isinstance(target, str) else target
+    if isinstance(t, world.Trio):
+        return score_trio(image, t, cfg, objects)
     if t.colour_a == t.colour_b:
         raise ValueError("the judge names objects by colour: the two colours must differ")
     if objects is None:
@@ -296,6 +299,24 @@ def score(image: np.ndarray, target, cfg: JudgeConfig = DEFAULT, objects: list[D
     relation = presence and relation_holds(a, b, t.relation, cfg.min_sep * side / 64.0)
     return Score(presence=bool(presence), binding=bool(binding), relation=bool(relation), objects=objects,
                  matched={"a": a, "b": b})
+
+
+def score_trio(image: np.ndarray, t: "world.Trio", cfg: JudgeConfig = DEFAULT,
+               objects: list[Detection] | None = None) -> Score:
+    """A Trio: presence = an object of each named colour; binding = each colour's largest object has its shape;
+    `matched` "a", "b", "c" in caption order."""
+    if len(set(t.colours)) != len(t.colours):
+        raise ValueError("the judge names objects by colour: the colours must differ")
+    if objects is None:
+        objects = detect(image, cfg)
+    by_colour: dict[str, Detection] = {}
+    for d in objects:
+        by_colour.setdefault(d.colour, d)
+    found = [by_colour.get(c) for c in t.colours]
+    presence = all(d is not None for d in found)
+    binding = presence and all(d.shape == s for d, s in zip(found, t.shapes))
+    return Score(presence=bool(presence), binding=bool(binding), relation=bool(presence), objects=objects,
+                 matched=dict(zip("abc", found)))
 
 
 def read_scene(image: np.ndarray, cfg: JudgeConfig = DEFAULT) -> world.Triple | None:

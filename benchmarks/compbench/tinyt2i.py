@@ -4,8 +4,10 @@
   [1, 2, 4], 2 res blocks per level, no attention at level 1, linear-in spatial transformers at levels 2 and 3 and
   the middle block, `adm` conditioning = [pooled text, 6 size embeddings]; only the widths and depths are tiny.
   The pack sees it as SDXL (its cross-attention sites are SDXL's input 4/5/7/8, middle 0, output 0-5 blocks).
-- Text encoder: `TinyTextEncoder`, a 2-layer causal transformer over the world's 20-word vocabulary (CLIP-style:
-  start token, words, end token, padded with the end token; pooled = the end token's state, projected).
+- Text encoder: `TinyTextEncoder`, a 2-layer causal transformer over the worlds' 21-word vocabulary (CLIP-style:
+  start token, words, end token, padded with the end token; pooled = the end token's state, projected). A model
+  file stores its vocabulary; a file trained on a prefix of it (the first model knew 20 words, no "and") loads with
+  that prefix.
 - "VAE": pixel space. A 32x32 RGB image in [-1, 1] is the latent's first 3 channels; the 4th (SDXL latents have
   4) is always 0 and ignored when decoding. `PixelLatent` tells ComfyUI so (scale factor 1).
 - Noise schedule and parameterisation: SDXL's (discrete scaled-linear betas, epsilon prediction), so ComfyUI's
@@ -29,7 +31,8 @@ from torch import Tensor, nn
 from . import world
 
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"
-WORDS = ["a", "an", *world.COLOURS, *world.SHAPES, "to", "the", "left", "right", "of", "above", "below"]
+# new words go at the end: a model trained on a prefix of the vocabulary keeps its token ids
+WORDS = ["a", "an", *world.COLOURS, *world.SHAPES, "to", "the", "left", "right", "of", "above", "below", "and"]
 VOCAB = [SOT, EOT, *WORDS]
 TOKEN_IDS = {w: i for i, w in enumerate(VOCAB)}
 FORMAT = "maskattn-compbench-tiny-t2i"
@@ -58,11 +61,12 @@ class TinyConfig:
 
 
 # --- text ---------------------------------------------------------------------------------------------------------
-def token_ids(text: str, length: int) -> list[int]:
+def token_ids(text: str, length: int, vocab_size: int = len(VOCAB)) -> list[int]:
     words = text.lower().split()
-    unknown = [w for w in words if w not in TOKEN_IDS or w in (SOT, EOT)]
+    unknown = [w for w in words if TOKEN_IDS.get(w, vocab_size) >= vocab_size or w in (SOT, EOT)]
     if unknown:
-        raise ValueError(f"words outside the CompBench vocabulary: {unknown}; known: {' '.join(WORDS)}")
+        known = " ".join(w for w in WORDS if TOKEN_IDS[w] < vocab_size)
+        raise ValueError(f"words outside this model's CompBench vocabulary: {unknown}; known: {known}")
     ids = [TOKEN_IDS[SOT], *(TOKEN_IDS[w] for w in words), TOKEN_IDS[EOT]]
     if len(ids) > length:
         raise ValueError(f"caption of {len(words)} words is longer than the {length - 2} the encoder takes")
@@ -72,11 +76,12 @@ def token_ids(text: str, length: int) -> list[int]:
 class TinyTextEncoder(nn.Module):
     """Causal transformer text encoder (CLIP's shape in miniature): states [B, T, D] and pooled [B, D]."""
 
-    def __init__(self, cfg: TinyConfig):
+    def __init__(self, cfg: TinyConfig, vocab_size: int = len(VOCAB)):
         super().__init__()
         self.cfg = cfg
+        self.vocab_size = vocab_size
         d = cfg.text_dim
-        self.embed = nn.Embedding(len(VOCAB), d)
+        self.embed = nn.Embedding(vocab_size, d)
         self.position = nn.Parameter(torch.randn(cfg.tokens, d) * 0.02)
         layer = nn.TransformerEncoderLayer(d, cfg.text_heads, 2 * d, dropout=0.0, batch_first=True, norm_first=True)
         self.layers = nn.TransformerEncoder(layer, cfg.text_layers, enable_nested_tensor=False)
@@ -93,15 +98,16 @@ class TinyTextEncoder(nn.Module):
         return x, pooled
 
     def encode(self, texts: list[str]) -> tuple[Tensor, Tensor]:
-        ids = torch.tensor([token_ids(t, self.cfg.tokens) for t in texts], device=self.position.device)
+        ids = torch.tensor([token_ids(t, self.cfg.tokens, self.vocab_size) for t in texts],
+                           device=self.position.device)
         return self(ids)
 
 
 class _TinyTokenizer:
     """What the pack reads of a ComfyUI tokenizer: `clip_l.inv_vocab` (id -> BPE piece; words end in </w>)."""
 
-    def __init__(self):
-        inv = {i: (w if w in (SOT, EOT) else w + "</w>") for i, w in enumerate(VOCAB)}
+    def __init__(self, vocab_size: int = len(VOCAB)):
+        inv = {i: (w if w in (SOT, EOT) else w + "</w>") for i, w in enumerate(VOCAB[:vocab_size])}
         self.clip_l = self.clip_g = type("TinySubTokenizer", (), {"inv_vocab": inv})()
 
 
@@ -114,10 +120,10 @@ class TinyClip:
 
     def __init__(self, encoder: TinyTextEncoder):
         self.encoder = encoder
-        self.tokenizer = _TinyTokenizer()
+        self.tokenizer = _TinyTokenizer(encoder.vocab_size)
 
     def tokenize(self, text: str, return_word_ids: bool = False):
-        ids = token_ids(text, self.encoder.cfg.tokens)
+        ids = token_ids(text, self.encoder.cfg.tokens, self.encoder.vocab_size)
         n_words = len(text.split())
         chunk = []
         for position, token in enumerate(ids):
@@ -272,7 +278,7 @@ def save(path: str | Path, cfg: TinyConfig, unet: nn.Module, text: TinyTextEncod
 
     tensors = {f"unet.{k}": v.detach().to(dtype).contiguous() for k, v in unet.state_dict().items()}
     tensors.update({f"text.{k}": v.detach().to(dtype).contiguous() for k, v in text.state_dict().items()})
-    meta = {"format": FORMAT, "config": cfg.to_json(), "vocab": json.dumps(VOCAB)}
+    meta = {"format": FORMAT, "config": cfg.to_json(), "vocab": json.dumps(VOCAB[: text.vocab_size])}
     meta.update({k: str(v) for k, v in (extra or {}).items()})
     save_file(tensors, str(path), metadata=meta)
 
@@ -286,7 +292,8 @@ def load(path: str | Path, dtype=torch.float32):
         meta = f.metadata() or {}
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path}: not a {FORMAT} file (format {meta.get('format')!r})")
-        if json.loads(meta["vocab"]) != VOCAB:
+        vocab = json.loads(meta["vocab"])
+        if vocab != VOCAB[: len(vocab)]:
             raise ValueError(f"{path}: trained with another vocabulary than benchmarks/compbench/tinyt2i.py's")
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     cfg = TinyConfig.from_json(meta["config"])
@@ -294,7 +301,7 @@ def load(path: str | Path, dtype=torch.float32):
     unet_sd = {k[5:]: v.to(dtype) for k, v in tensors.items() if k.startswith("unet.")}
     base.diffusion_model.load_state_dict(unet_sd, strict=True)
     base.eval()
-    text = TinyTextEncoder(cfg)
+    text = TinyTextEncoder(cfg, len(vocab))
     text.load_state_dict({k[5:]: v.float() for k, v in tensors.items() if k.startswith("text.")}, strict=True)
     text.eval()
     cpu = torch.device("cpu")

@@ -2,9 +2,13 @@
 
     python -m benchmarks.compbench.train_model --out benchmarks/compbench/tiny_t2i.safetensors
     python -m benchmarks.compbench.train_model --minutes 2 --out /tmp/probe.safetensors   # a quick probe
+    python -m benchmarks.compbench.train_model --worlds pairs trio --hold-out-pairings \
+        --out benchmarks/compbench/tiny_t2i_v2.safetensors                                    # the second model
 
-Data: `world.sample(seed, size=32)` for every combination (the base model, like SDXL, has seen every colour-shape
-pairing; the gate experiment holds combinations out of *gate* training), a fresh image per example, 10% of
+Data: `world.sample(seed, size=32)` (and with `--worlds pairs trio`, half the examples from `world.sample_trio`), a
+fresh image per example. By default every combination (the first model, like SDXL, has seen every colour-shape
+pairing); `--hold-out-pairings` draws only from the train splits (`world.split_combos` / `split_trios`), so the
+held-out pairings (a "red circle", ...) are never seen by the base model either. 10% of
 captions dropped to the empty prompt for classifier-free guidance. Loss: SDXL's epsilon-prediction MSE on its
 discrete scaled-linear schedule, through ComfyUI's own UNet and `encode_adm`, with min-SNR-5 loss weights. AdamW,
 warmup then cosine decay, an EMA of the weights (saved in fp16). Stops after --steps steps or --minutes minutes,
@@ -14,6 +18,7 @@ whichever comes first (the cosine schedule is laid out for --steps).
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import platform
 import sys
@@ -30,9 +35,21 @@ if str(ROOT) not in sys.path:
 from benchmarks.compbench import tinyt2i, world  # noqa: E402
 
 
-def batch_examples(step: int, batch: int, size: int, seed: int, drop: float):
+@functools.lru_cache(maxsize=1)
+def _train_splits():
+    return world.split_combos(seed=0)[0], world.split_trios(seed=0)[0]
+
+
+def batch_examples(step: int, batch: int, size: int, seed: int, drop: float, worlds=("pairs",),
+                   hold_out: bool = False):
     rng = np.random.default_rng([seed, step])
-    samples = [world.sample(int(s), size=size) for s in rng.integers(0, 2**62, size=batch)]
+    pairs, trios = _train_splits() if hold_out else (None, None)
+    samples = []
+    for s in rng.integers(0, 2**62, size=batch):
+        if worlds[int(s % len(worlds))] == "trio":
+            samples.append(world.sample_trio(int(s), combos=trios, size=size))
+        else:
+            samples.append(world.sample(int(s), combos=pairs, size=size))
     images = np.stack([s.image for s in samples])
     captions = [s.caption if rng.random() >= drop else "" for s in samples]
     return tinyt2i.encode_images(images), captions
@@ -41,7 +58,7 @@ def batch_examples(step: int, batch: int, size: int, seed: int, drop: float):
 def guard_inplace_adds(unet: torch.nn.Module) -> None:
     """The 2024 host's transformer block adds in place (x += attn(norm(x))) after the norm saved x for backward:
     the norms get a copy, with the pack's own gate-training hook."""
-    from comfyui_maskattn.nodes.train import _clone_input_pre_hook, _transformer_blocks
+    from comfyui_maskattn.nodes.gate_training import _clone_input_pre_hook, _transformer_blocks
 
     for block in _transformer_blocks(unet):
         for norm in (block.norm1, block.norm2):
@@ -61,6 +78,11 @@ def main(argv=None) -> int:
     ap.add_argument("--channels", type=int, default=16)
     ap.add_argument("--depth", default="0,1,1")
     ap.add_argument("--log-every", type=int, default=100)
+    ap.add_argument("--worlds", nargs="+", default=["pairs"], choices=["pairs", "trio"],
+                    help="scenes to train on, in equal shares (pairs: two objects and a relation; trio: three "
+                         "objects close together)")
+    ap.add_argument("--hold-out-pairings", action="store_true",
+                    help="train only on the train split: the held-out colour-shape pairings are never seen")
     ap.add_argument("--init", default=None, help="continue from this tiny_t2i file (weights only; a fresh optimiser)")
     ap.add_argument("--x0-weight-cap", type=float, default=0.0,
                     help="> 0: also weight each example by min(sigma^2, cap) where sigma > 1 (the x0 error at high "
@@ -104,7 +126,8 @@ def main(argv=None) -> int:
           flush=True)
     start, losses, step = time.time(), [], 0
     while step < args.steps and time.time() - start < args.minutes * 60:
-        x0, captions = batch_examples(step, args.batch, cfg.image_size, args.seed, drop=0.1)
+        x0, captions = batch_examples(step, args.batch, cfg.image_size, args.seed, drop=0.1,
+                                      worlds=tuple(args.worlds), hold_out=args.hold_out_pairings)
         t = torch.randint(0, len(sigmas), (args.batch,), generator=gen)
         sigma = sigmas[t]
         noise = torch.randn(x0.shape, generator=gen)
@@ -142,6 +165,7 @@ def main(argv=None) -> int:
     extra = {
         "steps": step + done_before.get("steps", 0), "batch": args.batch,
         "seconds": round(elapsed) + done_before.get("seconds", 0), "seed": args.seed,
+        "worlds": " ".join(args.worlds), "held_out_pairings": bool(args.hold_out_pairings),
         "phases": (f"{done_before['steps']} steps from scratch, then {step} with --x0-weight-cap "
                    f"{args.x0_weight_cap} (lr {args.lr})" if done_before else f"{step} steps from scratch"),
         "final_loss": round(float(np.mean(losses[-200:])), 5), "parameters": n_params,

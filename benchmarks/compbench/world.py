@@ -1,4 +1,9 @@
-"""Procedural two-object world: small RGB images with a caption and the structured triple behind it.
+"""Procedural worlds: small RGB images with a caption and the structured description behind it.
+
+Two worlds share the palette, shapes and renderer. The *pairs* world (the benchmark's first, kept as it was) shows
+two objects in one of four relations; the *trio* world (`Trio`, `sample_trio`) shows three objects of three colours
+packed close together and named without any relation ("a red circle and a blue square and a green diamond"), so
+what a model can get wrong is mostly which colour goes with which shape (attribute leakage), not the layout.
 
 Every image shows two objects (a colour and a shape each) on a plain grey background, in one of four relations.
 The caption has a fixed grammar::
@@ -13,6 +18,8 @@ across it, so the four relations are mutually exclusive.
     from benchmarks.compbench import world
     s = world.sample(seed=3)                 # s.image (64, 64, 3) uint8, s.caption, s.triple, s.boxes
     train, heldout = world.split_combos()    # disjoint lists of Triples; held-out objects never seen in train
+    t = world.sample_trio(seed=3)            # t.triple is a Trio; t.boxes has "a", "b", "c"
+    train3, heldout3 = world.split_trios()   # the same held-out pairings
 """
 
 from __future__ import annotations
@@ -84,8 +91,29 @@ class Sample:
     seed: int
 
 
-def caption(triple: Triple) -> str:
-    """The fixed grammar: "a|an <colour> <shape> <phrase> a|an <colour> <shape>"."""
+@dataclass(frozen=True)
+class Trio:
+    """Three (colour, shape) objects of three different colours, named in this order, in no particular layout."""
+
+    objects: tuple  # ((colour, shape), (colour, shape), (colour, shape))
+
+    @property
+    def colours(self) -> tuple[str, ...]:
+        return tuple(c for c, _ in self.objects)
+
+    @property
+    def shapes(self) -> tuple[str, ...]:
+        return tuple(s for _, s in self.objects)
+
+    def caption(self) -> str:
+        return caption(self)
+
+
+def caption(triple: "Triple | Trio") -> str:
+    """The fixed grammar: "a|an <colour> <shape> <phrase> a|an <colour> <shape>" (pairs), or
+    "a|an <colour> <shape> and a|an <colour> <shape> and a|an <colour> <shape>" (a Trio)."""
+    if isinstance(triple, Trio):
+        return " and ".join(f"{article(c)} {c} {s}" for c, s in triple.objects)
     t = triple
     first = f"{article(t.colour_a)} {t.colour_a} {t.shape_a}"
     second = f"{article(t.colour_b)} {t.colour_b} {t.shape_b}"
@@ -96,9 +124,20 @@ def article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def parse_caption(text: str) -> Triple:
+def parse_caption(text: str) -> "Triple | Trio":
     """Inverse of `caption` (raises ValueError on anything outside the grammar)."""
     words = text.strip().lower().split()
+    if "and" in words:
+        parts = " ".join(words).split(" and ")
+        objects = []
+        for part in parts:
+            w = part.split()
+            if len(w) != 3 or w[0] not in ("a", "an") or w[1] not in COLOURS or w[2] not in SHAPES:
+                raise ValueError(f"not a caption of this world: {text!r}")
+            objects.append((w[1], w[2]))
+        if len(objects) != 3 or len({c for c, _ in objects}) != 3:
+            raise ValueError(f"not a caption of this world: {text!r}")
+        return Trio(tuple(objects))
     if len(words) < 7 or words[0] not in ("a", "an"):
         raise ValueError(f"not a caption of this world: {text!r}")
     colour_a, shape_a = words[1], words[2]
@@ -172,6 +211,27 @@ def split_combos(seed: int = 0, per_colour: int = 1, mode: str = "pairing", held
         train = [t for i, t in enumerate(combos) if i not in pick]
     else:
         raise ValueError(f"unknown split mode {mode!r}")
+    return train, heldout
+
+
+def all_trios(colours=None, shapes=None) -> list[Trio]:
+    """Every Trio (three different colours, in order; shapes may repeat), in a fixed order: 6*5*4 * 4^3 = 7,680."""
+    colours = list(colours or COLOURS)
+    shapes = list(shapes or SHAPES)
+    out = []
+    for cs in itertools.permutations(colours, 3):
+        for ss in itertools.product(shapes, repeat=3):
+            out.append(Trio(tuple(zip(cs, ss))))
+    return out
+
+
+def split_trios(seed: int = 0, per_colour: int = 1) -> tuple[list[Trio], list[Trio]]:
+    """(train, held-out) Trios: held out when any object is a held-out pairing (`heldout_pairings`, the same ones
+    as `split_combos`), so one model can be trained on both worlds without ever seeing those pairings."""
+    held = set(heldout_pairings(seed, per_colour))
+    trios = all_trios()
+    heldout = [t for t in trios if any(o in held for o in t.objects)]
+    train = [t for t in trios if not any(o in held for o in t.objects)]
     return train, heldout
 
 
@@ -271,6 +331,64 @@ def sample(seed: int, triple: Triple | None = None, combos: list[Triple] | None 
     image, boxes = render(triple, rng, size=size, colour_jitter=colour_jitter,
                           draw_a=(omit != "a"), draw_b=(omit != "b"))
     return Sample(image=image, caption=caption(triple), triple=triple, boxes=boxes, seed=int(seed))
+
+
+def trio_layout(rng: np.random.Generator, size: int = 64, tries: int = 200) -> list[tuple[float, float, float]]:
+    """Centres and sizes (pixels) of three objects packed close together: sizes 12-16 px (at 64 px), every pair at
+    least 2 px apart (box to box) so colours never touch, each object within 2-6 px of one already placed."""
+    scale = size / 64.0
+    margin, gap_min, gap_max = 2.0 * scale, 2.0 * scale, 6.0 * scale
+    sizes = rng.uniform(12.0, 16.0, size=3) * scale
+
+    def separation(p, q):  # box-to-box distance (Chebyshev), negative when overlapping
+        return max(abs(p[0] - q[0]), abs(p[1] - q[1])) - (p[2] + q[2]) / 2
+
+    for _ in range(tries):
+        s0 = sizes[0]
+        placed = [(rng.uniform(margin + s0 / 2, size - margin - s0 / 2),
+                   rng.uniform(margin + s0 / 2, size - margin - s0 / 2), s0)]
+        for k in (1, 2):
+            anchor = placed[int(rng.integers(len(placed)))]
+            angle = rng.uniform(0, 2 * np.pi)
+            gap = rng.uniform(gap_min, gap_max)
+            ux, uy = np.cos(angle), np.sin(angle)
+            reach = (anchor[2] + sizes[k]) / 2 + gap  # along the dominant axis, so box separation = gap
+            d = reach / max(abs(ux), abs(uy))
+            cand = (anchor[0] + ux * d, anchor[1] + uy * d, sizes[k])
+            inside = all(margin + cand[2] / 2 <= v <= size - margin - cand[2] / 2 for v in cand[:2])
+            if not inside or any(separation(cand, p) < gap_min - 1e-6 for p in placed):
+                break
+            placed.append(cand)
+        if len(placed) == 3:
+            return placed
+    raise RuntimeError("trio_layout: no layout found")  # not reached for sizes >= 24 px
+
+
+def sample_trio(seed: int, trio: Trio | None = None, combos: list[Trio] | None = None, size: int = 64,
+                colour_jitter: float = 8.0, omit: str | None = None) -> Sample:
+    """One three-object image + caption, deterministic by `seed` (the layout depends on the seed alone). The Trio
+    is `trio` if given, else drawn from `combos` (or from every Trio). `omit` "a", "b" or "c" leaves that one out.
+    `Sample.triple` holds the Trio; `Sample.boxes` "a", "b", "c" in caption order."""
+    rng = np.random.default_rng(_seed_for(seed, "trio"))
+    if combos is not None:
+        drawn = combos[int(rng.integers(len(combos)))]
+    else:
+        cs = rng.choice(len(COLOURS), size=3, replace=False)
+        drawn = Trio(tuple((list(COLOURS)[int(c)], SHAPES[int(rng.integers(len(SHAPES)))]) for c in cs))
+    trio = drawn if trio is None else trio
+    lay = trio_layout(rng, size)
+    cols = [_jitter_colour(COLOURS[c], rng, colour_jitter) for c in trio.colours]
+    k = SUPERSAMPLE
+    canvas = Image.new("RGB", (size * k, size * k), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    boxes = {}
+    for key, (cx, cy, s), shape, col in zip("abc", lay, trio.shapes, cols):
+        if omit == key:
+            continue
+        _draw_shape(draw, shape, cx, cy, s, col)
+        boxes[key] = (cx - s / 2, cy - s / 2, cx + s / 2, cy + s / 2)
+    image = np.asarray(canvas.resize((size, size), Image.Resampling.BOX), dtype=np.uint8).copy()
+    return Sample(image=image, caption=caption(trio), triple=trio, boxes=boxes, seed=int(seed))
 
 
 def dataset(n: int, seed: int = 0, combos: list[Triple] | None = None, size: int = 64,
