@@ -502,6 +502,24 @@ def _chainable(obj) -> bool:
     return lists and callable(obj)
 
 
+def _chainable_replaces(replaces: dict, sites, what: str, fix: str) -> dict:
+    """{site key: another pack's attention replace to adopt} at `sites`; one that cannot be chained is refused by
+    name, before anything is installed."""
+    foreign = {}
+    for site in sites:
+        existing = replaces.get(site.key)
+        if existing is None or isinstance(existing, MaskAttnAttention):
+            continue
+        if not _chainable(existing):
+            raise ForeignPatchError(
+                f"Apply MaskAttn: another node already replaced the {what} at {key_to_name(site.key)} with "
+                f"{type(existing).__name__}, which cannot be chained (it has no callback list). Apply MaskAttn "
+                f"before that node, {fix}."
+            )
+        foreign[site.key] = existing
+    return foreign
+
+
 def install(model, gates: MaskAttnGates, sites: list[CrossAttnSite], *, threshold: float, negative_value: float,
             sigma_start: float | None = None, sigma_end: float | None = None, cond_only: bool = False):
     """A patched clone of `model` (a ModelPatcher); the input model is never changed."""
@@ -516,30 +534,10 @@ def install(model, gates: MaskAttnGates, sites: list[CrossAttnSite], *, threshol
     # A second Apply MaskAttn replaces the first: drop our earlier patches, keep callbacks adopted by it.
     others = [p for p in to.get("patches", {}).get("attn2_patch", [])
               if not isinstance(p, (MaskAttnGatePatch, MaskAttnLayoutPatch))]
-    foreign = {}
-    for site in sites:
-        existing = replaces.get(site.key)
-        if existing is None or isinstance(existing, MaskAttnAttention):
-            continue
-        if not _chainable(existing):
-            raise ForeignPatchError(
-                f"Apply MaskAttn: another node already replaced the cross-attention at {key_to_name(site.key)} with "
-                f"{type(existing).__name__}, which cannot be chained (it has no callback list). Apply MaskAttn "
-                f"before that node, or narrow MaskAttn's stage/placement so the layers do not overlap."
-            )
-        foreign[site.key] = existing
-    foreign_self = {}
-    for site in sites if masks_self else ():
-        existing = self_replaces.get(site.key)
-        if existing is None or isinstance(existing, MaskAttnAttention):
-            continue
-        if not _chainable(existing):
-            raise ForeignPatchError(
-                f"Apply MaskAttn: another node already replaced the self-attention at {key_to_name(site.key)} with "
-                f"{type(existing).__name__}, which cannot be chained (it has no callback list). Apply MaskAttn "
-                f"before that node, or set the zero-shot gates' self_attention to 'open'."
-            )
-        foreign_self[site.key] = existing
+    foreign = _chainable_replaces(replaces, sites, "cross-attention",
+                                  "or narrow MaskAttn's stage/placement so the layers do not overlap")
+    foreign_self = _chainable_replaces(self_replaces, sites if masks_self else (), "self-attention",
+                                       "or set the zero-shot gates' self_attention to 'open'")
 
     runtime = GateRuntime(gates=gates, sites=frozenset(s.key for s in sites), threshold=threshold,
                           negative_value=negative_value, cond_only=cond_only, executor=make_executor())
