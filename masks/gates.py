@@ -68,6 +68,7 @@ class MaskAttnGates:
 
     # The gate-source interface GateRuntime and Apply MaskAttn use (zero-shot gates implement it too).
     needs_attention = False  # learned gates read the layer's input features, not its attention
+    keeps_a_token_per_row = False  # (attention sources: a token at P = 1 everywhere, see GateRuntime)
 
     def covers(self, key: SiteKey) -> bool:
         return key in self.site_heads

@@ -143,6 +143,7 @@ class RegionGates(PromptGateSource):
     kind = "region"
     label = "region gates"
     needs_attention = True  # read at the attention call: it needs only the layer's grid and the batch layout
+    keeps_a_token_per_row = False
     placement = "encoder_decoder"
     start_percent = 0.0
 

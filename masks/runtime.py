@@ -135,7 +135,13 @@ class GateRuntime:
                                info: dict | None = None) -> GateResult:
         """Gate for one site from the layer's own projected queries/keys (gate sources with needs_attention)."""
         probabilities = self.gates.attention_probabilities(key, q, k, heads, info or {})
-        result = gate_bias(probabilities, self.threshold, self.negative_value)
+        if self.gates.keeps_a_token_per_row and self.threshold < 1.0 and not probabilities.requires_grad:
+            # some token is kept at every location (P = 1 > threshold), so gate_bias's empty-row rule is a no-op:
+            # the same bits without its six operations per layer
+            hard = (probabilities > self.threshold).to(probabilities.dtype)
+            result = GateResult(probabilities=probabilities, hard=hard, bias=(1.0 - hard) * self.negative_value)
+        else:
+            result = gate_bias(probabilities, self.threshold, self.negative_value)
         return self._finish(key, result, cond_rows, info)
 
     def _finish(self, key, result: GateResult, cond_rows, info) -> GateResult:

@@ -653,11 +653,20 @@ class ZeroShotGates(PromptGateSource):
         self.end_tokens = end_tokens
         self.self_attention = self_attention
         self.masks_self_attention = self_attention == "separate_groups"
-        # the steps before the start are observed too (nothing is gated there; the aggregate forms unbiased)
-        self.observes_inactive = True
+        # The run's regions and each word's leakage are bookkeeping over every gated layer and step, kept only while
+        # something reads them: the aggregate partition, self-attention separation, or a consumer that sets
+        # track_regions (the Zero-Shot Masks node, the gate recorder behind the viewer).
+        self.track_regions = False
+        self.ran_without_regions = False  # a run went by untracked: a consumer added later has nothing to read
+        self.node_id: str | None = None  # the Zero-Shot Gates node that built these (set by the node)
+        self.observe_before_start = True  # (off only for a benchmark ablation)
         self.state = PartitionState(memory)
         kinds = list(token_kinds or [])
         self.end_positions = [p for p, kind in enumerate(kinds[:len(token_groups)]) if kind == "end"]
+        # a token in no group that is never hidden (the start token) has P = 1 at every location, so no location
+        # ever keeps nothing and the runtime may skip the empty-row rule (a no-op then)
+        end = set(self.end_positions) if end_tokens == "hide_in_regions" else set()
+        self.keeps_a_token_per_row = any(g < 0 and p not in end for p, g in enumerate(token_groups))
         # (word, group, token positions) of every grouped word, for the leakage report
         self.word_tokens = list(word_tokens or [])
         self.grouping = grouping
@@ -680,6 +689,17 @@ class ZeroShotGates(PromptGateSource):
 
     def __deepcopy__(self, memo):  # read-only once built; shared by a model and its clones
         return self
+
+    @property
+    def keeps_aggregate(self) -> bool:
+        """Whether sampling keeps the run's aggregate (see track_regions)."""
+        return self.partition == "aggregate" or self.masks_self_attention or self.track_regions
+
+    @property
+    def observes_inactive(self) -> bool:
+        """The steps before the start are observed too while the aggregate is kept (nothing is gated there; the
+        aggregate forms unbiased)."""
+        return self.keeps_aggregate and self.observe_before_start
 
     @property
     def active(self) -> bool:
@@ -781,8 +801,8 @@ class ZeroShotGates(PromptGateSource):
         return out.index_copy_(0, rows, gated)
 
     def observe_attention(self, key: SiteKey, q: Tensor, k: Tensor, heads: int, info: dict) -> None:
-        """A gated layer's attention at a step before gating starts: added to the aggregate (v2), nothing gated."""
-        if not self.active:
+        """A gated layer's attention at a step before gating starts: added to the aggregate, nothing gated."""
+        if not self.active or not self.keeps_aggregate:
             return
         b, t = q.shape[0], k.shape[1]
         rows = self._cond_rows(b, info, q.device)
@@ -796,8 +816,10 @@ class ZeroShotGates(PromptGateSource):
         """Keep-probabilities [R, N, T] of the prompt's rows (see attention_probabilities); gate=False only feeds the
         aggregate and the leakage totals."""
         n, t = q.shape[1], k.shape[1]
-        qc = (q if rows is None else q.index_select(0, rows)).float()
-        kc = (k if rows is None else k.index_select(0, rows)).float()
+        qc = q if rows is None else q.index_select(0, rows)
+        kc = k if rows is None else k.index_select(0, rows)
+        if qc.dtype != torch.float32:  # (float32 as is: a per-layer copy saved)
+            qc, kc = qc.float(), kc.float()
         bc, d = qc.shape[0], qc.shape[-1] // heads
         qh = qc.view(bc, n, heads, d).transpose(1, 2)
         kh = kc.view(bc, t, heads, d).transpose(1, 2)
@@ -805,10 +827,13 @@ class ZeroShotGates(PromptGateSource):
         ours = self._repeated_copies(kc, len(self.token_groups))  # [b, T] bool, or None: every token is ours
         if ours is not None:
             attention = attention * ours[:, None, :]
-        self.state.clock(info)
-        # the aggregate is kept in both modes: it gives the MASK outputs and the self-attention regions
-        h, w = latent_hw(n, info)
-        aggregate = self.state.add(group_density(attention, onehot), h, w, (bc, len(self.groups)))
+        aggregate = None
+        if self.keeps_aggregate:
+            self.state.clock(info)
+            h, w = latent_hw(n, info)
+            aggregate = self.state.add(group_density(attention, onehot), h, w, (bc, len(self.groups)))
+        if not self.track_regions:
+            self.ran_without_regions = True
         if self.partition == "aggregate":
             density = aggregate
             share = density / density.sum(dim=-1, keepdim=True).clamp_min(1e-30)
@@ -817,10 +842,11 @@ class ZeroShotGates(PromptGateSource):
             density = mass / mass.sum(dim=1, keepdim=True).clamp_min(1e-30)
             share = density / density.sum(dim=-1, keepdim=True).clamp_min(1e-30)
             density = density * n  # (mean 1 over the grid, for the regions)
-        region = regions(density)
-        # leakage against the regions the masks show (the aggregate's), whichever partition gates
-        self.state.add_leakage(attention, region if density is aggregate else regions(aggregate), column, grouped,
-                                len(self.groups))
+        hides_end = self.end_tokens == "hide_in_regions" and bool(self.end_positions)
+        region = regions(density) if hides_end or (self.track_regions and density is aggregate) else None
+        if self.track_regions:  # leakage against the regions the masks show (the aggregate's), whichever partition
+            self.state.add_leakage(attention, region if density is aggregate else regions(aggregate), column, grouped,
+                                   len(self.groups))
         if not gate:
             return None
         top2 = share.topk(2, dim=-1).values  # G >= 2
@@ -830,7 +856,7 @@ class ZeroShotGates(PromptGateSource):
         keep = 0.5 + 0.5 * (share - other)
         keep = torch.where(winner, keep.clamp_min(0.5 + 1e-4), keep)  # the winner (and ties) stay above 0.5
         per_token = keep.index_select(-1, column).masked_fill(~grouped, 1.0)  # [b, N, T]
-        if self.end_tokens == "hide_in_regions" and self.end_positions:
+        if hides_end:
             end = self._end_mask(t, q.device)
             outside = (region < 0).float()[:, :, None]  # background keeps the end tokens
             per_token = torch.where(end[None, None, :], outside, per_token)

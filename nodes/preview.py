@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from ..masks.record import DEFAULT_CAP_BYTES, DEFAULT_MAX_SIDE, GateRecorder, RunRecord, site_map
 from ..masks.topology import STAGES
+from ..masks.zeroshot import ZeroShotGates
 from . import hooks
 from .gates import NodeError
 
@@ -132,6 +133,8 @@ class MaskAttnRecordGates:
         if dispatch_to_recorder not in runtime.observers:  # shared by clones of the patched model; a no-op for
             runtime.observers.append(dispatch_to_recorder)  # any of them that carries no recorder
         recorder.source = gate_source_label(runtime.gates)
+        if isinstance(runtime.gates, ZeroShotGates):  # the viewer lists each word's leakage: track the regions
+            runtime.gates.track_regions = True
         recorded = model.clone()
         recorded.model_options.setdefault("transformer_options", {})[RECORDER_KEY] = recorder
         return (recorded,)

@@ -29,6 +29,26 @@ NOTICE_EVENT = "maskattn.notice"  # websocket event: a message for one node's ca
 log = logging.getLogger("MaskAttn")
 
 _fallback_vocab: dict | None = None
+# Zero-Shot Gates nodes (by id) whose regions a consumer found missing: the next queue rebuilds them tracked
+_REGION_REQUESTS: set[str] = set()
+# Nodes that read the run's regions and leakage: a Zero-Shot Masks node fed by the gates, the gate recorder (viewer)
+REGION_CONSUMERS = ("MaskAttnZeroShotMasks", "MaskAttnRecordGates")
+
+
+def regions_read_in(prompt, unique_id) -> bool:
+    """Whether the queued prompt (API format) has a node that reads these gates' regions or leakage: a Zero-Shot
+    Masks node fed by the node `unique_id`, or a Record Gates node (the viewer's leakage list)."""
+    if not isinstance(prompt, dict) or unique_id is None:
+        return False
+    for node in prompt.values():
+        kind = node.get("class_type") if isinstance(node, dict) else None
+        if kind == "MaskAttnRecordGates":
+            return True
+        if kind == "MaskAttnZeroShotMasks":
+            link = (node.get("inputs") or {}).get("maskattn")
+            if isinstance(link, (list, tuple)) and link and str(link[0]) == str(unique_id):
+                return True
+    return False
 
 
 def clip_vocab(clip, encoder: str) -> dict[int, str]:
@@ -117,11 +137,16 @@ class MaskAttnZeroShotGates:
                                                                      "region does not attend to another group's "
                                                                      "region (self-attention of the gated layers)."}),
             },
-            "hidden": {"unique_id": "UNIQUE_ID"},
+            "hidden": {"unique_id": "UNIQUE_ID", "prompt": "PROMPT"},
         }
 
+    @classmethod
+    def IS_CHANGED(cls, unique_id=None, **_inputs):
+        # rebuilt once a Zero-Shot Masks node added after the last run asked for the regions
+        return str(unique_id) in _REGION_REQUESTS
+
     def build(self, clip, text, stage, start_percent, groups="", partition=DEFAULT_PARTITION,
-              end_tokens=DEFAULT_END_TOKENS, self_attention=DEFAULT_SELF_ATTENTION, unique_id=None):
+              end_tokens=DEFAULT_END_TOKENS, self_attention=DEFAULT_SELF_ATTENTION, unique_id=None, prompt=None):
         from .gates import NodeError
 
         node = "MaskAttn Zero-Shot Gates"
@@ -142,6 +167,9 @@ class MaskAttnZeroShotGates:
             send_notice(unique_id, message)
 
         gates.notice = notice
+        gates.node_id = None if unique_id is None else str(unique_id)
+        # the regions and leakage cost bookkeeping on every gated layer: kept when this prompt reads them
+        gates.track_regions = regions_read_in(prompt, unique_id) or gates.node_id in _REGION_REQUESTS
         description = gates.describe()
         idle = gates.nothing_to_separate()
         if idle:
@@ -209,8 +237,16 @@ class MaskAttnZeroShotMasks:
                             f"node run after the sampler).")
         groups = max(len(maskattn.groups), 1)
         regions = maskattn.region_masks(height, width)
+        untracked = maskattn.ran_without_regions and not maskattn.track_regions
+        if untracked or regions is None:
+            maskattn.track_regions = True  # the next run tracks them (a direct caller's, or after the rebuild)
+            if maskattn.node_id is not None:
+                _REGION_REQUESTS.add(maskattn.node_id)
+        again = ("the sampling run did not track the regions (this node was added after the gates were built): "
+                 "queue the prompt again and the gates are rebuilt to track them")
         if regions is None:
-            message = ("no sampling run with these zero-shot gates was seen yet (or they have fewer than two groups): "
+            message = (f"{again}; the masks are empty this time" if untracked else
+                       "no sampling run with these zero-shot gates was seen yet (or they have fewer than two groups): "
                        "the masks are empty")
             log.warning("%s: %s.", node, message)
             empty = torch.zeros(groups, height, width)
@@ -221,7 +257,7 @@ class MaskAttnZeroShotMasks:
         singles = tuple(per_group[i:i + 1] if i < per_group.shape[0] else torch.zeros(1, height, width)
                         for i in range(MASK_OUTPUTS))
         labels = maskattn.group_labels()
-        leakage = maskattn.leakage_text()
+        leakage = f"leakage: {again}" if untracked else maskattn.leakage_text()
         text = "\n".join([f"mask_{i + 1}: {label}" for i, label in enumerate(labels)] + [leakage])
         return {"ui": {"text": [text]}, "result": (per_group,) + singles + (leakage,)}
 

@@ -98,10 +98,17 @@ def test_observed_steps_feed_the_aggregate_without_gating():
     gates.observe_attention(KEY, q, k, HEADS, info(10.0))
     gates.observe_attention(KEY, q, k, HEADS, info(9.0))
     assert gates.state.steps == 1 and gates.state.step_count == 1
-    # v1 keeps the aggregate too (for the masks and self-attention), but its partition ignores it
+    # v1 keeps the aggregate only while something reads it (the masks, the leakage); its partition ignores it
     v1 = gates_for("layer")
+    assert not v1.observes_inactive  # the hooks skip its steps before the start
+    v1.observe_attention(KEY, q, k, HEADS, info(10.0))
+    assert v1.state.step_count == 0
+    v1.track_regions = True
+    assert v1.observes_inactive
     v1.observe_attention(KEY, q, k, HEADS, info(10.0))
     assert v1.state.step_count == 1
+    # self-attention separation reads the regions, so it keeps them without a consumer
+    assert gates_for("layer", self_attention="separate_groups").observes_inactive
 
 
 def test_a_new_run_starts_afresh():
@@ -178,8 +185,15 @@ def test_self_attention_bias_maths():
 
 
 def test_region_masks_at_image_size():
+    gates = gates_for("layer")
+    gates.attention_probabilities(KEY, *plant(range(2)), HEADS, info(10.0))
+    # nothing reads the regions: no bookkeeping, no masks, and the gates know a run went by untracked
+    assert gates.region_masks(32, 48) is None and gates.state.inside is None and gates.ran_without_regions
+    assert not gates.keeps_aggregate and not gates.observes_inactive
     gates = gates_for()
+    gates.track_regions = True  # a consumer (the Zero-Shot Masks node, the recorder) reads them
     assert gates.region_masks(32, 48) is None  # no run seen
+    assert gates.keeps_aggregate and gates.observes_inactive
     gates.attention_probabilities(KEY, *plant(range(2)), HEADS, info(10.0))
     masks = gates.region_masks(32, 48)
     assert masks.shape == (1, 2, 32, 48) and masks.dtype == torch.float32
@@ -196,6 +210,7 @@ def test_leakage_on_planted_maps():
     """Head 0 puts the red book on the left half; head 1 attends uniformly: of the book's attention (averaged over
     heads), the share inside the left half is known in closed form."""
     gates = gates_for()
+    gates.track_regions = True
     q, k = plant(range(2))
     gates.attention_probabilities(KEY, q, k, HEADS, info(10.0))
     attention = torch.softmax(q.view(1, 16, HEADS, D).transpose(1, 2) @ k.view(1, 16, HEADS, D).permute(0, 2, 3, 1)
@@ -208,5 +223,30 @@ def test_leakage_on_planted_maps():
     assert "red (red book): " in gates.leakage_text()
     # a stronger plant concentrates the word more: less leaks
     sharp = gates_for()
+    sharp.track_regions = True
     sharp.attention_probabilities(KEY, q, k * 3.0, HEADS, info(10.0))
     assert dict((w, s) for w, _, s in sharp.leakage())["red"] > report["red"]
+
+
+@pytest.mark.parametrize("partition", ["layer", "aggregate"])
+@pytest.mark.parametrize("threshold", [0.3, 0.5, 0.9, 1.0])
+def test_runtime_skips_the_empty_row_rule_only_where_it_is_a_no_op(partition, threshold):
+    """Zero-shot gates keep the start token (P = 1) everywhere, so the runtime skips gate_bias's empty-row rule: the
+    bits must be gate_bias's own; with every token grouped or hidden, or at threshold 1, the rule runs."""
+    from comfyui_maskattn.masks.gate import gate_bias
+    from comfyui_maskattn.masks.runtime import GateRuntime
+
+    q, k = plant(range(2))
+    gates = gates_for(partition)
+    assert gates.keeps_a_token_per_row
+    runtime = GateRuntime(gates=gates, sites=frozenset({KEY}), threshold=threshold)
+    result = runtime.compute_from_attention(KEY, q, k, HEADS, None, info(10.0))
+    reference = gate_bias(gates_for(partition).attention_probabilities(KEY, q, k, HEADS, info(10.0)), threshold)
+    assert torch.equal(result.hard, reference.hard) and torch.equal(result.probabilities, reference.probabilities)
+    assert torch.equal(result.bias, reference.bias)
+    assert torch.equal(torch.signbit(result.bias), torch.signbit(reference.bias))  # signed zeros too
+    # a context with no ungrouped token that stays visible: the guarantee is gone
+    every = ZeroShotGates(group_prompt("a red book and a yellow vase"), [0] * 8 + [1] * 8, token_kinds=["text"] * 16)
+    assert not every.keeps_a_token_per_row
+    hidden = gates_for(partition, end_tokens="hide_in_regions")
+    assert hidden.keeps_a_token_per_row  # (the start token is never hidden)

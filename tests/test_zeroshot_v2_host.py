@@ -134,6 +134,45 @@ def test_masks_node_outputs_each_groups_region_at_image_size(host, sdxl_tokenize
         node.masks(object(), image=image)
 
 
+def test_regions_are_tracked_only_when_the_prompt_reads_them(host, sdxl_tokenizer):
+    """The regions and the leakage cost bookkeeping on every gated layer: the node keeps them when the queued prompt
+    has a Zero-Shot Masks node fed by it or a Record Gates node; a Masks node added after a run gets a clear message,
+    and the next queue rebuilds the gates (IS_CHANGED flips) to track them."""
+    from comfyui_maskattn.nodes import zeroshot as zs_nodes
+
+    node = zs_nodes.MaskAttnZeroShotGates()
+    clip = FakeClip(sdxl_tokenizer)
+    masks_node = {"class_type": "MaskAttnZeroShotMasks", "inputs": {"maskattn": ["12", 0], "image": ["9", 0]}}
+    other_masks = {"class_type": "MaskAttnZeroShotMasks", "inputs": {"maskattn": ["4", 0]}}
+    sampler = {"class_type": "KSampler", "inputs": {"model": ["3", 0]}}
+
+    def gates_for(prompt, uid="12"):
+        return node.build(clip, PROMPT, "all", 0.0, "", unique_id=uid, prompt=prompt)["result"][0]
+
+    assert not gates_for({"1": sampler}).track_regions
+    assert not gates_for({"1": sampler, "2": other_masks}).track_regions  # a Masks node fed by other gates
+    assert gates_for({"1": sampler, "2": masks_node}).track_regions
+    assert gates_for({"1": sampler, "5": {"class_type": "MaskAttnRecordGates", "inputs": {}}}).track_regions
+    # untracked v1 gates sample with no bookkeeping at all
+    model = planted_model(host)
+    gates = gates_for({"1": sampler}, uid="77")
+    assert not gates.observes_inactive
+    pos, neg = planted_cond(host, model, gates, 0, 1)
+    latent = host.ksample(apply(model, gates), pos, neg, steps=2, width=96, height=64)
+    assert gates.state.past is None and gates.state.inside is None and gates.ran_without_regions
+    assert zs_nodes.MaskAttnZeroShotGates.IS_CHANGED(unique_id="77", clip=clip) is False
+    # a Masks node added after that run: empty masks, said so, and the node is asked to rebuild
+    out = zs_nodes.MaskAttnZeroShotMasks().masks(gates, latent={"samples": latent})["result"]
+    assert not out[0].any() and "did not track the regions" in out[-1] and "queue the prompt again" in out[-1]
+    assert zs_nodes.MaskAttnZeroShotGates.IS_CHANGED(unique_id="77", clip=clip) is True
+    rebuilt = gates_for({"1": sampler}, uid="77")
+    assert rebuilt.track_regions
+    host.ksample(apply(model, rebuilt), pos, neg, steps=2, width=96, height=64)
+    out = zs_nodes.MaskAttnZeroShotMasks().masks(rebuilt, latent={"samples": latent})["result"]
+    assert out[1].any() and out[2].any() and "red (red book)" in out[-1]
+    zs_nodes._REGION_REQUESTS.discard("77")
+
+
 def test_leakage_number_on_planted_attention_and_in_the_preview(host, sdxl_tokenizer):
     from comfyui_maskattn.nodes.preview import MaskAttnPreviewGates, MaskAttnRecordGates
 

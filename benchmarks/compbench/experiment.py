@@ -285,7 +285,7 @@ class ZeroShotArm(Arm):
             if self.memory is not None:
                 result[0].state.memory = self.memory
             if not self.observe_early:
-                result[0].observes_inactive = False
+                result[0].observe_before_start = False
             self.models[key] = ctx.apply(result[0])
             ctx.info.setdefault(self.name, {})[key] = result[1].splitlines()[0]
         return self.models[key]
