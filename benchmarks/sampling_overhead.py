@@ -228,8 +228,9 @@ def main(argv=None):
 def zero_shot_cases(model, sites, pos, clip=None) -> dict:
     """Zero-shot gates (v1: partition "layer"; v2: "aggregate") installed as Apply MaskAttn installs them, gated from
     the first step; nothing reads their regions except in the "regions read" row (a Zero-Shot Masks node or the
-    viewer in the prompt: the aggregate and the leakage are then kept on every gated layer). Two groups: with the compbench model's CLIP the node builds them from its prompt; on the random
-    models tokens 2-3 and 7-8 of the 77 ("a red book and a yellow vase") are the groups."""
+    viewer in the prompt: the aggregate and the leakage are then kept on every gated layer). Two groups: with the
+    compbench model's CLIP the node builds them from its prompt; on the random models tokens 2-3 and 7-8 of the 77
+    ("a red book and a yellow vase") are the groups."""
     from comfyui_maskattn.masks.topology import select_sites
     from comfyui_maskattn.masks.zeroshot import ZeroShotGates, group_prompt
     from comfyui_maskattn.nodes import hooks

@@ -263,19 +263,11 @@ def encode_dataset(args, examples, model, clip, vae, fingerprint: str, dist: Dis
     return prepared
 
 
-def clip_tokens(clip, text: str) -> tuple[dict, dict]:
-    """(ComfyUI tokenization with word ids, the tokenizer's id -> BPE string) of `text`, for phrase -> token maps:
-    the zero-shot node's helpers (its stock vocabulary, built once, serves a CLIP that hides its own)."""
-    from comfyui_maskattn.nodes.zeroshot import clip_vocab, tokenize
-
-    tokens = tokenize(clip, text)
-    return tokens, clip_vocab(clip, "l" if "l" in tokens else next(iter(tokens)))
-
-
 def encode_objects(examples, clip, resolution: int):
     """ObjectMasks per example (None without objects): masks cropped like the images, phrases mapped to tokens."""
     from comfyui_maskattn.cli.dataset import load_object_mask
     from comfyui_maskattn.masks.supervised import object_masks
+    from comfyui_maskattn.nodes.tokens import clip_tokens
 
     out = []
     for ex in examples:

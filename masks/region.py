@@ -32,9 +32,9 @@ from torch import Tensor
 from .gate import NEGATIVE_VALUE
 from .record import latent_hw
 from .runtime import prompt_rows
+from .tokens import token_kinds
 from .topology import STAGE_CHOICES, SiteKey
 from .zeroshot import (
-    SPECIAL_TOKENS,
     PromptGateSource,
     GroupingError,
     grouping_from_text,
@@ -82,27 +82,6 @@ def split_phrases(text: str) -> list[str]:
             if part.strip():
                 out.append(" ".join(part.split()))
     return out
-
-
-def token_kinds(tokens: dict, vocab: dict[int, str]) -> list[str]:
-    """Per token position: "start", "end" (the end token and the padding after it) or "text", read from the first
-    encoder's chunks (SDXL's encoders share the layout). A chunk's first token is its start token; from the first
-    end token on, everything is end/padding (SDXL's CLIP-G pads with token 0, CLIP-L with the end token)."""
-    chunks = tokens["l"] if "l" in tokens else next(iter(tokens.values()))
-    kinds: list[str] = []
-    for chunk in chunks:
-        ended = False
-        for i, item in enumerate(chunk):
-            token = item[0]
-            text = vocab.get(int(token), "") if isinstance(token, int) or (
-                isinstance(token, Tensor) and token.ndim == 0) else ""
-            word_id = item[2] if len(item) > 2 else None
-            if i == 0 and text == SPECIAL_TOKENS[0]:
-                kinds.append("start")
-                continue
-            ended = ended or text == SPECIAL_TOKENS[1] or (word_id == 0 and text != "")
-            kinds.append("end" if ended else "text")
-    return kinds
 
 
 def as_mask(mask: Tensor, name: str) -> Tensor:

@@ -34,6 +34,7 @@ from .gate import NEGATIVE_VALUE
 from .gates import GateMismatchError
 from .record import latent_hw
 from .runtime import prompt_rows
+from .tokens import host_pieces, pretokens, token_kinds
 from .topology import STAGE_CHOICES, CrossAttnSite, SiteKey, architecture_name
 from .zeroshot_partition import (
     DEFAULT_MEMORY,
@@ -447,81 +448,7 @@ def grouping_from_text(text: str, groups_text: str) -> Grouping:
     return Grouping(items, groups)
 
 
-# --- 3. words -> token positions --------------------------------------------------------------------------------------
-def _bytes_to_unicode() -> dict[int, str]:
-    """The byte -> printable character table of CLIP's byte-level BPE (GPT-2 style)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    table, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
-_BYTE_CHARS = _bytes_to_unicode()
-# CLIP's pre-tokenizer: contractions, letter runs, single digits, runs of other symbols.
-_PRETOKEN_RE = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|(?:[^\w\s]|_)+", re.IGNORECASE)
-EMBEDDING_PIECE = "\0embedding"
-SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
-
-
-def pretokens(text: str) -> list[str]:
-    """The pieces CLIP's tokenizer cuts `text` into before BPE, in its byte alphabet (what BPE tokens decode to)."""
-    text = " ".join(text.replace("’", "'").lower().split())
-    return ["".join(_BYTE_CHARS[b] for b in p.encode("utf-8")) for p in _PRETOKEN_RE.findall(text)]
-
-
-def host_pieces(chunks, vocab: dict[int, str]) -> list[tuple[str, list[int]]]:
-    """(piece text, token positions) of one encoder's tokenization, skipping start/end/padding tokens.
-
-    `chunks`: ComfyUI's per-encoder list of 77-token chunks of (token, weight[, word_id]); an int token is decoded
-    with `vocab` (BPE tokens end a piece with "</w>"); an embedding vector is one piece per word id.
-    """
-    pieces: list[tuple[str, list[int]]] = []
-    text, positions = "", []
-    embed_word, position = None, 0
-
-    def flush():
-        nonlocal text, positions
-        if positions:
-            pieces.append((text, positions))
-        text, positions = "", []
-
-    for chunk in chunks:
-        ended = False
-        for item in chunk:
-            token = item[0]
-            word_id = item[2] if len(item) > 2 else None
-            here, position = position, position + 1
-            if isinstance(token, int) or (isinstance(token, Tensor) and token.ndim == 0):
-                token = int(token)
-                s = vocab.get(token, "")
-                if word_id == 0 or ended or s in SPECIAL_TOKENS:
-                    ended = ended or s == SPECIAL_TOKENS[1]
-                    continue  # start / end / padding: never part of a word
-                if embed_word is not None:
-                    flush()
-                    embed_word = None
-                if s.endswith("</w>"):
-                    text += s[:-4]
-                    positions.append(here)
-                    flush()
-                else:
-                    text += s
-                    positions.append(here)
-            else:  # an embedding vector
-                if embed_word is None or embed_word != word_id:
-                    flush()
-                text, embed_word = EMBEDDING_PIECE, word_id
-                positions.append(here)
-    flush()
-    return pieces
-
-
+# --- 3. words -> token positions (the tokenization is read as pieces in masks/tokens.py) ------------------------------
 def item_pieces(items: list[Item]) -> list[tuple[str, int]]:
     """(piece, item index) for the prompt side of the alignment."""
     out = []
@@ -967,8 +894,6 @@ def build_zero_shot_gates(text: str, tokens: dict, vocab: dict[int, str], *, gro
                           end_tokens: str = DEFAULT_END_TOKENS,
                           self_attention: str = DEFAULT_SELF_ATTENTION) -> ZeroShotGates:
     """Prompt text + ComfyUI tokenization (+ an optional user grouping) -> ZeroShotGates."""
-    from .region import token_kinds  # (region builds on this module)
-
     written = any(line.split("#", 1)[0].strip() for line in (groups_text or "").splitlines())
     grouping = grouping_from_text(text, groups_text) if written else group_prompt(text)
     token_groups, per_encoder = token_group_map(grouping, tokens, vocab)

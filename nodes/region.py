@@ -19,7 +19,7 @@ from ..masks.region import (
     build_region_gates,
 )
 from ..masks.topology import STAGE_CHOICES
-from .zeroshot import clip_vocab, tokenize
+from .tokens import clip_tokens
 
 CATEGORY = "MaskAttn"
 MASK_SOCKETS = 4
@@ -91,8 +91,7 @@ class MaskAttnRegionGates:
                             f"{len(written)}, one per phrase in order; {'; '.join(p for p in problems if p)}. "
                             f"Connect a MASK for each phrase, or add/remove phrases.")
         names = [f"mask_{i}" for i in wanted]
-        tokens = tokenize(clip, text)
-        vocab = clip_vocab(clip, "l" if "l" in tokens else next(iter(tokens)))
+        tokens, vocab = clip_tokens(clip, text)
         try:
             gates = build_region_gates(text, tokens, vocab, written, [masks[n] for n in names], stage=stage,
                                        end_tokens=end_tokens, mask_names=names)

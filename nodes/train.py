@@ -91,7 +91,7 @@ def node_object_masks(clip, captions: str, phrases: str, masks: list, n: int) ->
     for all.
     """
     from ..masks.region import split_phrases
-    from .zeroshot import clip_vocab, tokenize
+    from .tokens import clip_tokens
 
     if clip is None:
         raise TrainingInputError("clip: connect the CLIP that encoded the captions (it maps phrases to tokens)")
@@ -124,8 +124,7 @@ def node_object_masks(clip, captions: str, phrases: str, masks: list, n: int) ->
         for i in range(len(written)):
             m = masks[i]
             planes.append(m if m.ndim == 2 else m[j if m.shape[0] == n else 0])
-        tokens = tokenize(clip, caption_lines[j])
-        vocab = clip_vocab(clip, "l" if "l" in tokens else next(iter(tokens)))
+        tokens, vocab = clip_tokens(clip, caption_lines[j])
         try:
             out.append(object_masks(caption_lines[j], written, planes, tokens, vocab))
         except ValueError as e:

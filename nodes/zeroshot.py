@@ -23,16 +23,14 @@ from ..masks.zeroshot import (
     ZeroShotGates,
     build_zero_shot_gates,
 )
+from .tokens import clip_tokens
 
 CATEGORY = "MaskAttn"
 NOTICE_EVENT = "maskattn.notice"  # websocket event: a message for one node's canvas text
 log = logging.getLogger("MaskAttn")
 
-_fallback_vocab: dict | None = None
 # Zero-Shot Gates nodes (by id) whose regions a consumer found missing: the next queue rebuilds them tracked
 _REGION_REQUESTS: set[str] = set()
-# Nodes that read the run's regions and leakage: a Zero-Shot Masks node fed by the gates, the gate recorder (viewer)
-REGION_CONSUMERS = ("MaskAttnZeroShotMasks", "MaskAttnRecordGates")
 
 
 def regions_read_in(prompt, unique_id) -> bool:
@@ -49,31 +47,6 @@ def regions_read_in(prompt, unique_id) -> bool:
             if isinstance(link, (list, tuple)) and link and str(link[0]) == str(unique_id):
                 return True
     return False
-
-
-def clip_vocab(clip, encoder: str) -> dict[int, str]:
-    """Token id -> BPE string of the CLIP's tokenizer for `encoder` ("l", "g", ...); every SD text encoder uses the
-    same CLIP BPE vocabulary, so the host's stock CLIP-L tokenizer serves when the CLIP object hides its own."""
-    global _fallback_vocab
-    sub = getattr(getattr(clip, "tokenizer", None), f"clip_{encoder}", None)
-    inv = getattr(sub, "inv_vocab", None)
-    if isinstance(inv, dict) and inv:
-        return inv
-    if _fallback_vocab is None:
-        import comfy.sd1_clip
-
-        _fallback_vocab = comfy.sd1_clip.SDTokenizer().inv_vocab
-    return _fallback_vocab
-
-
-def tokenize(clip, text: str) -> dict:
-    try:
-        tokens = clip.tokenize(text, return_word_ids=True)
-    except TypeError:  # a CLIP wrapper without the keyword
-        tokens = clip.tokenize(text)
-    if not isinstance(tokens, dict):
-        tokens = {"l": tokens}
-    return tokens
 
 
 def send_notice(unique_id, message: str) -> None:
@@ -153,8 +126,7 @@ class MaskAttnZeroShotGates:
         if clip is None:
             raise NodeError(f"{node}: no CLIP connected (clip input). Connect the CLIP output of your checkpoint "
                             f"loader.")
-        tokens = tokenize(clip, text)
-        vocab = clip_vocab(clip, "l" if "l" in tokens else next(iter(tokens)))
+        tokens, vocab = clip_tokens(clip, text)
         try:
             gates = build_zero_shot_gates(text, tokens, vocab, groups_text=groups or "", stage=stage,
                                           start_percent=start_percent, partition=partition, end_tokens=end_tokens,

@@ -90,6 +90,24 @@ def viewer_data(out) -> dict:
         return json.load(f)
 
 
+def drawn_grid(hooks, preview, recorded, text, image=None, **choice):
+    """What the Preview node draws for these inputs, computed with masks/viewer.py and masks/render.py directly:
+    (the tiles' titles, the grid as an IMAGE)."""
+    from comfyui_maskattn.masks import render, viewer
+    from comfyui_maskattn.masks.tokens import prompt_words
+    from comfyui_maskattn.nodes.tokens import clip_tokens
+
+    run = preview.model_recorder(recorded).latest()
+    args = preview_args(**choice)
+    opacity = args.pop("opacity")
+    grid = viewer.select_grid(run, viewer.recorded_sites(hooks.model_sites(recorded), run),
+                              prompt_words(*clip_tokens(None, text)), node="MaskAttn Preview Gates", **args)
+    drawn, titles = render.render_grid(grid.tiles, grid.row_labels, grid.column_labels,
+                                       render.base_image(image, grid.batch_index), opacity,
+                                       render.tile_width(len(grid.columns)))
+    return titles, render.to_image_tensor(drawn)
+
+
 def test_preview_grid_labels_masks_and_viewer_payload(host, nodes, sdxl):
     _, hooks, preview = nodes
     _, recorded = patched(nodes, sdxl, layers="mid")
@@ -102,7 +120,9 @@ def test_preview_grid_labels_masks_and_viewer_payload(host, nodes, sdxl):
     grid, masks = out["result"]
     mid = [s.name for s in hooks.model_sites(sdxl) if s.stage == "mid"]
     words = ["a", "red", "cat", "wearing", "a#2", "hat"]
-    assert node.titles == [[f"{w} | {layer}" for w in words] for layer in mid]
+    titles, drawn = drawn_grid(hooks, preview, recorded, "a red cat wearing a hat", image, layers="all")
+    assert titles == [[f"{w} | {layer}" for w in words] for layer in mid]
+    assert torch.equal(grid, drawn)  # the node's grid is the one drawn with these titles
     assert grid.ndim == 4 and grid.shape[-1] == 3 and grid.shape[1] > 64 * len(mid)
     assert masks.shape == (len(words), 64, 64) and 0 <= float(masks.min()) and float(masks.max()) <= 1
     assert out["ui"]["images"][0]["type"] == "temp" and "3 steps" in out["ui"]["text"][0]
@@ -117,16 +137,22 @@ def test_preview_grid_labels_masks_and_viewer_payload(host, nodes, sdxl):
     gate = base64.b64decode(payload["gate"])
     assert len(gate) == len(mid) * 3 * len(words) * payload["h"] * payload["w"]
     # a comma list of words, rows = steps, one stage's mean
-    out = node.preview(recorded, **preview_args(layers="mean:mid", rows="steps", tokens="cat, hat"),
-                       text="a red cat wearing a hat")
-    assert node.titles == [[f"cat | steps {i}-{i} (mean)".replace(f"steps {i}-{i}", f"step {i}"),
-                            f"hat | step {i} (mean)"] for i in range(3)]
+    choice = dict(layers="mean:mid", rows="steps", tokens="cat, hat")
+    out = node.preview(recorded, **preview_args(**choice), text="a red cat wearing a hat")
+    titles, drawn = drawn_grid(hooks, preview, recorded, "a red cat wearing a hat", **choice)
+    assert titles == [[f"cat | steps {i}-{i} (mean)".replace(f"steps {i}-{i}", f"step {i}"),
+                       f"hat | step {i} (mean)"] for i in range(3)]
+    assert torch.equal(out["result"][0], drawn)
     assert out["result"][1].shape == (2, 64, 64)  # no image: latent cells x 8
 
 
 def test_prompt_words_come_from_the_text_encoder_of_the_conditioning(host, nodes):
+    from comfyui_maskattn.masks.tokens import prompt_words
+    from comfyui_maskattn.masks.viewer import choose_columns
+    from comfyui_maskattn.nodes.tokens import clip_tokens
+
     _, _, preview = nodes
-    words = preview.prompt_words("a photo of an astronaut riding a horse")
+    words = prompt_words(*clip_tokens(None, "a photo of an astronaut riding a horse"))  # no CLIP: CLIP-L's tokenizer
     assert [w for w, _ in words] == ["a", "photo", "of", "an", "astronaut", "riding", "a", "horse"]
     assert words[0][1] == [1]  # position 0 is the start token
     prompt = {"5": {"class_type": "CLIPTextEncode", "inputs": {"text": "red cube", "clip": ["4", 1]}},
@@ -135,8 +161,8 @@ def test_prompt_words_come_from_the_text_encoder_of_the_conditioning(host, nodes
     assert preview.traced_prompt_text(prompt, "9") == "red cube"
     assert preview.traced_prompt_text({}, "9") is None
     with pytest.raises(ValueError, match="MaskAttn Preview Gates: tokens: 'dog' is not a word.*red, cube"):
-        preview.choose_columns(preview.prompt_words("red cube"), "dog", 77, "MaskAttn Preview Gates")
-    assert [c for c, _ in preview.choose_columns([], "", 77, "x")][:2] == ["#1", "#2"]
+        choose_columns(prompt_words(*clip_tokens(None, "red cube")), "dog", 77, "MaskAttn Preview Gates")
+    assert [c for c, _ in choose_columns([], "", 77, "x")][:2] == ["#1", "#2"]
 
 
 def test_unpatched_model_or_recording_off_gives_a_message_not_a_crash(host, nodes, sdxl):

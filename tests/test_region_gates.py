@@ -208,7 +208,7 @@ def node_build(clip, text=PROMPT, phrases="red cube | blue sphere", stage="all",
 
 
 def test_phrases_map_to_their_tokens_in_both_sdxl_encoders(sdxl_clip, host):
-    from comfyui_maskattn.nodes.zeroshot import clip_vocab
+    from comfyui_maskattn.nodes.tokens import clip_vocab
 
     gates, description = node_build(sdxl_clip)
     tokens = sdxl_clip.tokenize(PROMPT, return_word_ids=True)

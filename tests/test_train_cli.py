@@ -254,9 +254,8 @@ def test_a_box_under_one_pixel_is_reported_and_still_draws(tmp_path, capsys):
     assert plane.shape == (32, 32) and float(plane.sum()) == 32.0 and float(plane[:, 16].sum()) == 32.0
 
 
-def test_clip_tokens_use_the_zero_shot_helpers_and_build_the_fallback_vocabulary_once(host):
-    from comfyui_maskattn.cli.train import clip_tokens
-    from comfyui_maskattn.nodes.zeroshot import clip_vocab
+def test_clip_tokens_use_the_shared_tokenizer_helper_and_build_the_fallback_vocabulary_once(host):
+    from comfyui_maskattn.nodes.tokens import clip_tokens, clip_vocab
 
     from train_support import FakeClip
 
