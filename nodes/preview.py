@@ -370,12 +370,12 @@ def save_temp(img, prefix="maskattn"):
 
 def gate_source_label(gates) -> str:
     """How the viewer names the gates, so training-free (zero-shot) ones are not taken for the learned ones."""
-    kind = getattr(gates, "kind", "")
+    kind = gates.kind
     if kind == "zero-shot":
-        return f"{getattr(gates, 'label', 'training-free')} zero-shot gates"
+        return f"{gates.label} zero-shot gates"
     if kind == "region":
-        return f"region gates ({gates.source})" if getattr(gates, "source", "") else "region gates"
-    return f"learned gates ({gates.source})" if getattr(gates, "source", "") else "learned gates"
+        return f"region gates ({gates.source})" if gates.source else "region gates"
+    return f"learned gates ({gates.source})" if gates.source else "learned gates"
 
 
 def save_viewer_data(payload: dict) -> dict:
@@ -395,8 +395,8 @@ STOP_WORDS = frozenset("a an the of and or with on in at to by for from is are t
 
 def _group_positions(gates, tokens_recorded: int) -> list[tuple[str, list[int]]]:
     """(group name, token positions) of zero-shot gates' groups; [] for other gate sources."""
-    token_groups = getattr(gates, "token_groups", None)
-    grouping = getattr(gates, "grouping", None)
+    token_groups = gates.token_groups if gates is not None else None
+    grouping = gates.grouping if gates is not None else None
     if not token_groups or grouping is None:
         return []
     out = []
@@ -517,7 +517,7 @@ class MaskAttnPreviewGates:
         gates = hooks.installed_runtime(model).gates
         payload = self._viewer_payload(run, recorded, columns, b, base_ui, float(opacity), gates)
         summary = run.summary()
-        leakage = gates.leakage() if callable(getattr(gates, "leakage", None)) else []
+        leakage = gates.leakage()
         if leakage:  # zero-shot gates: the share of each word's attention inside its group's region
             payload["leakage"] = [{"word": w, "group": g, "inside": round(share, 4)} for w, g, share in leakage]
             summary += "; attention inside its region: " + ", ".join(f"{w} {100 * share:.0f}%"
