@@ -5,11 +5,12 @@ from .gate import NEGATIVE_VALUE, GateHead, GateResult, gate_bias, hard_gate, st
 from .gatefile import GateFileError, import_reference_checkpoint, load_gates, save_gates
 from .gates import GateMismatchError, MaskAttnGates
 from .runtime import GateRuntime
+from .source import GateSource
 from .topology import CrossAttnSite, UnsupportedModelError, discover_sites, select_sites
 
 __all__ = [
     "NEGATIVE_VALUE", "CrossAttnSite", "DeferredBias", "GateFileError", "GateHead", "GateMismatchError", "GateResult",
-    "GateRuntime", "MaskAttnGates", "UnsupportedModelError", "discover_sites", "explicit_attention", "gate_bias",
-    "hard_gate", "import_reference_checkpoint", "load_gates", "masked_attention", "save_gates", "select_sites",
-    "strength_to_negative_value",
+    "GateRuntime", "GateSource", "MaskAttnGates", "UnsupportedModelError", "discover_sites", "explicit_attention",
+    "gate_bias", "hard_gate", "import_reference_checkpoint", "load_gates", "masked_attention", "save_gates",
+    "select_sites", "strength_to_negative_value",
 ]

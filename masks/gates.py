@@ -1,4 +1,4 @@
-"""MaskAttnGates: the MASKATTN object that travels between nodes: gate heads and which site each one serves."""
+"""MaskAttnGates: the learned MASKATTN gate source: gate heads and which site each one serves."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .gate import NEGATIVE_VALUE, GateHead
+from .source import GateSource
 from .topology import STAGES, CrossAttnSite, SiteKey, architecture_name, key_to_name
 
 
@@ -16,7 +17,10 @@ class GateMismatchError(ValueError):
 
 
 @dataclass(eq=False)
-class MaskAttnGates:
+class MaskAttnGates(GateSource):
+    """Learned gate heads (a GateSource without needs_attention): the runtime runs head `site_heads[key]` of
+    `heads_on(device)` on each gated layer's input features and text states."""
+
     heads: nn.ModuleList
     site_heads: dict[SiteKey, int]  # which head gates which cross-attention site
     site_stages: dict[SiteKey, str]
@@ -37,10 +41,6 @@ class MaskAttnGates:
         for key, stage in self.site_stages.items():
             if stage not in STAGES:
                 raise ValueError(f"site {key_to_name(key)} has unknown stage {stage!r}")
-
-    # A MASKATTN is read-only once built; ComfyUI deep-copies model_options on every clone, so share it.
-    def __deepcopy__(self, memo):
-        return self
 
     @classmethod
     def fresh(cls, sites: list[CrossAttnSite], hidden_dim: int = 128, share_by_stage: bool = True,
@@ -66,10 +66,7 @@ class MaskAttnGates:
         fields.setdefault("kind", "untrained")
         return cls(heads=heads, site_heads=site_heads, site_stages={s.key: s.stage for s in sites}, **fields)
 
-    # The gate-source interface GateRuntime and Apply MaskAttn use (zero-shot gates implement it too).
-    needs_attention = False  # learned gates read the layer's input features, not its attention
-    keeps_a_token_per_row = False  # (attention sources: a token at P = 1 everywhere, see GateRuntime)
-
+    # --- the GateSource members (masks/source.py) ---
     def covers(self, key: SiteKey) -> bool:
         return key in self.site_heads
 

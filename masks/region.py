@@ -8,12 +8,12 @@ CLIP-style encoder folds the whole prompt into them, so they carry every phrase'
 "keep" leaves them visible everywhere (the softer option, the default), "hide_in_regions" hides them inside the
 regions, where the phrase tokens speak alone.
 
-It is a gate source like the learned heads and the zero-shot gates: `Apply MaskAttn` installs it, the runtime
-asks `attention_probabilities` for a keep-probability per (location, token), thresholds it (0.5) and adds -1e4 to
-the suppressed pairs; the recorder and the viewer see the result like any other gate. The keep-probability of a
-phrase token at a location is the fraction of that location's cell the mask covers, so at the default threshold
-a cell belongs to a region when more than half of it is covered; a region keeps at least its most covered
-cell(s) at every grid, so a small region never vanishes at a coarse layer.
+It is a gate source (masks/source.py) like the learned heads and the zero-shot gates: `Apply MaskAttn` installs it,
+the runtime asks `attention_probabilities` for a keep-probability per (location, token), thresholds it (0.5) and adds
+-1e4 to the suppressed pairs; the recorder and the viewer see the result like any other gate. The keep-probability of
+a phrase token at a location is the fraction of that location's cell the mask covers, so at the default threshold a
+cell belongs to a region when more than half of it is covered; a region keeps at least its most covered cell(s) at
+every grid, so a small region never vanishes at a coarse layer.
 
 Masks: a MASK is [B, H, W] (or [H, W]) in [0, 1] at any resolution; it is stretched to the latent grid as
 ComfyUI's own mask conditioning is. A batch of 1 serves every image; a batch equal to the number of images the
@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .gate import NEGATIVE_VALUE
 from .record import latent_hw
-from .runtime import prompt_rows
+from .rows import prompt_rows
 from .tokens import token_kinds
 from .topology import STAGE_CHOICES, SiteKey
 from .zeroshot import (
@@ -122,9 +122,7 @@ class RegionGates(PromptGateSource):
     kind = "region"
     label = "region gates"
     needs_attention = True  # read at the attention call: it needs only the layer's grid and the batch layout
-    keeps_a_token_per_row = False
     placement = "encoder_decoder"
-    start_percent = 0.0
 
     def __init__(self, phrases: list[str], token_phrases: list[int], kinds: list[str], masks: list[Tensor], *,
                  stage: str = DEFAULT_STAGE, end_tokens: str = DEFAULT_END_TOKENS, encoders=(),
@@ -165,9 +163,6 @@ class RegionGates(PromptGateSource):
         # finished keep maps per (grid, tokens, row layout, device): (the layout's rows object, the [B, N, T] map)
         self._finished: dict[tuple, tuple[object, Tensor]] = {}
 
-    def __deepcopy__(self, memo):  # read-only once built; shared by a model and its clones
-        return self
-
     def _names(self) -> str:
         return self.mask_names[0] if len(self.mask_names) == 1 else f"{self.mask_names[0]}..{self.mask_names[-1]}"
 
@@ -200,7 +195,7 @@ class RegionGates(PromptGateSource):
     def attention_probabilities(self, key: SiteKey, q: Tensor, k: Tensor, heads: int, info: dict) -> Tensor:
         """Keep-probabilities [B, N, T] for one gated layer: the prompt's rows from the masks, the rest 1.
 
-        The prompt's rows are masks.runtime.prompt_rows: the cond chunks, or the rows the host adapter found by text
+        The prompt's rows are masks.rows.prompt_rows: the cond chunks, or the rows the host adapter found by text
         when another pack changed the batch (an attention couple's region rows carry other prompts and stay 1). The
         i-th of them draws image i mod (images), images = prompt rows / cond chunks: the sampler's batch order, which
         the couples keep for the rows they leave in place. The returned map is cached and shared: read it only."""

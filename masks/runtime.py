@@ -21,44 +21,11 @@ from torch import Tensor
 
 from .attention import DeferredBias
 from .gate import GateResult, gate_bias
-from .gates import MaskAttnGates
 from .graphs import GraphCache
+from .source import GateSource
 from .topology import SiteKey
 
 GateObserver = Callable[[SiteKey, GateResult, dict], None]
-
-#: info key: [R] long, the rows that carry the positive prompt itself, set by the host adapter when another pack
-#: changed the batch (an attention couple's region rows carry other prompts); gate sources tied to one prompt
-#: (zero-shot) read it instead of guessing rows from the batch size.
-PROMPT_ROWS_KEY = "maskattn_prompt_rows"
-
-_PROMPT_ROWS: dict[tuple, Tensor | list] = {}
-
-
-def prompt_rows(info: dict | None, batch: int, device) -> Tensor | None | list:
-    """The batch rows that carry the positive prompt, for gate sources tied to one prompt (zero-shot, region).
-
-    Returns a [R] long tensor of row indices on `device`, None when every row is the prompt's, or [] when none is
-    (an uncond-only call). info[PROMPT_ROWS_KEY] wins when the host adapter set it (another pack changed the batch;
-    the rows were found by text). Otherwise the rows are the sampler's `cond_or_uncond` chunks, equal parts of the
-    batch; a batch that does not split into them cannot be read by position, and every row is then taken as the
-    prompt's (None: gating acts as with gate_uncond on). Index tensors are made once per layout and device.
-    """
-    info = info or {}
-    given = info.get(PROMPT_ROWS_KEY)
-    if given is not None:
-        return given if given.numel() else []
-    chunks = tuple(info.get("cond_or_uncond") or (0,))
-    if batch % len(chunks) or all(c == 0 for c in chunks):
-        return None
-    key = (batch, chunks, str(device))
-    rows = _PROMPT_ROWS.get(key)
-    if rows is None:
-        per = batch // len(chunks)
-        index = [i for c, kind in enumerate(chunks) if kind == 0 for i in range(c * per, (c + 1) * per)]
-        with torch.inference_mode(False):  # a normal tensor: training may use it after sampling did
-            rows = _PROMPT_ROWS[key] = torch.tensor(index, dtype=torch.long).to(device) if index else []
-    return rows
 
 
 @dataclass(eq=False)
@@ -69,8 +36,8 @@ class GateRuntime:
     train (gradients).
     """
 
-    gates: MaskAttnGates
-    sites: frozenset  # the SiteKeys this runtime gates (a subset of gates.site_heads)
+    gates: GateSource
+    sites: frozenset  # the SiteKeys this runtime gates (a subset of those the gates cover)
     threshold: float = 0.5
     negative_value: float = -1.0e4
     cond_only: bool = False

@@ -230,18 +230,18 @@ def output_size(image, latent, hw) -> tuple[int, int]:
 # --- the gate source, as the viewer names and groups it -------------------------------------------------------------
 def gate_source_label(gates) -> str:
     """How the viewer names the gates, so training-free (zero-shot) ones are not taken for the learned ones."""
-    kind = getattr(gates, "kind", "")
+    kind = gates.kind
     if kind == "zero-shot":
-        return f"{getattr(gates, 'label', 'training-free')} zero-shot gates"
+        return f"{gates.label} zero-shot gates"
     if kind == "region":
-        return f"region gates ({gates.source})" if getattr(gates, "source", "") else "region gates"
-    return f"learned gates ({gates.source})" if getattr(gates, "source", "") else "learned gates"
+        return f"region gates ({gates.source})" if gates.source else "region gates"
+    return f"learned gates ({gates.source})" if gates.source else "learned gates"
 
 
 def group_positions(gates, tokens_recorded: int) -> list[tuple[str, list[int]]]:
     """(group name, token positions) of zero-shot gates' groups; [] for other gate sources."""
-    token_groups = getattr(gates, "token_groups", None)
-    grouping = getattr(gates, "grouping", None)
+    token_groups = gates.token_groups if gates is not None else None
+    grouping = gates.grouping if gates is not None else None
     if not token_groups or grouping is None:
         return []
     out = []
@@ -255,7 +255,7 @@ def group_positions(gates, tokens_recorded: int) -> list[tuple[str, list[int]]]:
 def leakage_report(gates) -> tuple[list[dict], str]:
     """Zero-shot gates: the share of each word's attention inside its group's region, as the payload's `leakage`
     entries and the words added to the node's summary; ([], "") for other gate sources."""
-    leakage = gates.leakage() if callable(getattr(gates, "leakage", None)) else []
+    leakage = gates.leakage() if gates is not None else []
     if not leakage:
         return [], ""
     entries = [{"word": w, "group": g, "inside": round(share, 4)} for w, g, share in leakage]

@@ -33,7 +33,8 @@ from torch import Tensor
 from .gate import NEGATIVE_VALUE
 from .gates import GateMismatchError
 from .record import latent_hw
-from .runtime import prompt_rows
+from .rows import prompt_rows
+from .source import GateSource
 from .tokens import host_pieces, pretokens, token_kinds
 from .topology import STAGE_CHOICES, CrossAttnSite, SiteKey, architecture_name
 from .zeroshot_partition import (
@@ -528,13 +529,15 @@ def repeated_copies(k: Tensor, length: int) -> Tensor | None:
     return same.repeat_interleave(length, dim=1)
 
 
-class PromptGateSource:
+class PromptGateSource(GateSource):
     """What gate sources built from a prompt's tokens share: they must meet a model of the CLIP they were built with,
-    and they cover the layers of their stage. Subclasses set `encoders`, `stage`, `source_name`, `mismatch_error`,
-    and `_site_stages` / `_checked` in __init__."""
+    they cover the layers of their stage, and they are gated from the layer's attention (needs_attention), on the
+    prompt's rows (masks.rows.prompt_rows). Subclasses set `encoders`, `stage`, `source_name`, `mismatch_error`, and
+    `_site_stages` / `_checked` in __init__, and implement `attention_probabilities`."""
 
     source_name = "prompt"
     mismatch_error = GateMismatchError
+    needs_attention = True
 
     def check_fits(self, sites: list[CrossAttnSite], model_name: str = "this model") -> None:
         arch = architecture_name(sites)
@@ -561,7 +564,6 @@ class ZeroShotGates(PromptGateSource):
 
     kind = "zero-shot"
     label = "training-free"
-    needs_attention = True
     placement = "encoder_decoder"
 
     def __init__(self, grouping: Grouping, token_groups: list[int], *, stage: str = DEFAULT_STAGE,
@@ -613,9 +615,6 @@ class ZeroShotGates(PromptGateSource):
         self.notice = None
         self._noticed: set[str] = set()
         self._last_sigma: float | None = None
-
-    def __deepcopy__(self, memo):  # read-only once built; shared by a model and its clones
-        return self
 
     @property
     def keeps_aggregate(self) -> bool:
@@ -681,7 +680,7 @@ class ZeroShotGates(PromptGateSource):
         return cached
 
     def _cond_rows(self, batch: int, info: dict, device) -> Tensor | None | list:
-        """Row indices of this prompt ([] when none; None when every row is it): masks.runtime.prompt_rows."""
+        """Row indices of this prompt ([] when none; None when every row is it): masks.rows.prompt_rows."""
         return prompt_rows(info, batch, device)
 
     @staticmethod

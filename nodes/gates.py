@@ -8,6 +8,7 @@ import re
 from ..masks.gate import strength_to_negative_value
 from ..masks.gatefile import GateFileError, load_gates, save_gates
 from ..masks.gates import GateMismatchError, MaskAttnGates
+from ..masks.source import GateSource, kind_of
 from ..masks.topology import PLACEMENTS, UnsupportedModelError, select_sites
 from . import hooks, paths
 
@@ -107,11 +108,16 @@ class MaskAttnApply:
             },
         }
 
-    def apply(self, model, maskattn: MaskAttnGates, threshold, strength, stage, placement, start_percent, end_percent,
+    def apply(self, model, maskattn: GateSource, threshold, strength, stage, placement, start_percent, end_percent,
               gate_uncond=True):
+        if not isinstance(maskattn, GateSource):
+            raise NodeError(
+                f"Apply MaskAttn: maskattn is a {type(maskattn).__name__}, not a MaskAttn gate source. Connect 'Load "
+                f"MaskAttn Gates', 'Train MaskAttn Gates', 'MaskAttn Zero-Shot Gates' or 'MaskAttn Region Gates' "
+                f"(a new kind of gates subclasses masks.source.GateSource).")
         # A gate source may carry its own start (zero-shot gates: skip the steps before layout settles); the later
-        # of the two wins. Learned gates carry none, so for them start_percent is used as given.
-        start_percent = max(start_percent, float(getattr(maskattn, "start_percent", 0.0)))
+        # of the two wins. Learned gates start at 0, so for them start_percent is used as given.
+        start_percent = max(start_percent, float(maskattn.start_percent))
         if strength <= 0.0 or start_percent >= end_percent:
             return (model.clone(),)
         try:
@@ -151,7 +157,7 @@ class MaskAttnSaveGates:
 
     def save(self, maskattn: MaskAttnGates, filename_prefix):
         if not isinstance(maskattn, MaskAttnGates):
-            raise NodeError(f"Save MaskAttn Gates: {getattr(maskattn, 'kind', type(maskattn).__name__)} gates are "
+            raise NodeError(f"Save MaskAttn Gates: {kind_of(maskattn)} gates are "
                             f"computed from the prompt at sampling time and have no weights to save; connect learned "
                             f"gates (Load or Train MaskAttn Gates).")
         root = os.path.abspath(paths.save_dir())

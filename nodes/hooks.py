@@ -22,8 +22,9 @@ import weakref
 import torch
 
 from ..masks.attention import masked_attention, warn_mask_fallback
-from ..masks.gates import MaskAttnGates
-from ..masks.runtime import EXECUTORS, PROMPT_ROWS_KEY, EagerExecutor, GateRuntime, rows_by_text
+from ..masks.rows import PROMPT_ROWS_KEY, RowLayoutError, cond_rows
+from ..masks.runtime import EXECUTORS, EagerExecutor, GateRuntime, rows_by_text
+from ..masks.source import GateSource
 from ..masks.topology import CrossAttnSite, SiteKey, discover_sites, key_to_name
 
 log = logging.getLogger("MaskAttn")
@@ -315,24 +316,23 @@ def _cond_rows(runtime: GateRuntime, extra_options, batch: int, device, key: Sit
 
 
 def _chunk_rows(extra_options, batch: int, device, key: SiteKey | None = None):
-    """[batch] bool on `device`: which rows belong to cond chunks, by position: the sampler batches the
-    `cond_or_uncond` chunks in equal parts. Made once per batch layout and device, so the hook does not copy a new
-    host tensor to the device at every layer."""
-    chunks = tuple(extra_options.get("cond_or_uncond") or [0])
+    """[batch] bool on `device`: which rows belong to cond chunks, by position (masks.rows.cond_rows). Made once per
+    batch layout and device, so the hook does not copy a new host tensor to the device at every layer."""
+    chunks = tuple(extra_options.get("cond_or_uncond") or ())
     cache_key = (chunks, batch, str(device))
     rows = _ROWS_CACHE.get(cache_key)
     if rows is None:
-        if batch % len(chunks):
+        try:
+            flags = cond_rows(chunks, batch)
+        except RowLayoutError:
             where = f" at {key_to_name(key)}" if key is not None else ""
             raise PatchOrderError(
                 f"Apply MaskAttn: the cross-attention{where} runs {batch} rows, which do not split into the sampler's "
                 f"{len(chunks)} chunks (cond/uncond): another node changed the batch where MaskAttn could not see it, "
                 f"so it cannot tell the negative prompt's rows. Apply MaskAttn after that node, or turn gate_uncond "
-                f"on.")
-        per = batch // len(chunks)
+                f"on.") from None
         with torch.inference_mode(False):  # a normal tensor: training may use it after sampling did
-            rows = torch.tensor([c == 0 for c in chunks for _ in range(per)], dtype=torch.bool)
-            rows = _ROWS_CACHE[cache_key] = rows.to(device)
+            rows = _ROWS_CACHE[cache_key] = torch.tensor(flags, dtype=torch.bool).to(device)
     return rows
 
 
@@ -435,7 +435,7 @@ class MaskAttnAttention:
                 if seen is None:  # (our gate patch did not run here: rows by position)
                     rows = _cond_rows(runtime, extra_options, q.shape[0], q.device, self.key)
                 bias = runtime.usable(runtime.compute_from_attention(self.key, q, k, heads, rows, extra_options))
-            elif getattr(runtime.gates, "observes_inactive", False):  # (zero-shot v2 aggregates ungated steps too)
+            elif runtime.gates.observes_inactive:  # (zero-shot v2 aggregates ungated steps too)
                 runtime.gates.observe_attention(self.key, q, k, heads, extra_options)
             extra_options.pop(PROMPT_ROWS_KEY, None)
         return self._finish(q, k, v, bias, extra_options)
@@ -467,8 +467,7 @@ class MaskAttnSelfAttention(MaskAttnAttention):
     def __call__(self, q, k, v, extra_options):
         runtime = self.patch.runtime
         bias = None
-        masks = getattr(runtime.gates, "masks_self_attention", False)
-        if masks and self.key in runtime.sites and self.patch.clock.active(extra_options):
+        if runtime.gates.masks_self_attention and self.key in runtime.sites and self.patch.clock.active(extra_options):
             bias = runtime.gates.self_attention_bias(self.key, q, extra_options["n_heads"], extra_options,
                                                      runtime.negative_value)
             if bias is not None and runtime.cond_only:
@@ -520,7 +519,7 @@ def _chainable_replaces(replaces: dict, sites, what: str, fix: str) -> dict:
     return foreign
 
 
-def install(model, gates: MaskAttnGates, sites: list[CrossAttnSite], *, threshold: float, negative_value: float,
+def install(model, gates: GateSource, sites: list[CrossAttnSite], *, threshold: float, negative_value: float,
             sigma_start: float | None = None, sigma_end: float | None = None, cond_only: bool = False):
     """A patched clone of `model` (a ModelPatcher); the input model is never changed."""
     on_cuda = torch.device(getattr(model, "load_device", None) or "cpu").type == "cuda"
@@ -530,7 +529,7 @@ def install(model, gates: MaskAttnGates, sites: list[CrossAttnSite], *, threshol
     to = patched.model_options.setdefault("transformer_options", {})
     replaces = to.get("patches_replace", {}).get("attn2", {})
     self_replaces = to.get("patches_replace", {}).get("attn1", {})
-    masks_self = bool(getattr(gates, "masks_self_attention", False))
+    masks_self = gates.masks_self_attention
     # A second Apply MaskAttn replaces the first: drop our earlier patches, keep callbacks adopted by it.
     others = [p for p in to.get("patches", {}).get("attn2_patch", [])
               if not isinstance(p, (MaskAttnGatePatch, MaskAttnLayoutPatch))]

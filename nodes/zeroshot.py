@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+from ..masks.source import kind_of
 from ..masks.topology import STAGE_CHOICES
 from ..masks.zeroshot import (
     DEFAULT_END_TOKENS,
@@ -199,7 +200,7 @@ class MaskAttnZeroShotMasks:
         node = "MaskAttn Zero-Shot Masks"
         if not isinstance(maskattn, ZeroShotGates):
             raise NodeError(f"{node}: maskattn: connect the output of 'MaskAttn Zero-Shot Gates' (got "
-                            f"{getattr(maskattn, 'kind', type(maskattn).__name__)} gates, which have no partition).")
+                            f"{kind_of(maskattn)} gates, which have no partition).")
         if image is not None:
             height, width = int(image.shape[1]), int(image.shape[2])
         elif latent is not None:

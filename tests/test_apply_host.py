@@ -266,6 +266,25 @@ def test_gates_for_another_architecture_are_refused_by_name(host, pack, sdxl):
         apply(pack, sdxl, gates)
 
 
+def test_apply_refuses_what_is_not_a_gate_source_by_name(host, pack, sdxl):
+    import types
+
+    from comfyui_maskattn.masks.source import GateSource
+
+    gates = make_gates(sdxl)
+    # a look-alike with every attribute of real gates is still refused: Apply asks the protocol, it does not probe
+    members = {name: getattr(gates, name) for name in dir(gates) if not name.startswith("__")}
+    lookalike = types.SimpleNamespace(**members)
+    before = options_snapshot(sdxl)
+    for wrong in (lookalike, {"heads": gates.heads}):
+        with pytest.raises(ValueError, match=r"Apply MaskAttn: maskattn is a (SimpleNamespace|dict), not a MaskAttn "
+                                             r"gate source\. Connect 'Load MaskAttn Gates'.*masks\.source\.GateSource"):
+            apply(pack, sdxl, wrong)
+        with pytest.raises(ValueError, match="not a MaskAttn gate source"):  # before strength 0 returns the model
+            apply(pack, sdxl, wrong, strength=0.0)
+    assert options_snapshot(sdxl) == before and isinstance(gates, GateSource)
+
+
 def test_stage_filter_that_matches_nothing_says_what_the_file_has(host, pack, sdxl):
     gates = make_gates(sdxl, stage="mid")
     with pytest.raises(ValueError, match="none of which pass stage='high'"):

@@ -543,6 +543,18 @@ def test_rows_found_after_an_expansion_are_the_same_tensors_for_the_same_layout(
     assert hooks.PatchOrderError.__module__ == hooks.ForeignPatchError.__module__ == "MaskAttn"  # readable in ComfyUI
 
 
+def test_rows_gated_by_position_are_the_one_cond_row_rule(host, pack):
+    from comfyui_maskattn.masks.rows import cond_rows
+
+    _, hooks = pack
+    for chunks, batch in (([1, 0], 4), ([0, 1], 2), (None, 3), ([1], 2), ([1, 0, 0], 6)):
+        rows = hooks._chunk_rows({"cond_or_uncond": chunks}, batch, "cpu")
+        assert rows.dtype == torch.bool and tuple(rows.tolist()) == cond_rows(chunks, batch)
+    with pytest.raises(hooks.PatchOrderError, match=r"at input\.4\.0 runs 7 rows, "
+                                                    r"which do not split.*or turn gate_uncond on"):
+        hooks._chunk_rows({"cond_or_uncond": [1, 0]}, 7, "cpu", ("input", 4, 0))
+
+
 # --- attention backends that cannot take a mask ----------------------------------------------------------------------
 @pytest.mark.parametrize("backend", ["sage", "flash"])
 def test_backend_without_mask_support_warns_once_and_masked_layers_use_pytorch_attention(host, pack, sdxl, backend,

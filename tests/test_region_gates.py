@@ -15,7 +15,7 @@ from comfyui_maskattn.masks.region import (
     coverage,
     split_phrases,
 )
-from comfyui_maskattn.masks.runtime import PROMPT_ROWS_KEY
+from comfyui_maskattn.masks.rows import PROMPT_ROWS_KEY
 from comfyui_maskattn.masks.topology import CrossAttnSite
 from comfyui_maskattn.masks.zeroshot import ZeroShotGates, group_prompt
 

@@ -372,7 +372,7 @@ ABLATIONS.update({name: (lambda name=name, kw=kw: LearnedArm(name, **kw)) for na
 def watch_kept(model, kept: dict) -> None:
     """Adds, per gated layer call, the share of (location, token) pairs of the positive rows the gate kept, by
     stage of the layer (into kept[stage] = [sum, count])."""
-    from comfyui_maskattn.masks.runtime import prompt_rows
+    from comfyui_maskattn.masks.rows import prompt_rows
     from comfyui_maskattn.nodes import hooks
 
     runtime = hooks.installed_runtime(model)
