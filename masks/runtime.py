@@ -13,6 +13,7 @@ entering the query projection, the text states entering the key projection, and 
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -102,7 +103,9 @@ class GateRuntime:
                                info: dict | None = None) -> GateResult:
         """Gate for one site from the layer's own projected queries/keys (gate sources with needs_attention)."""
         probabilities = self.gates.attention_probabilities(key, q, k, heads, info or {})
-        if self.gates.keeps_a_token_per_row and self.threshold < 1.0 and not probabilities.requires_grad:
+        # (the comparison P > threshold runs in float32, where a threshold within 2^-25 of 1 is 1)
+        below_one = struct.unpack("f", struct.pack("f", self.threshold))[0] < 1.0
+        if below_one and self.gates.keeps_a_token_per_row and not probabilities.requires_grad:
             # some token is kept at every location (P = 1 > threshold), so gate_bias's empty-row rule is a no-op:
             # the same bits without its six operations per layer
             hard = (probabilities > self.threshold).to(probabilities.dtype)

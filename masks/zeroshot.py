@@ -592,10 +592,6 @@ class ZeroShotGates(PromptGateSource):
         self.state = PartitionState(memory)
         kinds = list(token_kinds or [])
         self.end_positions = [p for p, kind in enumerate(kinds[:len(token_groups)]) if kind == "end"]
-        # a token in no group that is never hidden (the start token) has P = 1 at every location, so no location
-        # ever keeps nothing and the runtime may skip the empty-row rule (a no-op then)
-        end = set(self.end_positions) if end_tokens == "hide_in_regions" else set()
-        self.keeps_a_token_per_row = any(g < 0 and p not in end for p, g in enumerate(token_groups))
         # (word, group, token positions) of every grouped word, for the leakage report
         self.word_tokens = list(word_tokens or [])
         self.grouping = grouping
@@ -615,6 +611,13 @@ class ZeroShotGates(PromptGateSource):
         self.notice = None
         self._noticed: set[str] = set()
         self._last_sigma: float | None = None
+
+    @property
+    def keeps_a_token_per_row(self) -> bool:
+        """A token in no group that is never hidden (the start token) has P = 1 at every location, so no location
+        ever keeps nothing and the runtime may skip the empty-row rule (a no-op then)."""
+        end = set(self.end_positions) if self.end_tokens == "hide_in_regions" else ()
+        return any(g < 0 and p not in end for p, g in enumerate(self.token_groups))
 
     @property
     def keeps_aggregate(self) -> bool:

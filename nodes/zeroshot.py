@@ -30,23 +30,41 @@ CATEGORY = "MaskAttn"
 NOTICE_EVENT = "maskattn.notice"  # websocket event: a message for one node's canvas text
 log = logging.getLogger("MaskAttn")
 
-# Zero-Shot Gates nodes (by id) whose regions a consumer found missing: the next queue rebuilds them tracked
-_REGION_REQUESTS: set[str] = set()
+# A Zero-Shot Masks node that found a run untracked asks its gates' node (by id) to rebuild tracked once: the
+# generation is what IS_CHANGED returns (it moves once per request), the pending set is consumed by the rebuild.
+_REGION_GENERATION: dict[str, int] = {}
+_REGION_PENDING: set[str] = set()
+_LINK_DEPTH = 8  # pass-through nodes followed from a Masks node's maskattn input back to the gates
+
+
+def request_tracked_rebuild(node_id: str) -> None:
+    _REGION_GENERATION[node_id] = _REGION_GENERATION.get(node_id, 0) + 1
+    _REGION_PENDING.add(node_id)
 
 
 def regions_read_in(prompt, unique_id) -> bool:
     """Whether the queued prompt (API format) has a node that reads these gates' regions or leakage: a Zero-Shot
-    Masks node fed by the node `unique_id`, or a Record Gates node (the viewer's leakage list)."""
+    Masks node whose maskattn input comes from the node `unique_id` (directly or through pass-through nodes), or a
+    Record Gates node (the viewer's leakage list)."""
     if not isinstance(prompt, dict) or unique_id is None:
         return False
+    target = str(unique_id)
     for node in prompt.values():
         kind = node.get("class_type") if isinstance(node, dict) else None
         if kind == "MaskAttnRecordGates":
             return True
-        if kind == "MaskAttnZeroShotMasks":
-            link = (node.get("inputs") or {}).get("maskattn")
-            if isinstance(link, (list, tuple)) and link and str(link[0]) == str(unique_id):
+        if kind != "MaskAttnZeroShotMasks":
+            continue
+        frontier, seen = [(node.get("inputs") or {}).get("maskattn")], set()
+        for _ in range(_LINK_DEPTH):
+            ids = {str(link[0]) for link in frontier if isinstance(link, (list, tuple)) and link} - seen
+            if target in ids:
                 return True
+            seen |= ids
+            frontier = [value for i in ids if isinstance(prompt.get(i), dict)
+                        for value in (prompt[i].get("inputs") or {}).values()]
+            if not frontier:
+                break
     return False
 
 
@@ -117,7 +135,7 @@ class MaskAttnZeroShotGates:
     @classmethod
     def IS_CHANGED(cls, unique_id=None, **_inputs):
         # rebuilt once a Zero-Shot Masks node added after the last run asked for the regions
-        return str(unique_id) in _REGION_REQUESTS
+        return _REGION_GENERATION.get(str(unique_id), 0)
 
     def build(self, clip, text, stage, start_percent, groups="", partition=DEFAULT_PARTITION,
               end_tokens=DEFAULT_END_TOKENS, self_attention=DEFAULT_SELF_ATTENTION, unique_id=None, prompt=None):
@@ -142,7 +160,8 @@ class MaskAttnZeroShotGates:
         gates.notice = notice
         gates.node_id = None if unique_id is None else str(unique_id)
         # the regions and leakage cost bookkeeping on every gated layer: kept when this prompt reads them
-        gates.track_regions = regions_read_in(prompt, unique_id) or gates.node_id in _REGION_REQUESTS
+        gates.track_regions = regions_read_in(prompt, unique_id) or gates.node_id in _REGION_PENDING
+        _REGION_PENDING.discard(gates.node_id)
         description = gates.describe()
         idle = gates.nothing_to_separate()
         if idle:
@@ -213,10 +232,11 @@ class MaskAttnZeroShotMasks:
         untracked = maskattn.ran_without_regions and not maskattn.track_regions
         if untracked or regions is None:
             maskattn.track_regions = True  # the next run tracks them (a direct caller's, or after the rebuild)
-            if maskattn.node_id is not None:
-                _REGION_REQUESTS.add(maskattn.node_id)
-        again = ("the sampling run did not track the regions (this node was added after the gates were built): "
-                 "queue the prompt again and the gates are rebuilt to track them")
+        if untracked and maskattn.node_id is not None:
+            request_tracked_rebuild(maskattn.node_id)
+        again = ("the sampling run did not track the regions (nothing in the prompt read them when the gates were "
+                 "built, e.g. this node was added later): queue the prompt again and the gates are rebuilt to track "
+                 "them")
         if regions is None:
             message = (f"{again}; the masks are empty this time" if untracked else
                        "no sampling run with these zero-shot gates was seen yet (or they have fewer than two groups): "

@@ -229,7 +229,7 @@ def test_leakage_on_planted_maps():
 
 
 @pytest.mark.parametrize("partition", ["layer", "aggregate"])
-@pytest.mark.parametrize("threshold", [0.3, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("threshold", [0.3, 0.5, 0.9, 0.99999999, 1.0])
 def test_runtime_skips_the_empty_row_rule_only_where_it_is_a_no_op(partition, threshold):
     """Zero-shot gates keep the start token (P = 1) everywhere, so the runtime skips gate_bias's empty-row rule: the
     bits must be gate_bias's own; with every token grouped or hidden, or at threshold 1, the rule runs."""
@@ -250,3 +250,8 @@ def test_runtime_skips_the_empty_row_rule_only_where_it_is_a_no_op(partition, th
     assert not every.keeps_a_token_per_row
     hidden = gates_for(partition, end_tokens="hide_in_regions")
     assert hidden.keeps_a_token_per_row  # (the start token is never hidden)
+    only_end = ZeroShotGates(group_prompt("a red book and a yellow vase"), [0] * 8 + [1] * 7 + [-1],
+                             token_kinds=["text"] * 15 + ["end"], end_tokens="hide_in_regions")
+    assert not only_end.keeps_a_token_per_row  # the one ungrouped token is an end token, hidden in the regions
+    only_end.end_tokens = "keep"  # (an option changed after building: the guarantee follows it)
+    assert only_end.keeps_a_token_per_row

@@ -146,13 +146,16 @@ def test_regions_are_tracked_only_when_the_prompt_reads_them(host, sdxl_tokenize
     other_masks = {"class_type": "MaskAttnZeroShotMasks", "inputs": {"maskattn": ["4", 0]}}
     sampler = {"class_type": "KSampler", "inputs": {"model": ["3", 0]}}
 
-    def gates_for(prompt, uid="12"):
-        return node.build(clip, PROMPT, "all", 0.0, "", unique_id=uid, prompt=prompt)["result"][0]
+    def gates_for(prompt, uid="12", text=PROMPT):
+        return node.build(clip, text, "all", 0.0, "", unique_id=uid, prompt=prompt)["result"][0]
 
     assert not gates_for({"1": sampler}).track_regions
     assert not gates_for({"1": sampler, "2": other_masks}).track_regions  # a Masks node fed by other gates
     assert gates_for({"1": sampler, "2": masks_node}).track_regions
     assert gates_for({"1": sampler, "5": {"class_type": "MaskAttnRecordGates", "inputs": {}}}).track_regions
+    through = {"class_type": "SomeSwitch", "inputs": {"any": ["12", 0], "other": ["9", 0]}}
+    late = {"class_type": "MaskAttnZeroShotMasks", "inputs": {"maskattn": ["30", 0]}}
+    assert gates_for({"1": sampler, "30": through, "31": late}).track_regions  # through a pass-through node
     # untracked v1 gates sample with no bookkeeping at all
     model = planted_model(host)
     gates = gates_for({"1": sampler}, uid="77")
@@ -160,17 +163,25 @@ def test_regions_are_tracked_only_when_the_prompt_reads_them(host, sdxl_tokenize
     pos, neg = planted_cond(host, model, gates, 0, 1)
     latent = host.ksample(apply(model, gates), pos, neg, steps=2, width=96, height=64)
     assert gates.state.past is None and gates.state.inside is None and gates.ran_without_regions
-    assert zs_nodes.MaskAttnZeroShotGates.IS_CHANGED(unique_id="77", clip=clip) is False
-    # a Masks node added after that run: empty masks, said so, and the node is asked to rebuild
+    before = zs_nodes.MaskAttnZeroShotGates.IS_CHANGED(unique_id="77", clip=clip)
+    # a Masks node added after that run: empty masks, said so, and the node is asked to rebuild, once
     out = zs_nodes.MaskAttnZeroShotMasks().masks(gates, latent={"samples": latent})["result"]
     assert not out[0].any() and "did not track the regions" in out[-1] and "queue the prompt again" in out[-1]
-    assert zs_nodes.MaskAttnZeroShotGates.IS_CHANGED(unique_id="77", clip=clip) is True
+    after = zs_nodes.MaskAttnZeroShotGates.IS_CHANGED(unique_id="77", clip=clip)
+    assert after != before and zs_nodes.MaskAttnZeroShotGates.IS_CHANGED(unique_id="77", clip=clip) == after
     rebuilt = gates_for({"1": sampler}, uid="77")
     assert rebuilt.track_regions
+    assert not gates_for({"1": sampler}, uid="77").track_regions  # the request was consumed by that rebuild
     host.ksample(apply(model, rebuilt), pos, neg, steps=2, width=96, height=64)
     out = zs_nodes.MaskAttnZeroShotMasks().masks(rebuilt, latent={"samples": latent})["result"]
     assert out[1].any() and out[2].any() and "red (red book)" in out[-1]
-    zs_nodes._REGION_REQUESTS.discard("77")
+    # a prompt with fewer than two groups has no regions at all: no rebuild is asked for
+    one = gates_for({"1": sampler}, uid="78", text="a red book")
+    assert not one.active
+    host.ksample(apply(model, one), pos, neg, steps=1, width=96, height=64)
+    said = zs_nodes.MaskAttnZeroShotMasks().masks(one, latent={"samples": latent})["result"][-1]
+    assert "fewer than two groups" in said and "did not track" not in said
+    assert zs_nodes.MaskAttnZeroShotGates.IS_CHANGED(unique_id="78", clip=clip) == 0
 
 
 def test_leakage_number_on_planted_attention_and_in_the_preview(host, sdxl_tokenizer):
