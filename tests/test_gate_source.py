@@ -75,8 +75,8 @@ def test_every_declared_member_reads_plainly_on_every_shipped_source():
             assert gates.site_heads[SITES[0].key] < len(gates.heads_on("cpu"))
     learned, zero_shot, region = shipped_sources()
     assert (learned.needs_attention, zero_shot.needs_attention, region.needs_attention) == (False, True, True)
-    # (v1 gates watch the steps before their start only while their regions are read)
-    assert zero_shot.observes_inactive is zero_shot.keeps_aggregate is False
+    # (the default partition aggregates, so it watches the steps before its start; v1 only while read)
+    assert zero_shot.partition == "aggregate" and zero_shot.observes_inactive is zero_shot.keeps_aggregate is True
     assert zero_shot.start_percent == 0.2 and zero_shot.token_groups and zero_shot.keeps_a_token_per_row
     assert region.token_groups is None and learned.grouping is None
 

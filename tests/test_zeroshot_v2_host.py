@@ -146,8 +146,8 @@ def test_regions_are_tracked_only_when_the_prompt_reads_them(host, sdxl_tokenize
     other_masks = {"class_type": "MaskAttnZeroShotMasks", "inputs": {"maskattn": ["4", 0]}}
     sampler = {"class_type": "KSampler", "inputs": {"model": ["3", 0]}}
 
-    def gates_for(prompt, uid="12", text=PROMPT):
-        return node.build(clip, text, "all", 0.0, "", unique_id=uid, prompt=prompt)["result"][0]
+    def gates_for(prompt, uid="12", text=PROMPT):  # v1: its regions are optional bookkeeping
+        return node.build(clip, text, "all", 0.0, "", unique_id=uid, prompt=prompt, partition="layer")["result"][0]
 
     assert not gates_for({"1": sampler}).track_regions
     assert not gates_for({"1": sampler, "2": other_masks}).track_regions  # a Masks node fed by other gates

@@ -56,7 +56,7 @@ SEED = 42
 APPLY = [0.5, 1.0, "all", "encoder_decoder", 0.0, 1.0, True]  # the method: threshold 0.5, full strength
 
 
-ZERO_SHOT = [PROMPT, "mid", 0.2, "", "layer", "keep", "open"]
+ZERO_SHOT = [PROMPT, "mid", 0.2, "", "aggregate", "keep", "open"]
 SWITCH_NOTE = (
     "Gates: training-free 'MaskAttn Zero-Shot Gates' (no file needed, any SDXL checkpoint). They feed Apply MaskAttn "
     "through the bypassed (purple) 'Load MaskAttn Gates'.\n\nLearned gates: select 'Load MaskAttn Gates', press "

@@ -629,7 +629,8 @@ def main(argv=None) -> int:
         by_arm.update({a.name: images[a.name if not a.staged else (stage, a.name)] for a in arms})
         for kind, rows in subsets.items():
             key = stage if len(subsets) == 1 else f"{stage} · {kind} pairings"
-            part = {name: {(rows.index(i), s): img for (i, s), img in imgs.items() if i in rows}
+            position = {i: r for r, i in enumerate(rows)}
+            part = {name: {(position[i], s): img for (i, s), img in imgs.items() if i in position}
                     for name, imgs in by_arm.items()}
             tables[key] = summarise(part, [triples[i] for i in rows], seeds, CEILING if CEILING in by_arm else None)
     timings["judge"] = time.time() - t0
