@@ -260,6 +260,9 @@ LEARNED_VARIANTS = {
     **{f"learned paper recipe s{k}": dict(objective="paper", init=0.0, lr=1e-4, seed=k) for k in range(3)},
     "learned paper_open s0": dict(objective="paper_open"),
     "learned soft_x0 s0": dict(objective="soft_x0"),
+    "learned soft_backward s0": dict(objective="soft_backward"),
+    "learned sparse s0": dict(objective="sparse"),
+    "learned concrete s0": dict(objective="concrete"),
     "learned box masks s0": dict(masks=-1),
     "learned box masks then soft_x0 s0": dict(objective="soft_x0", masks="half"),
 }
