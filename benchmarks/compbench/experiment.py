@@ -398,7 +398,7 @@ def watch_kept(model, kept: dict) -> None:
 
 def sample_arm(arm: Arm, ctx: Context) -> tuple[dict, dict]:
     """(prompt index, seed) -> uint8 image, every prompt of one structure in one batch per seed; and the kept
-    shares by stage."""
+    pairs by stage of the layer, stage -> [sum of per-call kept shares, calls]."""
     import nodes
 
     images, kept = {}, {}
@@ -417,8 +417,8 @@ def sample_arm(arm: Arm, ctx: Context) -> tuple[dict, dict]:
                 (res,) = nodes.common_ksampler(model, s, ctx.args.steps, ctx.args.cfg, "euler", "normal", pos, neg,
                                                latent)
             for i, img in zip(idx, tinyt2i.decode_latents(res["samples"])):
-                images[(i, s)] = img
-    return images, {k: round(v[0] / max(v[1], 1), 4) for k, v in sorted(kept.items())}
+                images[(i, s)] = np.ascontiguousarray(img)  # (a view's float sums differ in order)
+    return images, kept
 
 
 # --- scoring --------------------------------------------------------------------------------------------------------
@@ -565,6 +565,70 @@ def spotcheck_sheet(images: dict, triples, path: Path, count: int = 36, scale: i
 
 
 
+def build(args: argparse.Namespace, seeds: list) -> tuple:
+    """The host, the model, the prompts and the arms for `seeds`: (Context, arms, arms left out, prompt rows per
+    --pairings kind, the model's metadata)."""
+    nodes_map = load_pack()
+    model, clip, cfg, meta = tinyt2i.load(args.model)
+    subsets, triples = {}, []
+    for kind in args.pairings:
+        subsets[kind] = list(range(len(triples), len(triples) + args.prompts))
+        triples += evaluation_prompts(args.prompts, 7, args.world, kind)
+    ctx = Context(nodes_map, model, clip, triples, seeds, cfg.image_size, args)
+    arms = [{**ARMS, **ABLATIONS}[name]() for name in args.arms]
+    left_out = [a.name for a in arms if not a.supports(ctx)]
+    return ctx, [a for a in arms if a.supports(ctx)], left_out, subsets, meta
+
+
+def sample_all(ctx: Context, arms: list) -> tuple[dict, dict, dict]:
+    """Every arm at every stage on ctx.seeds: images by arm name (staged arms by (stage, name)), kept sums by
+    "stage: name", seconds by phase."""
+    timings, kept, images = {}, {}, {}
+    for arm in [a for a in arms if not a.staged]:
+        t0 = time.time()
+        images[arm.name], _ = sample_arm(arm, ctx)
+        timings[f"sample {arm.name}"] = time.time() - t0
+    for stage in ctx.args.stages:
+        ctx.stage = stage
+        for arm in [a for a in arms if a.staged]:
+            t0 = time.time()
+            arm.prepare(ctx)
+            images[(stage, arm.name)], kept[f"{stage}: {arm.name}"] = sample_arm(arm, ctx)
+            timings[f"{stage}: {arm.name}"] = time.time() - t0
+    return images, kept, timings
+
+
+def _job(args: argparse.Namespace, seeds: list) -> tuple:
+    torch.set_num_threads(args.threads)
+    ctx, arms, _, _, _ = build(args, seeds)
+    return (*sample_all(ctx, arms), ctx.info)
+
+
+def sample_in_jobs(args: argparse.Namespace, seed_shares: list[list], info: dict) -> tuple[dict, dict, dict]:
+    """sample_all in one process per share of the seeds (each with its own host and --threads), merged. An image
+    depends only on its prompt group and seed, so the result is the same as one job's; arms that train gates train
+    them once per job (the same gates: training is seeded), which costs that time again."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(len(seed_shares), mp_context=multiprocessing.get_context("spawn")) as pool:
+        parts = list(pool.map(_job, [args] * len(seed_shares), seed_shares))
+    images, kept, timings = {}, {}, {}
+    for part_images, part_kept, part_timings, part_info in parts:
+        for key, imgs in part_images.items():
+            images.setdefault(key, {}).update(imgs)
+        for key, sums in part_kept.items():
+            for stage, (total, calls) in sums.items():
+                entry = kept.setdefault(key, {}).setdefault(stage, [0.0, 0])
+                entry[0] += total
+                entry[1] += calls
+        for key, seconds in part_timings.items():  # wall-clock: the jobs run side by side
+            timings[key] = max(timings.get(key, 0.0), seconds)
+        for name, note in part_info.items():
+            info.setdefault(name, note)
+    return images, kept, timings
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=str(HERE / "tiny_t2i.safetensors"))
@@ -588,7 +652,10 @@ def main(argv=None) -> int:
     ap.add_argument("--gate-steps", type=int, default=None, help="gate training steps (600)")
     ap.add_argument("--gate-batch", type=int, default=None, help="gate training batch (16)")
     ap.add_argument("--gate-lr", type=float, default=1e-3)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per job")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="processes sampling side by side, each with a share of the seeds (one per free core); the "
+                         "images are the same as with one job")
     args = ap.parse_args(argv)
     defaults = {"prompts": 400, "seeds": 4, "steps": 20, "gate_captions": 1000, "gate_steps": 600, "gate_batch": 16,
                 "stages": ["high", "all"]}
@@ -597,32 +664,18 @@ def main(argv=None) -> int:
             setattr(args, key, QUICK[key] if args.quick and key in QUICK else value)
     torch.set_num_threads(args.threads)
     started = time.time()
-    nodes_map = load_pack()
-    model, clip, cfg, meta = tinyt2i.load(args.model)
-    subsets = {}
-    triples = []
-    for kind in args.pairings:
-        subsets[kind] = list(range(len(triples), len(triples) + args.prompts))
-        triples += evaluation_prompts(args.prompts, 7, args.world, kind)
     seeds = list(range(args.seeds))
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ctx = Context(nodes_map, model, clip, triples, seeds, cfg.image_size, args)
-    arms = [{**ARMS, **ABLATIONS}[name]() for name in args.arms]
-    left_out = [a.name for a in arms if not a.supports(ctx)]
-    arms = [a for a in arms if a.supports(ctx)]
-    timings, kept, images = {}, {}, {}
-    for arm in [a for a in arms if not a.staged]:
-        t0 = time.time()
-        images[arm.name], _ = sample_arm(arm, ctx)
-        timings[f"sample {arm.name}"] = time.time() - t0
-    for stage in args.stages:
-        ctx.stage = stage
-        for arm in [a for a in arms if a.staged]:
-            t0 = time.time()
-            arm.prepare(ctx)
-            images[(stage, arm.name)], kept[f"{stage}: {arm.name}"] = sample_arm(arm, ctx)
-            timings[f"{stage}: {arm.name}"] = time.time() - t0
+    ctx, arms, left_out, subsets, meta = build(args, seeds)
+    triples = ctx.triples
+    jobs = max(1, min(args.jobs, len(seeds)))
+    if jobs == 1:
+        images, kept_sums, timings = sample_all(ctx, arms)
+    else:
+        images, kept_sums, timings = sample_in_jobs(args, [seeds[k::jobs] for k in range(jobs)], ctx.info)
+    kept = {key: {stage: round(v[0] / max(v[1], 1), 4) for stage, v in sorted(sums.items())}
+            for key, sums in kept_sums.items()}
 
     truth = {(i, s): scene(t, layout_seed(i, s), ctx.size).image for i, t in enumerate(triples) for s in seeds}
     t0 = time.time()
