@@ -324,3 +324,22 @@ def test_attention_couple_with_the_base_prompt_everywhere_is_the_base_model(host
     assert torch.allclose(run(couple_model(model, same, masks)), base, atol=1e-4)
     regions = torch.stack([clip.conditioning([f"a {w}"] * 2)[0][0] for w in ("red circle", "blue square")])
     assert not torch.allclose(run(couple_model(model, regions, masks)), base, atol=1e-2)
+
+
+def test_jobs_merge_to_the_same_report_however_the_seeds_are_shared(host, tmp_path):
+    """--jobs: the seeds are shared between spawned processes and merged. Seeds {0, 2} + {1} and {0} + {1} + {2}
+    give the same tables, kept shares and arm notes, bit for bit (an image depends only on its prompt group and
+    seed). (Against --jobs 1 inside this process the host's attention backend can differ: MASKATTN_TEST_ATTENTION.)"""
+    common = ["--quick", "--model", str(COMMITTED_V2), "--prompts", "2", "--seeds", "3",
+              "--arms", "base", "zero-shot v2", "region oracle"]
+    reports = []
+    for jobs in ("2", "3"):
+        out = tmp_path / jobs
+        assert experiment.main([*common, "--jobs", jobs, "--out", str(out)]) == 0
+        reports.append(json.loads((out / "results.json").read_text()))
+    two, three = reports
+    assert three["settings"]["jobs"] == 3 and two["settings"]["seeds"] == three["settings"]["seeds"] == 3
+    assert two["tables"] == three["tables"]
+    assert two["kept_fraction"] == three["kept_fraction"]
+    assert 0.0 < two["kept_fraction"]["high: region oracle"]["high"] < 1.0
+    assert two["arm_notes"] == three["arm_notes"] and two["arm_notes"]
