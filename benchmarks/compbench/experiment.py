@@ -168,10 +168,11 @@ class Context:
     args: argparse.Namespace
     stage: str = "all"
     info: dict = field(default_factory=dict)  # per-arm notes for the report
+    cache: dict = field(default_factory=dict)  # work arms share (the distillation set)
 
-    def apply(self, gates):
+    def apply(self, gates, start_percent: float = 0.0):
         (patched,) = self.nodes["MaskAttnApply"]().apply(self.model, gates, 0.5, 1.0, self.stage, "encoder_decoder",
-                                                         0.0, 1.0)
+                                                         start_percent, 1.0)
         return patched
 
 
@@ -205,13 +206,18 @@ class LearnedArm(Arm):
     """"Train MaskAttn Gates" (the node, model frozen) on --gate-captions images of the train split, then Apply.
 
     objective: a name of masks/objectives.OBJECTIVES (None: the trainer's default); init: logit bias of the fresh
-    heads (None: the objective's own); lr: None for --gate-lr; masks: leading steps trained on the train images'
-    true boxes (world.sample(...).boxes: each object's colour + shape words kept in its box), -1 = every step,
-    "half" = the first half, 0 = none; seed: the heads' init, example order and noise of the training run."""
+    heads (None: the objective's own); lr: None for --gate-lr; masks: leading steps trained on per-object masks
+    (each object's colour + shape words kept in its mask), -1 = every step, "half" = the first half, 0 = none;
+    mask_source: "boxes", the train images' true boxes (world.sample(...).boxes), or "zero-shot v2", a distillation:
+    the train captions are sampled with zero-shot gates v2 and the heads are trained on those images and the
+    regions v2 found in them (the aggregate partition, `region_masks`), so no box is needed; seed: the heads' init,
+    example order and noise of the training run; start: Apply MaskAttn's start_percent (0.2 gates from where
+    zero-shot gates start: the first fifth of the schedule, where the layout forms, runs ungated)."""
 
     def __init__(self, name: str = "learned", objective: str | None = None, seed: int = 0, init: float | None = None,
-                 lr: float | None = None, masks: int | str = 0):
+                 lr: float | None = None, masks: int | str = 0, mask_source: str = "boxes", start: float = 0.0):
         self.name, self.objective, self.seed, self.init, self.lr, self.masks = name, objective, seed, init, lr, masks
+        self.mask_source, self.start = mask_source, start
 
     def prepare(self, ctx):
         from comfyui_maskattn.masks.train import TRAIN_DEFAULTS
@@ -219,8 +225,22 @@ class LearnedArm(Arm):
         a = ctx.args
         train_split, _ = world.split_combos(seed=0)
         data = world.dataset(a.gate_captions, seed=1000, combos=train_split, size=ctx.size)
-        latents = {"samples": tinyt2i.encode_images(np.stack([d.image for d in data]))}
         captions = [d.caption for d in data]
+        distilled = self.masks and self.mask_source == "zero-shot v2"
+        if distilled:
+            t0 = time.time()
+            key = ("zero-shot v2 regions", ctx.stage, a.gate_captions, self.seed)
+            if key not in ctx.cache:
+                ctx.cache[key] = zero_shot_v2_regions(ctx, [d.triple for d in data], seed=self.seed)
+            samples, mask_a, mask_b, kept = ctx.cache[key]
+            ctx.info.setdefault(self.name, {}).update(distill_s=round(time.time() - t0, 1),
+                                                      distill_images=len(kept), distill_captions=len(data))
+            data, captions = [data[i] for i in kept], [captions[i] for i in kept]
+            latents = {"samples": samples}
+        else:
+            latents = {"samples": tinyt2i.encode_images(np.stack([d.image for d in data]))}
+            mask_a = torch.stack([box_mask(d.boxes["a"], ctx.size) for d in data])
+            mask_b = torch.stack([box_mask(d.boxes["b"], ctx.size) for d in data])
         cond = ctx.clip.conditioning(captions)
         objective = self.objective or TRAIN_DEFAULTS["objective"]
         mask_steps = a.gate_steps // 2 if self.masks == "half" else self.masks
@@ -235,16 +255,16 @@ class LearnedArm(Arm):
             extra.update(clip=ctx.clip, captions="\n".join(captions), mask_steps=mask_steps,
                          phrases="\n".join(f"{d.triple.colour_a} {d.triple.shape_a} | {d.triple.colour_b} "
                                            f"{d.triple.shape_b}" for d in data),
-                         mask_1=torch.stack([box_mask(d.boxes["a"], ctx.size) for d in data]),
-                         mask_2=torch.stack([box_mask(d.boxes["b"], ctx.size) for d in data]))
+                         mask_1=mask_a, mask_2=mask_b)
         t0 = time.time()
         gates, _curve = ctx.nodes["MaskAttnTrainGates"]().train(ctx.model, latents, cond, a.gate_steps, a.gate_batch,
                                                                 lr, ctx.stage, "encoder_decoder",
                                                                 TRAIN_DEFAULTS["hidden"], self.seed, **extra)
-        self.gated_model = ctx.apply(gates)
-        ctx.info[self.name] = {"train_s": round(time.time() - t0, 1), "distinct_captions": len(set(captions)),
-                               "objective": objective, "lr": lr, "seed": self.seed, "init_bias": self.init,
-                               "mask_steps": mask_steps, "steps": a.gate_steps, "batch": a.gate_batch}
+        self.gated_model = ctx.apply(gates, self.start)
+        ctx.info.setdefault(self.name, {}).update(start_percent=self.start,
+            train_s=round(time.time() - t0, 1), distinct_captions=len(set(captions)), objective=objective, lr=lr,
+            seed=self.seed, init_bias=self.init, mask_steps=mask_steps, steps=a.gate_steps, batch=a.gate_batch,
+            **({"mask_source": self.mask_source} if mask_steps else {}))
 
     def model_for(self, ctx, idx, seed):
         return self.gated_model
@@ -265,7 +285,48 @@ LEARNED_VARIANTS = {
     "learned concrete s0": dict(objective="concrete"),
     "learned box masks s0": dict(masks=-1),
     "learned box masks then soft_x0 s0": dict(objective="soft_x0", masks="half"),
+    "learned box masks from 0.2 s0": dict(masks=-1, start=0.2),
+    "learned v2 regions s0": dict(masks=-1, mask_source="zero-shot v2", start=0.2),
+    "learned v2 regions then soft_x0 s0": dict(objective="soft_x0", masks="half", mask_source="zero-shot v2",
+                                               start=0.2),
 }
+
+
+def zero_shot_v2_regions(ctx: Context, triples: list, seed: int, chunk: int = 128) -> tuple:
+    """The distillation set: each caption sampled through the KSampler with "MaskAttn Zero-Shot Gates" (v2, the
+    node's defaults) at ctx.stage, and the region v2 found for each object. Returns (latents [N, 4, S, S], object
+    A's mask [N, S, S], object B's mask [N, S, S], the caption indices of those N): images where v2 found no region
+    for an object are left out (an empty mask cannot supervise). Prompts of one structure share token positions, so
+    one gates object serves a chunk of them, as in the zero-shot arm."""
+    import nodes
+
+    latents = torch.zeros(len(triples), 4, ctx.size, ctx.size)
+    masks = torch.zeros(len(triples), 2, ctx.size, ctx.size)
+    groups: dict[str, list[int]] = {}
+    for i, t in enumerate(triples):
+        groups.setdefault(structure(t), []).append(i)
+    for g, (_, members) in enumerate(sorted(groups.items())):
+        for start in range(0, len(members), chunk):
+            idx = members[start:start + chunk]
+            captions = [world.caption(triples[i]) for i in idx]
+            gates = ctx.nodes["MaskAttnZeroShotGates"]().build(ctx.clip, captions[0], ctx.stage, 0.2)["result"][0]
+            if len(gates.groups) != 2:
+                raise ValueError(f"zero-shot v2 grouped {captions[0]!r} as {gates.group_labels()}: expected the two "
+                                 f"objects")
+            gates.track_regions = True
+            pos, neg = ctx.clip.conditioning(captions), ctx.clip.conditioning([""] * len(idx))
+            empty = {"samples": torch.zeros(len(idx), 4, ctx.size, ctx.size)}
+            with torch.inference_mode():
+                (res,) = nodes.common_ksampler(ctx.apply(gates), 7919 * seed + 104729 * g + start, ctx.args.steps,
+                                               ctx.args.cfg, "euler", "normal", pos, neg, empty)
+            regions = gates.region_masks(ctx.size, ctx.size)
+            if regions is None or regions.shape[:2] != (len(idx), 2):
+                raise RuntimeError(f"zero-shot v2 kept no regions for {len(idx)} prompts: "
+                                   f"{None if regions is None else tuple(regions.shape)}")
+            latents[idx] = res["samples"].float()
+            masks[idx] = regions.float()
+    kept = [i for i in range(len(triples)) if bool((masks[i].flatten(1) > 0).any(1).all())]
+    return latents[kept], masks[kept, 0], masks[kept, 1], kept
 
 
 class ZeroShotArm(Arm):
