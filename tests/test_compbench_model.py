@@ -374,3 +374,43 @@ def test_distillation_set_is_v2s_own_images_and_regions(host):
                 x, y = matched[key].centroid
                 inside.append(float(m[int(y), int(x)]))
     assert inside and sum(inside) / len(inside) >= 0.75, inside
+
+
+def test_distilled_arms_train_on_one_shared_set_sampled_away_from_the_evaluation_noise(host, monkeypatch):
+    """The two "v2 regions" arms: the second reuses the first's distillation set (sampled once), both are mask
+    supervised from it and applied from 20% of the schedule, and no distillation run uses an evaluation seed."""
+    import argparse
+
+    import nodes
+
+    seeds_used = []
+    real = nodes.common_ksampler
+
+    def recording(model, seed, *rest, **kw):
+        seeds_used.append(seed)
+        return real(model, seed, *rest, **kw)
+
+    monkeypatch.setattr(nodes, "common_ksampler", recording)
+    nodes_map = experiment.load_pack()
+    model, clip, cfg, _ = tinyt2i.load(COMMITTED_V2)
+    args = argparse.Namespace(steps=6, cfg=4.0, gate_captions=8, gate_steps=2, gate_batch=4, gate_lr=1e-3, seeds=4)
+    ctx = experiment.Context(nodes_map, model, clip, [], list(range(4)), cfg.image_size, args)
+    ctx.stage = "high"
+    first = experiment.ABLATIONS["learned v2 regions s0"]()
+    second = experiment.ABLATIONS["learned v2 regions then soft_x0 s0"]()
+    first.prepare(ctx)
+    runs = len(seeds_used)
+    second.prepare(ctx)
+    assert runs >= 2 and len(seeds_used) == runs  # one sampling run per structure, none for the second arm
+    assert min(seeds_used) > 1_000_000
+    a, b = ctx.info[first.name], ctx.info[second.name]
+    assert (a["distill_cached"], b["distill_cached"]) == (False, True)
+    assert a["distill_images"] == b["distill_images"] and 0 < a["distill_images"] <= 8
+    assert a["mask_source"] == b["mask_source"] == "zero-shot v2" and (a["mask_steps"], b["mask_steps"]) == (-1, 1)
+    assert a["start_percent"] == b["start_percent"] == 0.2
+    start_sigma = float(model.model.model_sampling.percent_to_sigma(0.2))
+    for arm in (first, second):
+        assert arm.gated_model is not model
+        patches = arm.gated_model.model_options["transformer_options"]["patches"]["attn2_patch"]
+        (clock,) = [patch.clock for patch in patches if hasattr(patch, "clock")]
+        assert clock.sigma_start == pytest.approx(start_sigma) and clock.sigma_end is None

@@ -230,10 +230,11 @@ class LearnedArm(Arm):
         if distilled:
             t0 = time.time()
             key = ("zero-shot v2 regions", ctx.stage, a.gate_captions, self.seed)
-            if key not in ctx.cache:
+            cached = key in ctx.cache
+            if not cached:
                 ctx.cache[key] = zero_shot_v2_regions(ctx, [d.triple for d in data], seed=self.seed)
             samples, mask_a, mask_b, kept = ctx.cache[key]
-            ctx.info.setdefault(self.name, {}).update(distill_s=round(time.time() - t0, 1),
+            ctx.info.setdefault(self.name, {}).update(distill_s=round(time.time() - t0, 1), distill_cached=cached,
                                                       distill_images=len(kept), distill_captions=len(data))
             data, captions = [data[i] for i in kept], [captions[i] for i in kept]
             latents = {"samples": samples}
@@ -274,8 +275,9 @@ class LearnedArm(Arm):
 
 
 #: Training variants measured for issue 19 (name -> LearnedArm keywords): the paper's recipe (reference init 0, its
-#: lr 1e-4), objectives at --gate-lr, mask supervision on the true boxes (alone, and followed by soft_x0); a seed
-#: suffix sN trains with gate seed N. Run by name with --arms (ABLATIONS), not in the default design.
+#: lr 1e-4), objectives at --gate-lr, mask supervision on the true boxes (alone, followed by soft_x0, and applied
+#: from 20% of the schedule) or on zero-shot v2's regions (distilled, applied from 20% as v2 is); a seed suffix sN
+#: trains with gate seed N. Run by name with --arms (ABLATIONS), not in the default design.
 LEARNED_VARIANTS = {
     **{f"learned paper recipe s{k}": dict(objective="paper", init=0.0, lr=1e-4, seed=k) for k in range(3)},
     "learned paper_open s0": dict(objective="paper_open"),
@@ -294,7 +296,9 @@ LEARNED_VARIANTS = {
 
 def zero_shot_v2_regions(ctx: Context, triples: list, seed: int, chunk: int = 128) -> tuple:
     """The distillation set: each caption sampled through the KSampler with "MaskAttn Zero-Shot Gates" (v2, the
-    node's defaults) at ctx.stage, and the region v2 found for each object. Returns (latents [N, 4, S, S], object
+    node's defaults) at ctx.stage, and the region v2 found for each object. The noise seeds lie above any evaluation
+    seed (--seeds), so no training image starts from an evaluated image's noise; the images are decoded to uint8
+    and encoded again, as the box arms' training images are. Returns (latents [N, 4, S, S], object
     A's mask [N, S, S], object B's mask [N, S, S], the caption indices of those N): images where v2 found no region
     for an object are left out (an empty mask cannot supervise). Prompts of one structure share token positions, so
     one gates object serves a chunk of them, as in the zero-shot arm."""
@@ -317,13 +321,13 @@ def zero_shot_v2_regions(ctx: Context, triples: list, seed: int, chunk: int = 12
             pos, neg = ctx.clip.conditioning(captions), ctx.clip.conditioning([""] * len(idx))
             empty = {"samples": torch.zeros(len(idx), 4, ctx.size, ctx.size)}
             with torch.inference_mode():
-                (res,) = nodes.common_ksampler(ctx.apply(gates), 7919 * seed + 104729 * g + start, ctx.args.steps,
-                                               ctx.args.cfg, "euler", "normal", pos, neg, empty)
+                (res,) = nodes.common_ksampler(ctx.apply(gates), 1_000_003 * (seed + 1) + 104729 * g + start,
+                                               ctx.args.steps, ctx.args.cfg, "euler", "normal", pos, neg, empty)
             regions = gates.region_masks(ctx.size, ctx.size)
             if regions is None or regions.shape[:2] != (len(idx), 2):
                 raise RuntimeError(f"zero-shot v2 kept no regions for {len(idx)} prompts: "
                                    f"{None if regions is None else tuple(regions.shape)}")
-            latents[idx] = res["samples"].float()
+            latents[idx] = tinyt2i.encode_images(tinyt2i.decode_latents(res["samples"]))
             masks[idx] = regions.float()
     kept = [i for i in range(len(triples)) if bool((masks[i].flatten(1) > 0).any(1).all())]
     return latents[kept], masks[kept, 0], masks[kept, 1], kept
