@@ -773,8 +773,8 @@ def main(argv=None) -> int:
         "arm_notes": ctx.info,
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "total_s": round(time.time() - started, 1),
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s), "
-                   f"torch {torch.__version__}",
+        "machine": f"{platform.processor() or platform.machine()}, {jobs} job(s) of {torch.get_num_threads()} torch "
+                   f"thread(s), torch {torch.__version__}",
     }
     (out_dir / "results.json").write_text(json.dumps(report, indent=1))
     (out_dir / "results.md").write_text(markdown(report))
