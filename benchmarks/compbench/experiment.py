@@ -100,6 +100,14 @@ def structure(t) -> str:
     return "horizontal" if t.relation in ("left of", "right of") else "vertical"
 
 
+def structure_groups(triples) -> dict[str, list[int]]:
+    """structure -> indices of the triples with it, in order (one batch shares token positions)."""
+    groups: dict[str, list[int]] = {}
+    for i, t in enumerate(triples):
+        groups.setdefault(structure(t), []).append(i)
+    return groups
+
+
 def objects_of(t) -> list[tuple[str, str]]:
     """(colour, shape) per named object, in caption order."""
     return list(t.objects) if isinstance(t, world.Trio) else [t.a, t.b]
@@ -240,8 +248,7 @@ class LearnedArm(Arm):
             latents = {"samples": samples}
         else:
             latents = {"samples": tinyt2i.encode_images(np.stack([d.image for d in data]))}
-            mask_a = torch.stack([box_mask(d.boxes["a"], ctx.size) for d in data])
-            mask_b = torch.stack([box_mask(d.boxes["b"], ctx.size) for d in data])
+            mask_a = mask_b = None  # the true boxes, made below only when mask supervision is on
         cond = ctx.clip.conditioning(captions)
         objective = self.objective or TRAIN_DEFAULTS["objective"]
         mask_steps = a.gate_steps // 2 if self.masks == "half" else self.masks
@@ -253,6 +260,9 @@ class LearnedArm(Arm):
             extra["maskattn"] = new_gates(ctx.model, ctx.stage, "encoder_decoder", TRAIN_DEFAULTS["hidden"],
                                           self.seed, self.init)
         if mask_steps:
+            if mask_a is None:
+                mask_a = torch.stack([box_mask(d.boxes["a"], ctx.size) for d in data])
+                mask_b = torch.stack([box_mask(d.boxes["b"], ctx.size) for d in data])
             extra.update(clip=ctx.clip, captions="\n".join(captions), mask_steps=mask_steps,
                          phrases="\n".join(f"{d.triple.colour_a} {d.triple.shape_a} | {d.triple.colour_b} "
                                            f"{d.triple.shape_b}" for d in data),
@@ -306,10 +316,7 @@ def zero_shot_v2_regions(ctx: Context, triples: list, seed: int, chunk: int = 12
 
     latents = torch.zeros(len(triples), 4, ctx.size, ctx.size)
     masks = torch.zeros(len(triples), 2, ctx.size, ctx.size)
-    groups: dict[str, list[int]] = {}
-    for i, t in enumerate(triples):
-        groups.setdefault(structure(t), []).append(i)
-    for g, (_, members) in enumerate(sorted(groups.items())):
+    for g, (_, members) in enumerate(sorted(structure_groups(triples).items())):
         for start in range(0, len(members), chunk):
             idx = members[start:start + chunk]
             captions = [world.caption(triples[i]) for i in idx]
@@ -467,10 +474,7 @@ def sample_arm(arm: Arm, ctx: Context) -> tuple[dict, dict]:
     import nodes
 
     images, kept = {}, {}
-    groups: dict[str, list[int]] = {}
-    for i, t in enumerate(ctx.triples):
-        groups.setdefault(structure(t), []).append(i)
-    for _, idx in sorted(groups.items()):
+    for _, idx in sorted(structure_groups(ctx.triples).items()):
         pos = ctx.clip.conditioning([world.caption(ctx.triples[i]) for i in idx])
         neg = ctx.clip.conditioning([""] * len(idx))
         for s in ctx.seeds:
