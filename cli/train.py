@@ -33,6 +33,7 @@ EXIT_USAGE = 3
 
 def build_parser() -> argparse.ArgumentParser:
     from comfyui_maskattn.masks.objectives import OBJECTIVES
+    from comfyui_maskattn.masks.supervised import MASK_OUTSIDE
     from comfyui_maskattn.masks.topology import PLACEMENTS, STAGE_CHOICES
     from comfyui_maskattn.masks.train import TRAIN_DEFAULTS as D
 
@@ -76,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=D["mask_steps"],
         help="the first N steps train the gates to predict the dataset's object masks (beyond the paper), the rest "
         "use --objective; -1: every step",
+    )
+    t.add_argument(
+        "--mask-outside",
+        default=D["mask_outside"],
+        choices=list(MASK_OUTSIDE),
+        help="object words where no object mask is (the background): close them, or keep them open so a word is "
+        "closed only inside another object's mask (what zero-shot gates do)",
     )
     t.add_argument("--steps", type=int, default=D["steps"])
     t.add_argument("--batch-size", type=int, default=D["batch_size"], help="per process")
@@ -382,6 +390,7 @@ def _run(args, examples, dist: Dist, fingerprint) -> int:
         precision=precision,
         objective=args.objective,
         mask_steps=mask_steps,
+        mask_outside=args.mask_outside,
     )
     gates = gate_training.start_gates(
         model,

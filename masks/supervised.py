@@ -5,6 +5,10 @@ cube). A word's token should be kept where its object is and suppressed elsewher
 keep-probability of that token is trained towards the fraction of each latent cell the object's mask covers (binary
 cross-entropy on the gate logits). Tokens of no object (start, end, padding, relation words) are not supervised.
 
+Where no object is (the background), `outside` decides: "close" suppresses every object's words there (the target
+above), "keep" keeps them open, so a word is suppressed only where another object is. "keep" is the decision the
+training-free gates make (masks/zeroshot.py): they close a group's words only where another group wins.
+
 The gate sees what it sees while sampling: the features entering the layer at a noisy latent, drawn like the
 denoising objective draws them. Only the heads learn; no gradient goes through the model.
 """
@@ -18,6 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .region import as_mask, coverage
+
+#: What an object's words are trained to do where no object's mask is (see the module docstring).
+MASK_OUTSIDE = ("close", "keep")
 
 
 @dataclass
@@ -46,9 +53,11 @@ class ObjectMasks:
             cached = self._coverage[(h, w)] = coverage(self.masks, h, w).reshape(r, h * w).T.contiguous()
         return cached
 
-    def targets(self, h: int, w: int, tokens: int) -> tuple[Tensor, Tensor]:
+    def targets(self, h: int, w: int, tokens: int, outside: str = "close") -> tuple[Tensor, Tensor]:
         """(target keep-probability [h*w, tokens], weight [h*w, tokens]) on an h x w grid; a context longer than the
-        image's own (repeated to a common length in a batch) repeats the pattern."""
+        image's own (repeated to a common length in a batch) repeats the pattern. outside="keep" adds each cell's
+        uncovered share to every object's target (a word is closed only as far as other objects cover the cell)."""
+        check_outside(outside)
         own = self.owner.shape[0]
         if tokens % own:
             raise ValueError(f"context of {tokens} tokens is not a repetition of this image's {own}")
@@ -57,8 +66,16 @@ class ObjectMasks:
         supervised = owner >= 0
         target = torch.zeros(h * w, tokens)
         target[:, supervised] = cover[:, owner[supervised]]
+        if outside == "keep":
+            free = (1.0 - cover.sum(dim=1, keepdim=True)).clamp_min(0.0)
+            target[:, supervised] = (target[:, supervised] + free).clamp_max(1.0)
         weight = supervised.float()[None, :].expand(h * w, tokens)
         return target, weight
+
+
+def check_outside(outside: str) -> None:
+    if outside not in MASK_OUTSIDE:
+        raise ValueError(f"mask_outside must be one of {MASK_OUTSIDE}, got {outside!r}")
 
 
 def object_masks(text: str, phrases: list[str], masks: list[Tensor], tokens: dict,
@@ -92,7 +109,8 @@ def object_masks(text: str, phrases: list[str], masks: list[Tensor], tokens: dic
     return ObjectMasks(torch.tensor(owner, dtype=torch.long), stacked)
 
 
-def batch_targets(objects: list[ObjectMasks | None], h: int, w: int, tokens: int, device) -> tuple[Tensor, Tensor]:
+def batch_targets(objects: list[ObjectMasks | None], h: int, w: int, tokens: int, device,
+                  outside: str = "close") -> tuple[Tensor, Tensor]:
     """Stacked targets/weights [B, h*w, tokens] of a batch (an image without masks has weight 0)."""
     ts, ws = [], []
     for o in objects:
@@ -100,24 +118,24 @@ def batch_targets(objects: list[ObjectMasks | None], h: int, w: int, tokens: int
             ts.append(torch.zeros(h * w, tokens))
             ws.append(torch.zeros(h * w, tokens))
         else:
-            t, w_ = o.targets(h, w, tokens)
+            t, w_ = o.targets(h, w, tokens, outside)
             ts.append(t)
             ws.append(w_)
     return torch.stack(ts).to(device), torch.stack(ws).to(device)
 
 
-def _targets_by_grid(objects, records) -> dict:
+def _targets_by_grid(objects, records, outside: str) -> dict:
     """The batch targets of each (grid, tokens, device) the records need, built once per forward pass: every layer
     of a grid shares them."""
     out = {}
     for r in records:
         key = (tuple(r.grid), r.logits.shape[-1], r.logits.device)
         if key not in out:
-            out[key] = batch_targets(objects, r.grid[0], r.grid[1], r.logits.shape[-1], r.logits.device)
+            out[key] = batch_targets(objects, r.grid[0], r.grid[1], r.logits.shape[-1], r.logits.device, outside)
     return out
 
 
-def mask_loss(records, objects: list[ObjectMasks | None]) -> Tensor:
+def mask_loss(records, objects: list[ObjectMasks | None], outside: str = "close") -> Tensor:
     """Mean over gated layers of the weighted binary cross-entropy between gate logits and mask coverage.
 
     `records`: GateRecords (masks/objectives.py) of one forward pass, logits [B, N, T] on grid (h, w). A batch without
@@ -129,7 +147,7 @@ def mask_loss(records, objects: list[ObjectMasks | None]) -> Tensor:
         h, w = r.grid
         if h * w != r.logits.shape[1]:
             raise ValueError(f"layer {r.key}: grid {h}x{w} does not match {r.logits.shape[1]} locations")
-    targets = _targets_by_grid(objects, records)
+    targets = _targets_by_grid(objects, records, outside)
     losses = []
     for r in records:
         target, weight = targets[(tuple(r.grid), r.logits.shape[-1], r.logits.device)]
@@ -140,10 +158,11 @@ def mask_loss(records, objects: list[ObjectMasks | None]) -> Tensor:
     return torch.stack(losses).mean()
 
 
-def mask_agreement(records, objects: list[ObjectMasks | None], threshold: float = 0.5) -> float:
-    """Share of supervised (location, token) pairs where the hard gate agrees with the mask (coverage > 0.5)."""
+def mask_agreement(records, objects: list[ObjectMasks | None], threshold: float = 0.5,
+                   outside: str = "close") -> float:
+    """Share of supervised (location, token) pairs where the hard gate agrees with the target (> 0.5)."""
     agree = total = 0.0
-    targets = _targets_by_grid(objects, records)
+    targets = _targets_by_grid(objects, records, outside)
     for r in records:
         target, weight = targets[(tuple(r.grid), r.logits.shape[-1], r.logits.device)]
         hard = r.probabilities.detach() > threshold

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .objectives import DEFAULT_OBJECTIVE, Objective, get_objective
+from .supervised import check_outside
 
 STATE_FORMAT = "maskattn-train-state"
 STATE_VERSION = 1
@@ -49,6 +50,7 @@ TRAIN_DEFAULTS = {
     "hidden": 128,
     "objective": DEFAULT_OBJECTIVE,
     "mask_steps": 0,  # leading steps trained on object masks (masks/supervised.py) before the objective
+    "mask_outside": "close",  # object words where no mask is: "close" or "keep" (masks/supervised.MASK_OUTSIDE)
     "save_every": 500,
 }
 
@@ -82,6 +84,7 @@ class TrainConfig:
     precision: str = TRAIN_DEFAULTS["precision"]  # autocast dtype of the frozen model's forward: fp32 | bf16 | fp16
     objective: str = TRAIN_DEFAULTS["objective"]  # a name of masks/objectives.OBJECTIVES
     mask_steps: int = TRAIN_DEFAULTS["mask_steps"]  # leading steps on the object-mask loss (0: none)
+    mask_outside: str = TRAIN_DEFAULTS["mask_outside"]  # the mask loss's target where no object is
 
     def __post_init__(self):
         self.betas = tuple(float(b) for b in self.betas)
@@ -96,6 +99,7 @@ class TrainConfig:
         get_objective(self.objective)
         if not 0 <= self.mask_steps <= self.steps:
             raise ValueError(f"mask_steps must lie in [0, steps], got {self.mask_steps} of {self.steps}")
+        check_outside(self.mask_outside)
 
     @property
     def objective_spec(self) -> Objective:

@@ -453,7 +453,7 @@ class TrainingSession:
             xt = model_objective.noisy(sigma, d.noise, x0)
             if supervised:
                 self.denoise(xt, sigma, context, extras)  # the gates see their inputs; only their logits train
-                return mask_loss(gate.records, [examples.objects[int(i)] for i in d.index])
+                return mask_loss(gate.records, [examples.objects[int(i)] for i in d.index], trainer.config.mask_outside)
             denoised = self.denoise(xt, sigma, context, extras)
             if teacher is None:
                 target = x0

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ..masks.objectives import OBJECTIVES, get_objective
-from ..masks.supervised import ObjectMasks, object_masks
+from ..masks.supervised import MASK_OUTSIDE, ObjectMasks, object_masks
 from ..masks.topology import PLACEMENTS, STAGE_CHOICES
 from ..masks.train import TRAIN_DEFAULTS, TrainConfig, resolve_mask_steps, resolve_warmup
 from . import gate_training, hooks
@@ -232,6 +232,15 @@ class MaskAttnTrainGates:
                         "-1: every step when masks are connected (none otherwise).",
                     },
                 ),
+                "mask_outside": (
+                    list(MASK_OUTSIDE),
+                    {
+                        "default": d["mask_outside"],
+                        "tooltip": "Mask supervision, where no mask is (the background): close: every object's "
+                        "words are closed there; keep: they stay open, so a word is closed only inside another "
+                        "object's mask (what Zero-Shot Gates do).",
+                    },
+                ),
             },
         }
 
@@ -254,6 +263,7 @@ class MaskAttnTrainGates:
         captions="",
         phrases="",
         mask_steps=-1,
+        mask_outside=TRAIN_DEFAULTS["mask_outside"],
         **masks,
     ):
         import comfy.model_management as mm
@@ -288,6 +298,7 @@ class MaskAttnTrainGates:
                 warmup_steps=resolve_warmup(warmup_steps, steps),
                 objective=spec.name,
                 mask_steps=lead,
+                mask_outside=mask_outside,
             )
         except (TrainingInputError, ValueError) as e:
             raise NodeError(f"{NODE}: {e}") from None

@@ -359,12 +359,17 @@ def test_distillation_set_is_v2s_own_images_and_regions(host):
     ctx.stage = "high"
     train_split, _ = world.split_combos(seed=0)
     triples = [d.triple for d in world.dataset(6, seed=1000, combos=train_split, size=cfg.image_size)]
-    latents, mask_a, mask_b, kept = experiment.zero_shot_v2_regions(ctx, triples, seed=0, chunk=4)
+    latents, regions, partition, kept = experiment.zero_shot_v2_regions(ctx, triples, seed=0, chunk=4)
     assert kept and latents.shape == (len(kept), 4, cfg.image_size, cfg.image_size)
-    assert mask_a.shape == mask_b.shape == (len(kept), cfg.image_size, cfg.image_size)
+    assert regions.shape == partition.shape == (len(kept), 2, cfg.image_size, cfg.image_size)
+    mask_a, mask_b = regions.unbind(1)
     for m in (mask_a, mask_b):
         assert set(m.unique().tolist()) <= {0.0, 1.0} and bool((m.flatten(1).sum(1) > 0).all())
     assert bool(((mask_a - mask_b).abs().flatten(1).sum(1) > 0).all())
+    # the decision: every pixel to exactly one object, each object's region inside its own part
+    assert bool((partition.sum(1) == 1).all())
+    assert bool((regions <= partition).all())
+    assert 0 < float(partition[:, 0].mean()) < 1
     images = tinyt2i.decode_latents(latents)
     inside = []
     for j, i in enumerate(kept):

@@ -218,14 +218,18 @@ class LearnedArm(Arm):
     (each object's colour + shape words kept in its mask), -1 = every step, "half" = the first half, 0 = none;
     mask_source: "boxes", the train images' true boxes (world.sample(...).boxes), or "zero-shot v2", a distillation:
     the train captions are sampled with zero-shot gates v2 and the heads are trained on those images and the
-    regions v2 found in them (the aggregate partition, `region_masks`), so no box is needed; seed: the heads' init,
+    regions v2 found in them (the aggregate partition, `region_masks`), so no box is needed, or "zero-shot v2
+    decision", the same images with every location given to the group that wins it in v2's aggregate (no
+    background), so the target is v2's own decision: the winner's words kept, the other's closed; outside: the
+    trainer's mask_outside ("keep": an object's words closed only inside the other's mask); seed: the heads' init,
     example order and noise of the training run; start: Apply MaskAttn's start_percent (0.2 gates from where
     zero-shot gates start: the first fifth of the schedule, where the layout forms, runs ungated)."""
 
     def __init__(self, name: str = "learned", objective: str | None = None, seed: int = 0, init: float | None = None,
-                 lr: float | None = None, masks: int | str = 0, mask_source: str = "boxes", start: float = 0.0):
+                 lr: float | None = None, masks: int | str = 0, mask_source: str = "boxes", start: float = 0.0,
+                 outside: str = "close"):
         self.name, self.objective, self.seed, self.init, self.lr, self.masks = name, objective, seed, init, lr, masks
-        self.mask_source, self.start = mask_source, start
+        self.mask_source, self.start, self.outside = mask_source, start, outside
 
     def prepare(self, ctx):
         from comfyui_maskattn.masks.train import TRAIN_DEFAULTS
@@ -234,14 +238,15 @@ class LearnedArm(Arm):
         train_split, _ = world.split_combos(seed=0)
         data = world.dataset(a.gate_captions, seed=1000, combos=train_split, size=ctx.size)
         captions = [d.caption for d in data]
-        distilled = self.masks and self.mask_source == "zero-shot v2"
+        distilled = self.masks and self.mask_source.startswith("zero-shot v2")
         if distilled:
             t0 = time.time()
             key = ("zero-shot v2 regions", ctx.stage, a.gate_captions, self.seed)
             cached = key in ctx.cache
             if not cached:
                 ctx.cache[key] = zero_shot_v2_regions(ctx, [d.triple for d in data], seed=self.seed)
-            samples, mask_a, mask_b, kept = ctx.cache[key]
+            samples, regions, partition, kept = ctx.cache[key]
+            mask_a, mask_b = (partition if self.mask_source == "zero-shot v2 decision" else regions).unbind(1)
             ctx.info.setdefault(self.name, {}).update(distill_s=round(time.time() - t0, 1), distill_cached=cached,
                                                       distill_images=len(kept), distill_captions=len(data))
             data, captions = [data[i] for i in kept], [captions[i] for i in kept]
@@ -263,7 +268,7 @@ class LearnedArm(Arm):
             if mask_a is None:
                 mask_a = torch.stack([box_mask(d.boxes["a"], ctx.size) for d in data])
                 mask_b = torch.stack([box_mask(d.boxes["b"], ctx.size) for d in data])
-            extra.update(clip=ctx.clip, captions="\n".join(captions), mask_steps=mask_steps,
+            extra.update(clip=ctx.clip, captions="\n".join(captions), mask_steps=mask_steps, mask_outside=self.outside,
                          phrases="\n".join(f"{d.triple.colour_a} {d.triple.shape_a} | {d.triple.colour_b} "
                                            f"{d.triple.shape_b}" for d in data),
                          mask_1=mask_a, mask_2=mask_b)
@@ -275,7 +280,7 @@ class LearnedArm(Arm):
         ctx.info.setdefault(self.name, {}).update(start_percent=self.start,
             train_s=round(time.time() - t0, 1), distinct_captions=len(set(captions)), objective=objective, lr=lr,
             seed=self.seed, init_bias=self.init, mask_steps=mask_steps, steps=a.gate_steps, batch=a.gate_batch,
-            **({"mask_source": self.mask_source} if mask_steps else {}))
+            **({"mask_source": self.mask_source, "mask_outside": self.outside} if mask_steps else {}))
 
     def model_for(self, ctx, idx, seed):
         return self.gated_model
@@ -301,6 +306,9 @@ LEARNED_VARIANTS = {
     "learned v2 regions s0": dict(masks=-1, mask_source="zero-shot v2", start=0.2),
     "learned v2 regions then soft_x0 s0": dict(objective="soft_x0", masks="half", mask_source="zero-shot v2",
                                                start=0.2),
+    "learned v2 regions outside kept s0": dict(masks=-1, mask_source="zero-shot v2", start=0.2, outside="keep"),
+    "learned v2 decision s0": dict(masks=-1, mask_source="zero-shot v2 decision", start=0.2),
+    "learned box masks outside kept s0": dict(masks=-1, start=0.2, outside="keep"),
 }
 
 
@@ -308,14 +316,19 @@ def zero_shot_v2_regions(ctx: Context, triples: list, seed: int, chunk: int = 12
     """The distillation set: each caption sampled through the KSampler with "MaskAttn Zero-Shot Gates" (v2, the
     node's defaults) at ctx.stage, and the region v2 found for each object. The noise seeds lie above any evaluation
     seed (--seeds), so no training image starts from an evaluated image's noise; the images are decoded to uint8
-    and encoded again, as the box arms' training images are. Returns (latents [N, 4, S, S], object
-    A's mask [N, S, S], object B's mask [N, S, S], the caption indices of those N): images where v2 found no region
-    for an object are left out (an empty mask cannot supervise). Prompts of one structure share token positions, so
-    one gates object serves a chunk of them, as in the zero-shot arm."""
+    and encoded again, as the box arms' training images are. Prompts of one structure share token positions, so
+    one gates object serves a chunk of them, as in the zero-shot arm.
+
+    Returns (latents [N, 4, S, S], regions [N, 2, S, S], partition [N, 2, S, S], the caption indices of those N):
+    regions are v2's regions (background in neither), partition gives every pixel to the group winning it in v2's
+    aggregate. Images where v2 found no region for an object are left out (an empty mask cannot supervise)."""
     import nodes
+
+    from comfyui_maskattn.masks.zeroshot_partition import image_masks
 
     latents = torch.zeros(len(triples), 4, ctx.size, ctx.size)
     masks = torch.zeros(len(triples), 2, ctx.size, ctx.size)
+    partition = torch.zeros(len(triples), 2, ctx.size, ctx.size)
     for g, (_, members) in enumerate(sorted(structure_groups(triples).items())):
         for start in range(0, len(members), chunk):
             idx = members[start:start + chunk]
@@ -336,8 +349,9 @@ def zero_shot_v2_regions(ctx: Context, triples: list, seed: int, chunk: int = 12
                                    f"{None if regions is None else tuple(regions.shape)}")
             latents[idx] = tinyt2i.encode_images(tinyt2i.decode_latents(res["samples"]))
             masks[idx] = regions.float()
+            partition[idx] = image_masks(gates.state.combined(), ctx.size, ctx.size, level=0.0)
     kept = [i for i in range(len(triples)) if bool((masks[i].flatten(1) > 0).any(1).all())]
-    return latents[kept], masks[kept, 0], masks[kept, 1], kept
+    return latents[kept], masks[kept], partition[kept], kept
 
 
 class ZeroShotArm(Arm):
