@@ -832,13 +832,16 @@ class ZeroShotGates(PromptGateSource):
         words = self.grouping.group_words()
         return [" ".join(words[g]) for g in self.groups]
 
-    def region_masks(self, height: int, width: int) -> Tensor | None:
+    def region_masks(self, height: int, width: int, cover_background: bool = False) -> Tensor | None:
         """[R, G, height, width] 0/1: each group's region in the last run's aggregate (R prompt rows, G groups in
-        column order), or None when no run was seen."""
+        column order), or None when no run was seen. cover_background: every pixel goes to the group that wins it,
+        however weakly (the gates' own decision: that group's words kept there, the others' closed), so the masks
+        tile the image."""
         aggregate = self.state.combined()
         if aggregate is None:
             return None
-        return image_masks(aggregate, height, width)
+        return image_masks(aggregate, height, width, level=0.0) if cover_background else image_masks(
+            aggregate, height, width)
 
     def leakage(self) -> list[tuple[str, str, float]]:
         """(word, its group, share of its attention inside its group's region) for every grouped word, over the

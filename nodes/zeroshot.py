@@ -181,6 +181,10 @@ def encode(clip, text: str):
 MASK_OUTPUTS = 4  # mask_1 .. mask_4 for direct wiring; `masks` holds every group
 
 
+#: Zero-Shot Masks' background choices: the regions as found, or every pixel given to the group that wins it.
+BACKGROUND = ("left out", "to its winning group")
+
+
 class MaskAttnZeroShotMasks:
     DESCRIPTION = (
         "The partition zero-shot gates found in the last sampling run, as masks at image size: one per group (for "
@@ -208,10 +212,16 @@ class MaskAttnZeroShotMasks:
                 "latent": ("LATENT", {"tooltip": "Or the sampled latent (masks at 8x its size)."}),
                 "batch_index": ("INT", {"default": 0, "min": 0, "max": 4096,
                                         "tooltip": "Which image of the batch."}),
+                "background": (list(BACKGROUND), {
+                    "default": BACKGROUND[0],
+                    "tooltip": "left out: where no group is strong, no mask (the regions). to its winning group: "
+                               "every pixel goes to the group that wins it, so the masks tile the image; that is "
+                               "where the gates kept each group's words (train gates on these masks to learn the "
+                               "zero-shot decision)."}),
             },
         }
 
-    def masks(self, maskattn, image=None, latent=None, batch_index=0):
+    def masks(self, maskattn, image=None, latent=None, batch_index=0, background=None):
         import torch
 
         from .gates import NodeError
@@ -227,8 +237,11 @@ class MaskAttnZeroShotMasks:
         else:
             raise NodeError(f"{node}: connect the sampled image or latent (it sets the masks' size and makes this "
                             f"node run after the sampler).")
+        background = BACKGROUND[0] if background is None else background
+        if background not in BACKGROUND:
+            raise NodeError(f"{node}: background must be one of {list(BACKGROUND)}, got {background!r}.")
         groups = max(len(maskattn.groups), 1)
-        regions = maskattn.region_masks(height, width)
+        regions = maskattn.region_masks(height, width, cover_background=background == BACKGROUND[1])
         untracked = maskattn.ran_without_regions and not maskattn.track_regions
         if untracked or regions is None:
             maskattn.track_regions = True  # the next run tracks them (a direct caller's, or after the rebuild)

@@ -403,18 +403,22 @@ def test_distilled_arms_train_on_one_shared_set_sampled_away_from_the_evaluation
     ctx.stage = "high"
     first = experiment.ABLATIONS["learned v2 regions s0"]()
     second = experiment.ABLATIONS["learned v2 regions then soft_x0 s0"]()
+    decision = experiment.ABLATIONS["learned v2 decision s0"]()
     first.prepare(ctx)
     runs = len(seeds_used)
     second.prepare(ctx)
-    assert runs >= 2 and len(seeds_used) == runs  # one sampling run per structure, none for the second arm
+    decision.prepare(ctx)
+    assert runs >= 2 and len(seeds_used) == runs  # one sampling run per structure, none for the later arms
+    note = ctx.info[decision.name]
+    assert note["distill_cached"] and note["mask_source"] == "zero-shot v2 decision"
     assert min(seeds_used) > 1_000_000
     a, b = ctx.info[first.name], ctx.info[second.name]
     assert (a["distill_cached"], b["distill_cached"]) == (False, True)
     assert a["distill_images"] == b["distill_images"] and 0 < a["distill_images"] <= 8
     assert a["mask_source"] == b["mask_source"] == "zero-shot v2" and (a["mask_steps"], b["mask_steps"]) == (-1, 1)
-    assert a["start_percent"] == b["start_percent"] == 0.2
+    assert a["start_percent"] == b["start_percent"] == note["start_percent"] == 0.2
     start_sigma = float(model.model.model_sampling.percent_to_sigma(0.2))
-    for arm in (first, second):
+    for arm in (first, second, decision):
         assert arm.gated_model is not model
         patches = arm.gated_model.model_options["transformer_options"]["patches"]["attn2_patch"]
         (clock,) = [patch.clock for patch in patches if hasattr(patch, "clock")]

@@ -469,7 +469,7 @@ def test_mask_supervised_training_learns_planted_masks(host, T, small):
     assert history[-1] < 0.6 * history[0]
 
 
-def test_node_trains_on_mask_inputs_and_reports_bad_ones(host, N, small):
+def test_node_trains_on_mask_inputs_and_reports_bad_ones(host, T, N, small, monkeypatch):
     import sys
     from pathlib import Path
 
@@ -489,11 +489,18 @@ def test_node_trains_on_mask_inputs_and_reports_bad_ones(host, N, small):
     left = torch.zeros(1, 32, 32)
     left[..., :16] = 1
     args = _node_args(steps=2)
+    configs, real = [], T.train
+    monkeypatch.setattr(T, "train", lambda *a, **kw: configs.append(a[3]) or real(*a, **kw))
     with torch.inference_mode():
         gates, _ = N.MaskAttnTrainGates().train(
             model, latent, conds, **args, clip=clip, captions="\n".join(captions), phrases="red cube | blue sphere",
-            mask_1=left, mask_2=1 - left, objective="soft_backward")
+            mask_1=left, mask_2=1 - left, objective="soft_backward", mask_outside="keep")
     assert gates.kind == "trained" and "2 on masks" in gates.source and "soft_backward" in gates.source
+    assert [c.mask_outside for c in configs] == ["keep"]
+    with torch.inference_mode(), pytest.raises(NodeError, match="Train MaskAttn Gates: mask_outside must be one of"):
+        N.MaskAttnTrainGates().train(model, latent, conds, **args, clip=clip, captions="\n".join(captions),
+                                     phrases="red cube | blue sphere", mask_1=left, mask_2=1 - left,
+                                     mask_outside="open")
     with torch.inference_mode(), pytest.raises(NodeError, match="mask_2 is not connected"):
         N.MaskAttnTrainGates().train(model, latent, conds, **args, clip=clip, captions="\n".join(captions),
                                      phrases="red cube | blue sphere", mask_1=left)

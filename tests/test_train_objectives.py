@@ -173,6 +173,30 @@ def test_object_mask_targets():
         objects.targets(2, 2, 7)
 
 
+def test_object_mask_targets_keep_words_open_where_no_object_is():
+    """outside="keep": an object's words are closed only where another object covers the cell; in the background
+    every object's words stay open; where both objects overlap each keeps its own coverage."""
+    masks = torch.zeros(2, 4, 4)
+    masks[0, :, 0] = 1  # object 0: column 0
+    masks[1, :, 3] = 1  # object 1: column 3
+    masks[1, 0, 0] = 1  # ... and the top-left cell, shared with object 0
+    objects = ObjectMasks(owner=torch.tensor([-1, 0, 1, -1]), masks=masks)
+    closed, weight = objects.targets(4, 4, 4)
+    kept, weight_kept = objects.targets(4, 4, 4, outside="keep")
+    assert torch.equal(weight, weight_kept)
+    grid = lambda target, token: target[:, token].reshape(4, 4)  # noqa: E731
+    assert grid(closed, 1)[:, 1:3].eq(0).all() and grid(kept, 1)[:, 1:3].eq(1).all()  # background
+    assert grid(kept, 1)[1:, 3].eq(0).all() and grid(kept, 2)[1:, 0].eq(0).all()  # the other object's cells
+    assert grid(kept, 1)[:, 0].eq(1).all() and grid(kept, 2)[:, 3].eq(1).all()  # its own
+    assert grid(kept, 1)[0, 0] == 1 and grid(kept, 2)[0, 0] == 1  # both there: both kept
+    assert torch.equal(closed[:, [0, 3]], kept[:, [0, 3]])  # unsupervised tokens untouched
+    # masks that cover every cell leave nothing outside: both settings agree
+    partition = ObjectMasks(owner=torch.tensor([-1, 0, 1, -1]), masks=torch.stack([masks[0], 1 - masks[0]]))
+    assert torch.equal(partition.targets(4, 4, 4)[0], partition.targets(4, 4, 4, outside="keep")[0])
+    with pytest.raises(ValueError, match="mask_outside"):
+        objects.targets(4, 4, 4, outside="open")
+
+
 def test_mask_supervised_head_recovers_planted_masks():
     """Locations carry their position in their features; the head must learn which object's words belong where."""
     torch.manual_seed(0)
@@ -205,6 +229,20 @@ def test_mask_supervised_head_recovers_planted_masks():
     assert after >= 0.95 and after > before + 0.2, (before, after)
     # an image without masks is not supervised at all
     assert mask_loss(records(), [None] * 4).item() == 0.0
+
+    # outside="keep": the same head retrained keeps both objects' words in the background and closes each only in
+    # the other's disc
+    opt = torch.optim.Adam(head.parameters(), lr=1e-2)
+    for _ in range(150):
+        opt.zero_grad()
+        mask_loss(records(), objects, outside="keep").backward()
+        opt.step()
+    assert mask_agreement(records(), objects, outside="keep") >= 0.95
+    keep = records()[0].probabilities[0].detach() > 0.5  # [N, T]
+    background = (masks.sum(0) == 0).reshape(n)
+    only_other = (masks[1] > 0).reshape(n) & (masks[0] == 0).reshape(n)
+    assert keep[background][:, 1:5].float().mean() >= 0.95
+    assert (~keep[only_other][:, 1:3]).float().mean() >= 0.9
 
 
 def test_mask_loss_builds_each_grids_targets_once_per_pass(monkeypatch):

@@ -128,6 +128,20 @@ def test_masks_node_outputs_each_groups_region_at_image_size(host, sdxl_tokenize
     assert (m2[0, :, 56:] == 1).all() and (m2[0, :, :40] == 0).all()
     assert "red (red book)" in leakage and "% of its attention inside its region" in leakage
     assert result["ui"]["text"][0].startswith("mask_1: red book\nmask_2: yellow vase")
+    # background "to its winning group": the masks tile the image, each region inside its group's tile. An aggregate
+    # with a weak middle (no group at the region level there) shows the difference.
+    aggregate = torch.ones(1, 2, 4, 6) * 0.2
+    aggregate[:, 0, :, :2] = 3.0
+    aggregate[:, 1, :, 4:] = 3.0
+    aggregate[:, 1, :, 3] = 0.5  # the weak right middle leans to group 1
+    gates.state.combined = lambda: aggregate
+    regions = node.masks(gates, latent={"samples": latent})["result"][0]
+    tiles = node.masks(gates, latent={"samples": latent}, background="to its winning group")["result"][0]
+    assert bool((regions.sum(0) == 0).any()) and bool((regions <= tiles).all())
+    assert tiles.shape == (2, 64, 96) and bool((tiles.sum(0) == 1).all())
+    assert (tiles[1, :, 56:] == 1).all() and (regions[:, :, 40:56] == 0).all()
+    with pytest.raises(NodeError, match="Zero-Shot Masks: background must be one of"):
+        node.masks(gates, latent={"samples": latent}, background="everywhere")
     with pytest.raises(NodeError, match="Zero-Shot Masks: connect the sampled image or latent"):
         node.masks(gates)
     with pytest.raises(NodeError, match="maskattn: connect the output of 'MaskAttn Zero-Shot Gates'"):

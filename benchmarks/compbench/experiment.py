@@ -307,7 +307,8 @@ LEARNED_VARIANTS = {
     "learned v2 regions then soft_x0 s0": dict(objective="soft_x0", masks="half", mask_source="zero-shot v2",
                                                start=0.2),
     "learned v2 regions outside kept s0": dict(masks=-1, mask_source="zero-shot v2", start=0.2, outside="keep"),
-    "learned v2 decision s0": dict(masks=-1, mask_source="zero-shot v2 decision", start=0.2),
+    **{f"learned v2 decision s{k}": dict(masks=-1, mask_source="zero-shot v2 decision", start=0.2, seed=k)
+       for k in range(3)},
     "learned box masks outside kept s0": dict(masks=-1, start=0.2, outside="keep"),
 }
 
@@ -323,8 +324,6 @@ def zero_shot_v2_regions(ctx: Context, triples: list, seed: int, chunk: int = 12
     regions are v2's regions (background in neither), partition gives every pixel to the group winning it in v2's
     aggregate. Images where v2 found no region for an object are left out (an empty mask cannot supervise)."""
     import nodes
-
-    from comfyui_maskattn.masks.zeroshot_partition import image_masks
 
     latents = torch.zeros(len(triples), 4, ctx.size, ctx.size)
     masks = torch.zeros(len(triples), 2, ctx.size, ctx.size)
@@ -349,7 +348,7 @@ def zero_shot_v2_regions(ctx: Context, triples: list, seed: int, chunk: int = 12
                                    f"{None if regions is None else tuple(regions.shape)}")
             latents[idx] = tinyt2i.encode_images(tinyt2i.decode_latents(res["samples"]))
             masks[idx] = regions.float()
-            partition[idx] = image_masks(gates.state.combined(), ctx.size, ctx.size, level=0.0)
+            partition[idx] = gates.region_masks(ctx.size, ctx.size, cover_background=True).float()
     kept = [i for i in range(len(triples)) if bool((masks[i].flatten(1) > 0).any(1).all())]
     return latents[kept], masks[kept], partition[kept], kept
 
