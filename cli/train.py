@@ -82,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--mask-outside",
         default=D["mask_outside"],
         choices=list(MASK_OUTSIDE),
-        help="object words where no object mask is (the background): close them, or keep them open so a word is "
-        "closed only inside another object's mask (what zero-shot gates do)",
+        help="object words where no object mask is (the background): keep them open, so a word is closed only "
+        "inside another object's mask (what zero-shot gates do), or close them there too",
     )
     t.add_argument("--steps", type=int, default=D["steps"])
     t.add_argument("--batch-size", type=int, default=D["batch_size"], help="per process")

@@ -5,9 +5,10 @@ cube). A word's token should be kept where its object is and suppressed elsewher
 keep-probability of that token is trained towards the fraction of each latent cell the object's mask covers (binary
 cross-entropy on the gate logits). Tokens of no object (start, end, padding, relation words) are not supervised.
 
-Where no object is (the background), `outside` decides: "close" suppresses every object's words there (the target
-above), "keep" keeps them open, so a word is suppressed only where another object is. "keep" is the decision the
-training-free gates make (masks/zeroshot.py): they close a group's words only where another group wins.
+Where no object is (the background), `outside` decides: "keep" (the default) keeps every object's words open there,
+so a word is suppressed only where another object is, which is the decision the training-free gates make
+(masks/zeroshot.py: a group's words are closed only where another group wins); "close" suppresses them there too
+(the coverage target above). On the benchmark "close" makes the gates drop objects and "keep" does not.
 
 The gate sees what it sees while sampling: the features entering the layer at a noisy latent, drawn like the
 denoising objective draws them. Only the heads learn; no gradient goes through the model.
@@ -24,7 +25,7 @@ from torch import Tensor
 from .region import as_mask, coverage
 
 #: What an object's words are trained to do where no object's mask is (see the module docstring).
-MASK_OUTSIDE = ("close", "keep")
+MASK_OUTSIDE = ("keep", "close")
 
 
 @dataclass
@@ -53,10 +54,11 @@ class ObjectMasks:
             cached = self._coverage[(h, w)] = coverage(self.masks, h, w).reshape(r, h * w).T.contiguous()
         return cached
 
-    def targets(self, h: int, w: int, tokens: int, outside: str = "close") -> tuple[Tensor, Tensor]:
+    def targets(self, h: int, w: int, tokens: int, outside: str = "keep") -> tuple[Tensor, Tensor]:
         """(target keep-probability [h*w, tokens], weight [h*w, tokens]) on an h x w grid; a context longer than the
         image's own (repeated to a common length in a batch) repeats the pattern. outside="keep" adds each cell's
-        uncovered share to every object's target (a word is closed only as far as other objects cover the cell)."""
+        uncovered share to every object's target (a word is closed only as far as other objects cover the cell);
+        "close" leaves the coverage as it is."""
         check_outside(outside)
         own = self.owner.shape[0]
         if tokens % own:
@@ -110,7 +112,7 @@ def object_masks(text: str, phrases: list[str], masks: list[Tensor], tokens: dic
 
 
 def batch_targets(objects: list[ObjectMasks | None], h: int, w: int, tokens: int, device,
-                  outside: str = "close") -> tuple[Tensor, Tensor]:
+                  outside: str = "keep") -> tuple[Tensor, Tensor]:
     """Stacked targets/weights [B, h*w, tokens] of a batch (an image without masks has weight 0)."""
     ts, ws = [], []
     for o in objects:
@@ -135,7 +137,7 @@ def _targets_by_grid(objects, records, outside: str) -> dict:
     return out
 
 
-def mask_loss(records, objects: list[ObjectMasks | None], outside: str = "close") -> Tensor:
+def mask_loss(records, objects: list[ObjectMasks | None], outside: str = "keep") -> Tensor:
     """Mean over gated layers of the weighted binary cross-entropy between gate logits and mask coverage.
 
     `records`: GateRecords (masks/objectives.py) of one forward pass, logits [B, N, T] on grid (h, w). A batch without
@@ -159,7 +161,7 @@ def mask_loss(records, objects: list[ObjectMasks | None], outside: str = "close"
 
 
 def mask_agreement(records, objects: list[ObjectMasks | None], threshold: float = 0.5,
-                   outside: str = "close") -> float:
+                   outside: str = "keep") -> float:
     """Share of supervised (location, token) pairs where the hard gate agrees with the target (> 0.5)."""
     agree = total = 0.0
     targets = _targets_by_grid(objects, records, outside)

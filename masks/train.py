@@ -50,7 +50,7 @@ TRAIN_DEFAULTS = {
     "hidden": 128,
     "objective": DEFAULT_OBJECTIVE,
     "mask_steps": 0,  # leading steps trained on object masks (masks/supervised.py) before the objective
-    "mask_outside": "close",  # object words where no mask is: "close" or "keep" (masks/supervised.MASK_OUTSIDE)
+    "mask_outside": "keep",  # object words where no mask is: "keep" or "close" (masks/supervised.MASK_OUTSIDE)
     "save_every": 500,
 }
 
@@ -113,6 +113,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         names = {f.name for f in fields(cls)}
+        d = {"mask_outside": "close", **d}  # checkpoints older than the option trained with "close"
         return cls(**{k: v for k, v in d.items() if k in names})
 
 

@@ -228,11 +228,11 @@ def test_mask_supervised_run_then_objective(tmp_path):
     data = make_dataset(tmp_path / "data", count=4, objects=True)
     out = tmp_path / "run"
     log = _run(_args(data, out, "--steps", "4", "--mask-steps", "2", "--objective", "soft_backward",
-                     "--batch-size", "2", "--save-every", "0", "--mask-outside", "keep"))
+                     "--batch-size", "2", "--save-every", "0", "--mask-outside", "close"))
     assert "objective soft_backward after 2 mask-supervised steps" in log
     state = load_state(out / "latest.pt")
     assert state["config"]["objective"] == "soft_backward" and state["config"]["mask_steps"] == 2
-    assert state["config"]["mask_outside"] == "keep"
+    assert state["config"]["mask_outside"] == "close"
     rows = list(csv.DictReader(open(out / "loss.csv")))
     assert len(rows) == 4 and all(float(r["loss"]) >= 0 for r in rows)
     assert load_gates(out / "maskattn_gates.safetensors").kind == "trained"

@@ -494,9 +494,9 @@ def test_node_trains_on_mask_inputs_and_reports_bad_ones(host, T, N, small, monk
     with torch.inference_mode():
         gates, _ = N.MaskAttnTrainGates().train(
             model, latent, conds, **args, clip=clip, captions="\n".join(captions), phrases="red cube | blue sphere",
-            mask_1=left, mask_2=1 - left, objective="soft_backward", mask_outside="keep")
+            mask_1=left, mask_2=1 - left, objective="soft_backward", mask_outside="close")
     assert gates.kind == "trained" and "2 on masks" in gates.source and "soft_backward" in gates.source
-    assert [c.mask_outside for c in configs] == ["keep"]
+    assert [c.mask_outside for c in configs] == ["close"]
     with torch.inference_mode(), pytest.raises(NodeError, match="Train MaskAttn Gates: mask_outside must be one of"):
         N.MaskAttnTrainGates().train(model, latent, conds, **args, clip=clip, captions="\n".join(captions),
                                      phrases="red cube | blue sphere", mask_1=left, mask_2=1 - left,

@@ -181,8 +181,8 @@ def test_object_mask_targets_keep_words_open_where_no_object_is():
     masks[1, :, 3] = 1  # object 1: column 3
     masks[1, 0, 0] = 1  # ... and the top-left cell, shared with object 0
     objects = ObjectMasks(owner=torch.tensor([-1, 0, 1, -1]), masks=masks)
-    closed, weight = objects.targets(4, 4, 4)
-    kept, weight_kept = objects.targets(4, 4, 4, outside="keep")
+    closed, weight = objects.targets(4, 4, 4, outside="close")
+    kept, weight_kept = objects.targets(4, 4, 4)
     assert torch.equal(weight, weight_kept)
     grid = lambda target, token: target[:, token].reshape(4, 4)  # noqa: E731
     assert grid(closed, 1)[:, 1:3].eq(0).all() and grid(kept, 1)[:, 1:3].eq(1).all()  # background
@@ -192,9 +192,20 @@ def test_object_mask_targets_keep_words_open_where_no_object_is():
     assert torch.equal(closed[:, [0, 3]], kept[:, [0, 3]])  # unsupervised tokens untouched
     # masks that cover every cell leave nothing outside: both settings agree
     partition = ObjectMasks(owner=torch.tensor([-1, 0, 1, -1]), masks=torch.stack([masks[0], 1 - masks[0]]))
-    assert torch.equal(partition.targets(4, 4, 4)[0], partition.targets(4, 4, 4, outside="keep")[0])
+    assert torch.equal(partition.targets(4, 4, 4)[0], partition.targets(4, 4, 4, outside="close")[0])
     with pytest.raises(ValueError, match="mask_outside"):
         objects.targets(4, 4, 4, outside="open")
+
+
+def test_a_checkpoint_from_before_mask_outside_resumes_with_close():
+    from comfyui_maskattn.masks.train import TRAIN_DEFAULTS, TrainConfig
+
+    old = TrainConfig(steps=4, mask_steps=2).to_dict()
+    del old["mask_outside"]
+    assert TrainConfig.from_dict(old).mask_outside == "close"
+    assert TrainConfig().mask_outside == TRAIN_DEFAULTS["mask_outside"] == "keep"
+    with pytest.raises(ValueError, match="mask_outside must be one of"):
+        TrainConfig(mask_outside="open")
 
 
 def test_mask_supervised_head_recovers_planted_masks():
@@ -219,19 +230,19 @@ def test_mask_supervised_head_recovers_planted_masks():
         logits = head.logits(features, tokens)
         return [GateRecord("site", logits, torch.sigmoid(logits), (h, w))]
 
-    before = mask_agreement(records(), objects)
+    before = mask_agreement(records(), objects, outside="close")
     opt = torch.optim.Adam(head.parameters(), lr=1e-2)
     for _ in range(150):
         opt.zero_grad()
-        mask_loss(records(), objects).backward()
+        mask_loss(records(), objects, outside="close").backward()
         opt.step()
-    after = mask_agreement(records(), objects)
+    after = mask_agreement(records(), objects, outside="close")
     assert after >= 0.95 and after > before + 0.2, (before, after)
     # an image without masks is not supervised at all
     assert mask_loss(records(), [None] * 4).item() == 0.0
 
-    # outside="keep": the same head retrained keeps both objects' words in the background and closes each only in
-    # the other's disc
+    # outside="keep" (the default): the same head retrained keeps both objects' words in the background and closes
+    # each only in the other's disc
     opt = torch.optim.Adam(head.parameters(), lr=1e-2)
     for _ in range(150):
         opt.zero_grad()
