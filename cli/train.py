@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=D["mask_outside"],
         choices=list(MASK_OUTSIDE),
         help="object words where no object mask is (the background): keep them open, so a word is closed only "
-        "inside another object's mask (what zero-shot gates do), or close them there too",
+        "inside another object's mask, or close them there too (on the benchmark that made gates drop objects)",
     )
     t.add_argument("--steps", type=int, default=D["steps"])
     t.add_argument("--batch-size", type=int, default=D["batch_size"], help="per process")
@@ -449,7 +449,8 @@ def _run(args, examples, dist: Dist, fingerprint) -> int:
             f"training {gates.parameter_count():,} gate parameters at {len(gates.site_heads)} layers on "
             f"{len(examples)} examples ({dist.world} process(es), {session.device}, {precision}), "
             f"objective {config.objective}"
-            + (f" after {config.mask_steps} mask-supervised steps" if config.mask_steps else "")
+            + (f" after {config.mask_steps} mask-supervised steps (background {config.mask_outside})"
+               if config.mask_steps else "")
             + f", steps {trainer.step}->{config.steps}",
         )
         if dist.main:

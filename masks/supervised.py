@@ -6,9 +6,10 @@ keep-probability of that token is trained towards the fraction of each latent ce
 cross-entropy on the gate logits). Tokens of no object (start, end, padding, relation words) are not supervised.
 
 Where no object is (the background), `outside` decides: "keep" (the default) keeps every object's words open there,
-so a word is suppressed only where another object is, which is the decision the training-free gates make
-(masks/zeroshot.py: a group's words are closed only where another group wins); "close" suppresses them there too
-(the coverage target above). On the benchmark "close" makes the gates drop objects and "keep" does not.
+so a word is suppressed only where another object is; "close" suppresses them there too (the coverage target above).
+The training-free gates (masks/zeroshot.py) do neither: they close the losing group's words everywhere, background
+included; masks that tile the image (Zero-Shot Masks, background "to its winning group") give that target with
+either setting. On the benchmark "close" made box- and region-supervised gates drop objects and "keep" did not.
 
 The gate sees what it sees while sampling: the features entering the layer at a noisy latent, drawn like the
 denoising objective draws them. Only the heads learn; no gradient goes through the model.
@@ -54,11 +55,20 @@ class ObjectMasks:
             cached = self._coverage[(h, w)] = coverage(self.masks, h, w).reshape(r, h * w).T.contiguous()
         return cached
 
+    def uncovered(self, h: int, w: int) -> Tensor:
+        """[h*w]: the share of each latent cell no object covers (one minus the union's area average), cached."""
+        cached = self._coverage.get(("uncovered", h, w))
+        if cached is None:
+            union = self.masks.amax(dim=0)[None, None]
+            cached = self._coverage[("uncovered", h, w)] = (
+                1.0 - F.interpolate(union, size=(h, w), mode="area")).reshape(h * w).clamp_min(0.0)
+        return cached
+
     def targets(self, h: int, w: int, tokens: int, outside: str = "keep") -> tuple[Tensor, Tensor]:
         """(target keep-probability [h*w, tokens], weight [h*w, tokens]) on an h x w grid; a context longer than the
-        image's own (repeated to a common length in a batch) repeats the pattern. outside="keep" adds each cell's
-        uncovered share to every object's target (a word is closed only as far as other objects cover the cell);
-        "close" leaves the coverage as it is."""
+        image's own (repeated to a common length in a batch) repeats the pattern. outside="keep" adds the share of
+        each cell no object covers to every object's target (a word is closed only as far as other objects cover
+        the cell); "close" leaves the coverage as it is."""
         check_outside(outside)
         own = self.owner.shape[0]
         if tokens % own:
@@ -69,8 +79,7 @@ class ObjectMasks:
         target = torch.zeros(h * w, tokens)
         target[:, supervised] = cover[:, owner[supervised]]
         if outside == "keep":
-            free = (1.0 - cover.sum(dim=1, keepdim=True)).clamp_min(0.0)
-            target[:, supervised] = (target[:, supervised] + free).clamp_max(1.0)
+            target[:, supervised] = (target[:, supervised] + self.uncovered(h, w)[:, None]).clamp_max(1.0)
         weight = supervised.float()[None, :].expand(h * w, tokens)
         return target, weight
 

@@ -30,7 +30,7 @@ from .objectives import DEFAULT_OBJECTIVE, Objective, get_objective
 from .supervised import check_outside
 
 STATE_FORMAT = "maskattn-train-state"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: mask_outside in the config (a pack without it would train a resume with "close")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 #: The one table of training defaults: the Train node's widgets and the command line's options both read it.
@@ -113,7 +113,8 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         names = {f.name for f in fields(cls)}
-        d = {"mask_outside": "close", **d}  # checkpoints older than the option trained with "close"
+        if "mask_outside" not in d and d.get("mask_steps"):
+            d = {**d, "mask_outside": "close"}  # mask-supervised checkpoints older than the option trained with it
         return cls(**{k: v for k, v in d.items() if k in names})
 
 

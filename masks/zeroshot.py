@@ -834,9 +834,9 @@ class ZeroShotGates(PromptGateSource):
 
     def region_masks(self, height: int, width: int, cover_background: bool = False) -> Tensor | None:
         """[R, G, height, width] 0/1: each group's region in the last run's aggregate (R prompt rows, G groups in
-        column order), or None when no run was seen. cover_background: every pixel goes to the group that wins it,
-        however weakly (the gates' own decision: that group's words kept there, the others' closed), so the masks
-        tile the image."""
+        column order), or None when no run was seen. cover_background: every pixel goes to the group that wins it in
+        the final aggregate, however weakly (a tie to the first), so the masks tile the image; about the gates' own
+        decision, which is made per step from the aggregate so far."""
         aggregate = self.state.combined()
         if aggregate is None:
             return None

@@ -237,8 +237,9 @@ class MaskAttnTrainGates:
                     {
                         "default": d["mask_outside"],
                         "tooltip": "Mask supervision, where no mask is (the background): keep: every object's "
-                        "words stay open there, so a word is closed only inside another object's mask (what "
-                        "Zero-Shot Gates do); close: they are closed there too (on the benchmark this drops objects).",
+                        "words stay open there, so a word is closed only inside another object's mask; close: they "
+                        "are closed there too (on the benchmark that made the gates drop objects). Masks that tile "
+                        "the image make the two the same.",
                     },
                 ),
             },
@@ -312,7 +313,7 @@ class MaskAttnTrainGates:
             should_stop=mm.throw_exception_if_processing_interrupted,
         )
         gates.source = f"trained in ComfyUI ({steps} steps, {spec.name}" + (
-            f", {config.mask_steps} on masks)" if config.mask_steps else ")")
+            f", {config.mask_steps} on masks, background {config.mask_outside})" if config.mask_steps else ")")
         gate_training.finished_gates(gates, steps)
         return (gates, loss_curve_image(run.history))
 

@@ -215,9 +215,9 @@ class MaskAttnZeroShotMasks:
                 "background": (list(BACKGROUND), {
                     "default": BACKGROUND[0],
                     "tooltip": "left out: where no group is strong, no mask (the regions). to its winning group: "
-                               "every pixel goes to the group that wins it, so the masks tile the image; that is "
-                               "where the gates kept each group's words (train gates on these masks to learn the "
-                               "zero-shot decision)."}),
+                               "every pixel goes to the group that wins it in the run's aggregate, so the masks "
+                               "tile the image: about where the gates kept each group's words (gates trained on "
+                               "these masks did not bind on the benchmark; see the README)."}),
             },
         }
 

@@ -397,9 +397,17 @@ def test_distilled_arms_train_on_one_shared_set_sampled_away_from_the_evaluation
 
     monkeypatch.setattr(nodes, "common_ksampler", recording)
     nodes_map = experiment.load_pack()
+    trained_on = []
+
+    class RecordingTrain(nodes_map["MaskAttnTrainGates"]):
+        def train(self, *a, **kw):
+            trained_on.append(kw)
+            return super().train(*a, **kw)
+
     model, clip, cfg, _ = tinyt2i.load(COMMITTED_V2)
     args = argparse.Namespace(steps=6, cfg=4.0, gate_captions=8, gate_steps=2, gate_batch=4, gate_lr=1e-3, seeds=4)
-    ctx = experiment.Context(nodes_map, model, clip, [], list(range(4)), cfg.image_size, args)
+    ctx = experiment.Context({**nodes_map, "MaskAttnTrainGates": RecordingTrain}, model, clip, [], list(range(4)),
+                             cfg.image_size, args)
     ctx.stage = "high"
     first = experiment.ABLATIONS["learned v2 regions s0"]()
     second = experiment.ABLATIONS["learned v2 regions then soft_x0 s0"]()
@@ -411,6 +419,10 @@ def test_distilled_arms_train_on_one_shared_set_sampled_away_from_the_evaluation
     assert runs >= 2 and len(seeds_used) == runs  # one sampling run per structure, none for the later arms
     note = ctx.info[decision.name]
     assert note["distill_cached"] and note["mask_source"] == "zero-shot v2 decision"
+    regions, _, tiles = trained_on  # the decision arm trains on masks that tile the image, each region inside its tile
+    assert bool(((tiles["mask_1"] + tiles["mask_2"]) == 1).all())
+    assert bool((regions["mask_1"] <= tiles["mask_1"]).all()) and bool((regions["mask_2"] <= tiles["mask_2"]).all())
+    assert regions["mask_outside"] == tiles["mask_outside"] == "close"
     assert min(seeds_used) > 1_000_000
     a, b = ctx.info[first.name], ctx.info[second.name]
     assert (a["distill_cached"], b["distill_cached"]) == (False, True)

@@ -229,7 +229,7 @@ def test_mask_supervised_run_then_objective(tmp_path):
     out = tmp_path / "run"
     log = _run(_args(data, out, "--steps", "4", "--mask-steps", "2", "--objective", "soft_backward",
                      "--batch-size", "2", "--save-every", "0", "--mask-outside", "close"))
-    assert "objective soft_backward after 2 mask-supervised steps" in log
+    assert "objective soft_backward after 2 mask-supervised steps (background close)" in log
     state = load_state(out / "latest.pt")
     assert state["config"]["objective"] == "soft_backward" and state["config"]["mask_steps"] == 2
     assert state["config"]["mask_outside"] == "close"

@@ -412,6 +412,28 @@ def test_resume_is_bit_for_bit_with_mask_supervised_steps(host, T, small):
     _resume_matches(T, small, examples, "soft_backward", mask_steps=2)
 
 
+def test_the_training_loop_trains_the_configs_mask_outside(host, T, small):
+    """Object masks that leave background (each object a quarter of the latent): the mask loss of the same first step
+    differs between "keep" and "close", so the loop hands the config's setting to the loss."""
+    from comfyui_maskattn.masks.supervised import ObjectMasks
+    from comfyui_maskattn.masks.train import TrainConfig
+
+    latent, conds = _data(host, small, tokens=8)
+    examples = T.prepare_examples(small, latent, conds)
+    h, w = examples.latents.shape[-2:]
+    quarters = torch.zeros(2, h, w)
+    quarters[0, :, : w // 4] = 1
+    quarters[1, :, w - w // 4:] = 1
+    owner = torch.tensor([-1, 0, 0, 1, 1, -1, -1, -1])
+    examples = examples.with_objects([ObjectMasks(owner, quarters)] * len(examples))
+    first = {}
+    for outside in ("keep", "close"):
+        gates = T.new_gates(small, "all", "encoder_decoder", 8, 0, 0.5)
+        config = TrainConfig(steps=1, batch_size=2, seed=4, mask_steps=1, mask_outside=outside)
+        first[outside] = T.train(small, examples, gates, config).history[0]
+    assert first["keep"] != first["close"], first
+
+
 def test_soft_backward_reaches_gates_the_ste_leaves_without_gradient(host, T, small):
     """Gates closed everywhere (logit bias -6): the reference's gradient is exactly zero on every closed pair, the
     soft backward is not."""
@@ -495,7 +517,8 @@ def test_node_trains_on_mask_inputs_and_reports_bad_ones(host, T, N, small, monk
         gates, _ = N.MaskAttnTrainGates().train(
             model, latent, conds, **args, clip=clip, captions="\n".join(captions), phrases="red cube | blue sphere",
             mask_1=left, mask_2=1 - left, objective="soft_backward", mask_outside="close")
-    assert gates.kind == "trained" and "2 on masks" in gates.source and "soft_backward" in gates.source
+    assert gates.kind == "trained" and "2 on masks, background close" in gates.source
+    assert "soft_backward" in gates.source
     assert [c.mask_outside for c in configs] == ["close"]
     with torch.inference_mode(), pytest.raises(NodeError, match="Train MaskAttn Gates: mask_outside must be one of"):
         N.MaskAttnTrainGates().train(model, latent, conds, **args, clip=clip, captions="\n".join(captions),

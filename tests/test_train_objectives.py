@@ -197,15 +197,41 @@ def test_object_mask_targets_keep_words_open_where_no_object_is():
         objects.targets(4, 4, 4, outside="open")
 
 
-def test_a_checkpoint_from_before_mask_outside_resumes_with_close():
-    from comfyui_maskattn.masks.train import TRAIN_DEFAULTS, TrainConfig
+def test_checkpoints_from_before_mask_outside_resume_as_they_were_trained():
+    """A mask-supervised checkpoint without the key trained with "close": resuming it with the new default is refused
+    by name, and with "close" it resumes; one without mask steps resumes with the defaults."""
+    from comfyui_maskattn.masks.train import TRAIN_DEFAULTS, GateTrainer, TrainConfig
 
-    old = TrainConfig(steps=4, mask_steps=2).to_dict()
-    del old["mask_outside"]
-    assert TrainConfig.from_dict(old).mask_outside == "close"
+    def old_state(config):
+        trainer = GateTrainer(torch.nn.Linear(2, 2), config)
+        state = trainer.state_dict()
+        del state["config"]["mask_outside"]
+        state["format_version"] = 1
+        return state
+
     assert TrainConfig().mask_outside == TRAIN_DEFAULTS["mask_outside"] == "keep"
+    supervised = old_state(TrainConfig(steps=4, mask_steps=2, mask_outside="close"))
+    with pytest.raises(ValueError, match="mask_outside: checkpoint 'close', now 'keep'"):
+        GateTrainer(torch.nn.Linear(2, 2), TrainConfig(steps=4, mask_steps=2)).load_state_dict(supervised)
+    GateTrainer(torch.nn.Linear(2, 2), TrainConfig(steps=4, mask_steps=2, mask_outside="close")).load_state_dict(
+        supervised)
+    plain = old_state(TrainConfig(steps=4))
+    GateTrainer(torch.nn.Linear(2, 2), TrainConfig(steps=4)).load_state_dict(plain)
     with pytest.raises(ValueError, match="mask_outside must be one of"):
         TrainConfig(mask_outside="open")
+
+
+def test_keep_counts_a_cell_shared_by_two_objects_and_the_background_as_open():
+    """Overlapping masks: the background share is one minus the union's cover, not minus the sum of covers."""
+    masks = torch.zeros(2, 2, 6)  # a 1 x 3 grid of 2 x 2 cells
+    masks[:, 0, 0:2] = 1  # both objects: the top half of cell 0
+    masks[0, :, 2:4] = 1  # object 0: all of cell 1
+    masks[1, :, 4:6] = 1  # object 1: all of cell 2
+    objects = ObjectMasks(owner=torch.tensor([0, 1]), masks=masks)
+    assert objects.uncovered(1, 3).tolist() == [0.5, 0.0, 0.0]
+    target, _ = objects.targets(1, 3, 2)
+    assert target.tolist() == [[1.0, 1.0], [1.0, 0.0], [0.0, 1.0]]
+    assert objects.targets(1, 3, 2, outside="close")[0][0].tolist() == [0.5, 0.5]
 
 
 def test_mask_supervised_head_recovers_planted_masks():

@@ -221,7 +221,8 @@ class LearnedArm(Arm):
     regions v2 found in them (the aggregate partition, `region_masks`), so no box is needed, or "zero-shot v2
     decision", the same images with every location given to the group that wins it in v2's aggregate (no
     background), so the target is v2's own decision: the winner's words kept, the other's closed; outside: the
-    trainer's mask_outside ("keep": an object's words closed only inside the other's mask); seed: the heads' init,
+    trainer's mask_outside ("keep": an object's words closed only inside the other's mask; "close", the arms'
+    default, is what the earlier arms measured, where the trainer's own default is "keep"); seed: the heads' init,
     example order and noise of the training run; start: Apply MaskAttn's start_percent (0.2 gates from where
     zero-shot gates start: the first fifth of the schedule, where the layout forms, runs ungated)."""
 
@@ -291,8 +292,9 @@ class LearnedArm(Arm):
 
 #: Training variants measured for issue 19 (name -> LearnedArm keywords): the paper's recipe (reference init 0, its
 #: lr 1e-4), objectives at --gate-lr, mask supervision on the true boxes (alone, followed by soft_x0, and applied
-#: from 20% of the schedule) or on zero-shot v2's regions (distilled, applied from 20% as v2 is); a seed suffix sN
-#: trains with gate seed N. Run by name with --arms (ABLATIONS), not in the default design.
+#: from 20% of the schedule) or on zero-shot v2's regions or decision (distilled, applied from 20% as v2 is), with the
+#: background closed (the arms' default) or kept ("outside kept"); a seed suffix sN trains with gate seed N. Run by
+#: name with --arms (ABLATIONS), not in the default design.
 LEARNED_VARIANTS = {
     **{f"learned paper recipe s{k}": dict(objective="paper", init=0.0, lr=1e-4, seed=k) for k in range(3)},
     "learned paper_open s0": dict(objective="paper_open"),
