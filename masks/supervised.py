@@ -37,6 +37,7 @@ class ObjectMasks:
     masks: Tensor  # [R, H, W] float in [0, 1]
     # (h, w) -> [h*w, R] coverage: computed once per grid, not at every layer and step
     _coverage: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _uncovered: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # (h, w) -> [h*w]
 
     def __post_init__(self):
         self.owner = torch.as_tensor(self.owner, dtype=torch.long).reshape(-1)
@@ -57,10 +58,10 @@ class ObjectMasks:
 
     def uncovered(self, h: int, w: int) -> Tensor:
         """[h*w]: the share of each latent cell no object covers (one minus the union's area average), cached."""
-        cached = self._coverage.get(("uncovered", h, w))
+        cached = self._uncovered.get((h, w))
         if cached is None:
             union = self.masks.amax(dim=0)[None, None]
-            cached = self._coverage[("uncovered", h, w)] = (
+            cached = self._uncovered[(h, w)] = (
                 1.0 - F.interpolate(union, size=(h, w), mode="area")).reshape(h * w).clamp_min(0.0)
         return cached
 

@@ -39,6 +39,7 @@ from .tokens import host_pieces, pretokens, token_kinds
 from .topology import STAGE_CHOICES, CrossAttnSite, SiteKey, architecture_name
 from .zeroshot_partition import (
     DEFAULT_MEMORY,
+    REGION_LEVEL,
     PartitionState,
     group_density,
     image_masks,
@@ -840,8 +841,7 @@ class ZeroShotGates(PromptGateSource):
         aggregate = self.state.combined()
         if aggregate is None:
             return None
-        return image_masks(aggregate, height, width, level=0.0) if cover_background else image_masks(
-            aggregate, height, width)
+        return image_masks(aggregate, height, width, level=0.0 if cover_background else REGION_LEVEL)
 
     def leakage(self) -> list[tuple[str, str, float]]:
         """(word, its group, share of its attention inside its group's region) for every grouped word, over the

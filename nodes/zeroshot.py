@@ -221,7 +221,7 @@ class MaskAttnZeroShotMasks:
             },
         }
 
-    def masks(self, maskattn, image=None, latent=None, batch_index=0, background=None):
+    def masks(self, maskattn, image=None, latent=None, batch_index=0, background=BACKGROUND[0]):
         import torch
 
         from .gates import NodeError
@@ -237,7 +237,6 @@ class MaskAttnZeroShotMasks:
         else:
             raise NodeError(f"{node}: connect the sampled image or latent (it sets the masks' size and makes this "
                             f"node run after the sampler).")
-        background = BACKGROUND[0] if background is None else background
         if background not in BACKGROUND:
             raise NodeError(f"{node}: background must be one of {list(BACKGROUND)}, got {background!r}.")
         groups = max(len(maskattn.groups), 1)
