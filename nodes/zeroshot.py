@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+from ..masks.prompt import GroupingError
 from ..masks.source import kind_of
 from ..masks.topology import STAGE_CHOICES
 from ..masks.zeroshot import (
@@ -20,7 +21,6 @@ from ..masks.zeroshot import (
     END_TOKENS,
     PARTITIONS,
     SELF_ATTENTION,
-    GroupingError,
     ZeroShotGates,
     build_zero_shot_gates,
 )

@@ -18,7 +18,8 @@ from comfyui_maskattn.masks.record import GateRecorder
 from comfyui_maskattn.masks.tokens import first_encoder, prompt_words
 from comfyui_maskattn.masks.topology import CrossAttnSite
 from comfyui_maskattn.masks.viewer import ViewerInputError
-from comfyui_maskattn.masks.zeroshot import ZeroShotGates, group_prompt
+from comfyui_maskattn.masks.prompt import group_prompt
+from comfyui_maskattn.masks.zeroshot import ZeroShotGates
 
 NODE = "MaskAttn Preview Gates"
 START, END = 49406, 49407

@@ -4,7 +4,8 @@ the self-attention bias, the region masks at image size and the leakage number."
 import pytest
 import torch
 
-from comfyui_maskattn.masks.zeroshot import ZeroShotGates, group_prompt
+from comfyui_maskattn.masks.prompt import group_prompt
+from comfyui_maskattn.masks.zeroshot import ZeroShotGates
 from comfyui_maskattn.masks.zeroshot_partition import (
     PartitionState,
     group_density,
