@@ -135,8 +135,34 @@ def prompt_items(text: str) -> list[Item]:
 SEPARATOR_MARKS = {",", ";", ".", "!", "?", "|", ":", "/", "\n", "+"}
 HARD_MARKS = {"|", ".", "!", "?", "\n", ";"}  # an attribute-only clause never merges across these
 
+# Spatial phrases (masks/layout.py reads their meaning): relations between two objects ("between": three), and
+# places of one object in the picture. Both separate groups.
+RELATION_PHRASES = {
+    **{f"{lead}{side} of": f"{side} of" for side in ("left", "right")
+       for lead in ("", "to the ", "on the ", "to the far ", "on the far ")},
+    **{f"{lead} the {side} side of": f"{side} of" for side in ("left", "right") for lead in ("to", "on")},
+    **{f"{lead} the {side} hand side of": f"{side} of" for side in ("left", "right") for lead in ("to", "on")},
+    "above": "above", "over": "above", "on top of": "above", "atop": "above",
+    "below": "below", "under": "below", "beneath": "below", "underneath": "below",
+    "beside": "beside", "next to": "beside", "alongside": "beside",
+    "between": "between", "in between": "between",
+    "behind": "behind", "in front of": "in front of",
+}
+PLACE_PHRASES = {
+    **{f"{lead} the {side}": f"place:{side}" for side in ("left", "right")
+       for lead in ("on", "to", "at", "in")},
+    **{f"on the {side} side": f"place:{side}" for side in ("left", "right")},
+    **{f"{lead} the {side}": f"place:{side}" for side in ("top", "bottom") for lead in ("at", "on", "in")},
+    "at the very top": "place:top", "at the very bottom": "place:bottom",
+    **{f"{lead} the {middle}": "place:middle" for middle in ("middle", "center", "centre")
+       for lead in ("in", "at")},
+    **{f"{lead} the {v}{joint}{h}{corner}": f"place:{'top' if v in ('top', 'upper') else 'bottom'} {h}"
+       for v in ("top", "bottom", "upper", "lower") for h in ("left", "right") for joint in (" ", "-")
+       for lead in ("in", "at", "on") for corner in ("", " corner")},
+}
+
 # Multi-word relations first (longest match wins). Single words after.
-SEPARATOR_PHRASES = sorted([
+SEPARATOR_PHRASES = sorted({tuple(p.split()) for p in (*RELATION_PHRASES, *PLACE_PHRASES)} | {
     tuple(p.split()) for p in (
         "next to", "close to", "on the left of", "on the right of", "to the left of", "to the right of",
         "on the left side of", "on the right side of", "in front of", "on top of", "at the top of",
@@ -148,7 +174,7 @@ SEPARATOR_PHRASES = sorted([
         "carrying", "eating", "drinking", "reading", "playing", "sitting", "standing", "lying", "chasing",
         "hugging", "walking", "looking", "facing", "touching", "feeding", "watching", "containing", "featuring",
     )
-], key=len, reverse=True)
+}, key=lambda p: (-len(p), p))
 
 STOPWORDS = set("""
 a an the this that these those some any its it his her their my your our of is are was were be been being very

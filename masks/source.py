@@ -26,6 +26,10 @@ from .gate import NEGATIVE_VALUE
 from .topology import CrossAttnSite, SiteKey, architecture_name
 
 
+# The transformer_options key under which Apply MaskAttn gives a source the sigma of its handover_percent.
+HANDOVER_SIGMA = "maskattn_handover_sigma"
+
+
 class GateMismatchError(ValueError):
     """A gate set does not fit the model it is applied to."""
 
@@ -57,6 +61,11 @@ class GateSource(ABC):
     start_percent: float = 0.0
     """The earliest point of the schedule the source gates; Apply MaskAttn uses the later of this and its input."""
 
+    handover_percent: float | None = None
+    """A point of the schedule where the source's own rule changes (zero-shot gates with a layout: the places give
+    way to the model's attention); Apply MaskAttn hands its sigma to the source in the transformer options
+    (`HANDOVER_SIGMA`). None: no such point."""
+
     needs_attention: bool = False
     """True: gated from the layer's queries and keys (`attention_probabilities`); False: learned heads run on the
     layer's input features (`site_heads`, `heads_on`)."""
@@ -80,6 +89,10 @@ class GateSource(ABC):
 
     grouping = None
     """The prompt's word groups (`masks.prompt.Grouping`) that `token_groups` indexes, for the viewer; None: none."""
+
+    layout = None
+    """The layout the prompt's spatial words give `grouping`'s groups (`masks.layout.Layout`), for the viewer; None:
+    none."""
 
     # Declared, not defaulted: a dataclass subclass (MaskAttnGates) would read a class value here as its field's
     # default.

@@ -20,10 +20,11 @@ import torch
 from torch import Tensor
 
 from .gate import NEGATIVE_VALUE
+from .layout import Layout, layout_prior, parse_layout
 from .prompt import Grouping, group_prompt, grouping_from_text, token_group_map
 from .record import latent_hw
 from .rows import prompt_rows
-from .source import GateMismatchError, PromptGateSource, repeated_copies
+from .source import HANDOVER_SIGMA, GateMismatchError, PromptGateSource, repeated_copies
 from .tokens import token_kinds
 from .topology import STAGE_CHOICES, SiteKey
 from .zeroshot_partition import (
@@ -55,6 +56,16 @@ DEFAULT_END_TOKENS = "keep"
 # does not attend to another group's region (Bounded Attention's subject masking).
 SELF_ATTENTION = ("open", "separate_groups")
 DEFAULT_SELF_ATTENTION = "open"
+# Layout from the prompt's spatial words (masks/layout.py): with one found, gating starts at the first step, where the
+# layout is decided, with each group's place alone; from start_percent on the aggregate decides, weighted by the
+# places ("combine") or alone ("window").
+LAYOUTS = ("from the prompt", "off")
+DEFAULT_LAYOUT = "from the prompt"
+LAYOUT_HANDOVERS = ("combine", "window")
+DEFAULT_LAYOUT_HANDOVER = "combine"
+# A place's weight outside its band: after the handover ("combine") a group outside its place wins only where the
+# others draw less than this share of its attention; inside shared places the attention alone decides.
+LAYOUT_FLOOR = 0.001
 
 
 class ZeroShotMismatchError(GateMismatchError):
@@ -76,11 +87,13 @@ class ZeroShotGates(PromptGateSource):
                  negative_value: float = NEGATIVE_VALUE, partition: str = DEFAULT_PARTITION,
                  memory: float = DEFAULT_MEMORY, end_tokens: str = DEFAULT_END_TOKENS,
                  self_attention: str = DEFAULT_SELF_ATTENTION, token_kinds: list[str] | None = None,
-                 word_tokens: list[tuple[str, int, list[int]]] | None = None):
+                 word_tokens: list[tuple[str, int, list[int]]] | None = None, layout: Layout | None = None,
+                 layout_handover: str = DEFAULT_LAYOUT_HANDOVER):
         if stage not in STAGE_CHOICES:
             raise ValueError(f"stage must be one of {STAGE_CHOICES}, got {stage!r}")
         for name, value, choices in (("partition", partition, PARTITIONS), ("end_tokens", end_tokens, END_TOKENS),
-                                     ("self_attention", self_attention, SELF_ATTENTION)):
+                                     ("self_attention", self_attention, SELF_ATTENTION),
+                                     ("layout_handover", layout_handover, LAYOUT_HANDOVERS)):
             if value not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {value!r}")
         self.partition = partition
@@ -104,6 +117,13 @@ class ZeroShotGates(PromptGateSource):
         self.groups = sorted({g for g in self.token_groups if g >= 0})
         self.stage = stage
         self.start_percent = float(start_percent)
+        # the layout prior (None: off); it acts only where there are groups to separate and a place was found
+        self.layout = layout
+        self.layout_handover = layout_handover
+        self.layout_floor = LAYOUT_FLOOR
+        if self.uses_layout:
+            self.handover_percent = self.start_percent
+            self.start_percent = 0.0
         self.encoders = frozenset(encoders)
         self.threshold = threshold
         self.negative_value = negative_value
@@ -126,8 +146,48 @@ class ZeroShotGates(PromptGateSource):
 
     @property
     def keeps_aggregate(self) -> bool:
-        """Whether sampling keeps the run's aggregate (see track_regions)."""
-        return self.partition == "aggregate" or self.masks_self_attention or self.track_regions
+        """Whether sampling keeps the run's aggregate (see track_regions); with a layout it also keeps the clock."""
+        return self.partition == "aggregate" or self.masks_self_attention or self.track_regions or self.uses_layout
+
+    @property
+    def uses_layout(self) -> bool:
+        """A layout prior with a place for some group, and at least two groups to separate."""
+        return self.layout is not None and self.layout.active and len(self.groups) >= 2
+
+    def layout_masks(self, height: int, width: int) -> Tensor | None:
+        """[G, height, width] each gated group's place (column order) as a soft mask, or None without a layout."""
+        if self.layout is None or not self.layout.active:
+            return None
+        return layout_prior(self.layout, self.groups, height, width)
+
+    def _layout_weights(self, h: int, w: int, device) -> Tensor:
+        """[h*w, G] the places on a layer's grid, floored at LAYOUT_FLOOR; drawn once per grid and device."""
+        key = ("layout", h, w, str(device), self.layout_floor)
+        cached = self._maps.get(key)
+        if cached is None:
+            prior = layout_prior(self.layout, self.groups, h, w)
+            floor = self.layout_floor
+            cached = (floor + (1.0 - floor) * prior).flatten(1).t().contiguous().to(device)
+            self._maps[key] = cached
+        return cached
+
+    def _layout_share(self, share: Tensor, density: Tensor, n: int, info: dict, device) -> Tensor:
+        """The groups' shares [b, N, G] with the layout: the places alone before the handover, then the density
+        weighted by them ("combine") or the shares as they are ("window")."""
+        weights = self._layout_weights(*latent_hw(n, info), device)
+        if self._before_handover(info):
+            return weights.expand_as(share)
+        if self.layout_handover == "window":
+            return share
+        weighted = density * weights
+        return weighted / weighted.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+
+    def _before_handover(self, info: dict) -> bool:
+        """Whether this step comes before the aggregate takes over (Apply MaskAttn sets the sigma; without it the
+        places decide throughout)."""
+        handover = (info or {}).get(HANDOVER_SIGMA)
+        sigma = self.state.sigma
+        return handover is None or sigma is None or sigma > handover
 
     @property
     def observes_inactive(self) -> bool:
@@ -276,6 +336,8 @@ class ZeroShotGates(PromptGateSource):
             density = mass / mass.sum(dim=1, keepdim=True).clamp_min(1e-30)
             share = density / density.sum(dim=-1, keepdim=True).clamp_min(1e-30)
             density = density * n  # (mean 1 over the grid, for the regions)
+        if gate and self.uses_layout:
+            share = self._layout_share(share, density, n, info, q.device)
         hides_end = self.end_tokens == "hide_in_regions" and bool(self.end_positions)
         region = regions(density) if hides_end or (self.track_regions and density is aggregate) else None
         if self.track_regions:  # leakage against the regions the masks show (the aggregate's), whichever partition
@@ -374,7 +436,11 @@ class ZeroShotGates(PromptGateSource):
         """The grouping line (editable) and comment lines: stage, start, words in no group, token positions."""
         lines = [self.grouping.describe()]
         g = len(self.groups)
-        if g >= 2:
+        if g >= 2 and self.uses_layout:
+            lines.append(f"# {g} groups, gated at stage {self.stage} from the first step with the prompt's layout, the "
+                         f"model's own attention from {self.handover_percent:.0%} of the schedule "
+                         f"({self.layout_handover}) (training-free zero-shot gates, not learned MaskAttn gates)")
+        elif g >= 2:
             lines.append(f"# {g} groups, gated at stage {self.stage} from {self.start_percent:.0%} of the schedule "
                          f"(training-free zero-shot gates, not learned MaskAttn gates)")
             lines.append(f"# partition: {self.partition}; end tokens: {self.end_tokens}; self-attention: "
@@ -382,6 +448,10 @@ class ZeroShotGates(PromptGateSource):
         else:
             lines.append(f"# {g} group{'s' if g != 1 else ''} with tokens: nothing to separate, the model runs "
                          f"unchanged")
+        if self.layout is not None:
+            lines.extend(f"# layout: {line}" for line in self.layout.summary_lines())
+            if self.layout.active and g < 2:
+                lines.append("# layout: one group, nothing to place it against: the layout is not used")
         loose = self.grouping.ungrouped_words()
         if loose:
             lines.append("# in no group (visible everywhere): " + " ".join(loose))
@@ -400,8 +470,9 @@ class ZeroShotGates(PromptGateSource):
 def build_zero_shot_gates(text: str, tokens: dict, vocab: dict[int, str], *, groups_text: str = "",
                           stage: str = DEFAULT_STAGE, start_percent: float = DEFAULT_START_PERCENT,
                           partition: str = DEFAULT_PARTITION, memory: float = DEFAULT_MEMORY,
-                          end_tokens: str = DEFAULT_END_TOKENS,
-                          self_attention: str = DEFAULT_SELF_ATTENTION) -> ZeroShotGates:
+                          end_tokens: str = DEFAULT_END_TOKENS, self_attention: str = DEFAULT_SELF_ATTENTION,
+                          layout: str = DEFAULT_LAYOUT,
+                          layout_handover: str = DEFAULT_LAYOUT_HANDOVER) -> ZeroShotGates:
     """Prompt text + ComfyUI tokenization (+ an optional user grouping) -> ZeroShotGates."""
     written = any(line.split("#", 1)[0].strip() for line in (groups_text or "").splitlines())
     grouping = grouping_from_text(text, groups_text) if written else group_prompt(text)
@@ -415,4 +486,11 @@ def build_zero_shot_gates(text: str, tokens: dict, vocab: dict[int, str], *, gro
                 word_tokens.append((grouping.items[i].text, g, where))
     return ZeroShotGates(grouping, token_groups, stage=stage, start_percent=start_percent, encoders=tokens.keys(),
                          partition=partition, memory=memory, end_tokens=end_tokens, self_attention=self_attention,
-                         token_kinds=token_kinds(tokens, vocab), word_tokens=word_tokens)
+                         token_kinds=token_kinds(tokens, vocab), word_tokens=word_tokens,
+                         layout=_layout_option(layout, grouping), layout_handover=layout_handover)
+
+
+def _layout_option(layout: str, grouping: Grouping) -> Layout | None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    return parse_layout(grouping) if layout == "from the prompt" else None

@@ -105,6 +105,11 @@ class PartitionState:
         self._sigma = sigma
         self.fold()
 
+    @property
+    def sigma(self) -> float | None:
+        """The sigma of the step last clocked (None before the first)."""
+        return self._sigma
+
     def fold(self) -> None:
         """This step's layers become one more step of the moving average."""
         if self.step_sum is None or not self.step_count:

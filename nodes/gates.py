@@ -8,7 +8,7 @@ import re
 from ..masks.gate import strength_to_negative_value
 from ..masks.gatefile import GateFileError, load_gates, save_gates
 from ..masks.gates import GateMismatchError, MaskAttnGates
-from ..masks.source import GateSource, kind_of
+from ..masks.source import HANDOVER_SIGMA, GateSource, kind_of
 from ..masks.topology import PLACEMENTS, UnsupportedModelError, select_sites
 from . import hooks, paths
 
@@ -141,6 +141,9 @@ class MaskAttnApply:
             sigma_end=None if end_percent >= 1.0 else float(sampling.percent_to_sigma(end_percent)),
             cond_only=not gate_uncond,
         )
+        if maskattn.handover_percent is not None:
+            options = patched.model_options.setdefault("transformer_options", {})
+            options[HANDOVER_SIGMA] = float(sampling.percent_to_sigma(maskattn.handover_percent))
         return (patched,)
 
 

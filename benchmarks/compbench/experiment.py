@@ -359,10 +359,11 @@ class ZeroShotArm(Arm):
     """"MaskAttn Zero-Shot Gates" with the given start and options (v1: partition "layer", start 0.2)."""
 
     def __init__(self, name: str = "zero-shot", start: float = 0.2, memory: float | None = None,
-                 observe_early: bool = True, **options):
+                 observe_early: bool = True, handover: str | None = None, floor: float | None = None, **options):
         self.name, self.start = name, start
-        self.options = options or {"partition": "layer"}
-        self.memory, self.observe_early = memory, observe_early  # v2 settings the node does not expose
+        self.options = {"layout": "off", **(options or {"partition": "layer"})}
+        # settings the node does not expose: v2's memory, the early observation, the layout's handover
+        self.memory, self.observe_early, self.handover, self.floor = memory, observe_early, handover, floor
 
     def prepare(self, ctx):
         self.models = {}
@@ -376,6 +377,10 @@ class ZeroShotArm(Arm):
                 result[0].state.memory = self.memory
             if not self.observe_early:
                 result[0].observe_before_start = False
+            if self.handover is not None:
+                result[0].layout_handover = self.handover
+            if self.floor is not None:
+                result[0].layout_floor = self.floor
             self.models[key] = ctx.apply(result[0])
             ctx.info.setdefault(self.name, {})[key] = result[1].splitlines()[0]
         return self.models[key]
@@ -435,11 +440,19 @@ ARMS = {
     "region oracle": lambda: RegionArm("region oracle", "boxes", "keep"),
     "region oracle, end hidden": lambda: RegionArm("region oracle, end hidden", "boxes", "hide_in_regions"),
     "layout mask": lambda: RegionArm("layout mask", "halves", "keep"),
+    "zero-shot v2 layout": lambda: ZeroShotArm("zero-shot v2 layout", 0.2, partition="aggregate",
+                                               layout="from the prompt"),
+    "zero-shot v2 layout window": lambda: ZeroShotArm("zero-shot v2 layout window", 0.2, partition="aggregate",
+                                                      layout="from the prompt", handover="window"),
     "attention couple": CoupleArm,
 }
 # Zero-shot v2 ablations (issue 20), each one change; run by name with --arms (not in the default design); the
 # first ones ran with memory 0.8, the default before they measured 0.5 better
 ABLATIONS = {
+    "zs layout floor 0.05": lambda: ZeroShotArm("zs layout floor 0.05", 0.2, partition="aggregate",
+                                                layout="from the prompt", floor=0.05),
+    "zs layout start 0.5": lambda: ZeroShotArm("zs layout start 0.5", 0.5, partition="aggregate",
+                                               layout="from the prompt"),
     "zs agg": lambda: ZeroShotArm("zs agg", 0.2, memory=0.8, partition="aggregate"),
     "zs agg start0": lambda: ZeroShotArm("zs agg start0", 0.0, memory=0.8, partition="aggregate"),
     "zs agg start0.1": lambda: ZeroShotArm("zs agg start0.1", 0.1, memory=0.8, partition="aggregate"),
