@@ -25,7 +25,8 @@ seen in gate training), balanced over the four relations; each prompt is sampled
 arm, so comparisons are paired. Metrics per failure mode (see `score_image`), 95% percentile bootstrap intervals over
 prompts (a prompt's seeds stay together; ratios are ratios of sums, so "given both present" rates are weighted by
 how often both are present), paired differences against base on the same resamples, and the share of the way from
-base to the region oracle. Writes results.json, results.md, samples.png and spotcheck_base.png into --out.
+base to the region oracle. Writes results.json, results.md, samples.png and spotcheck_base.png into --out (default
+results/<model>/latest/, which git ignores; RESULTS.md says where a kept study goes).
 """
 
 from __future__ import annotations
@@ -726,10 +727,21 @@ def sample_in_jobs(args: argparse.Namespace, seed_shares: list[list], info: dict
     return images, kept, timings
 
 
+#: Result folders are named by model ("model2", not a version suffix a gate source also uses).
+MODEL_LABELS = {"tiny_t2i.safetensors": "model1", "tiny_t2i_v2.safetensors": "model2"}
+
+
+def default_out(model_path) -> Path:
+    """results/<model>/latest/: a run's own folder that never overwrites a kept study (see RESULTS.md)."""
+    name = Path(model_path).name
+    return HERE / "results" / MODEL_LABELS.get(name, Path(name).stem) / "latest"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=str(HERE / "tiny_t2i.safetensors"))
-    ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--out", default=None, help="output folder (default: results/<model>/latest/, e.g. "
+                                                "results/model1/latest/ for tiny_t2i.safetensors)")
     ap.add_argument("--quick", action="store_true",
                     help=f"the smoke run: {', '.join(f'{k}={v}' for k, v in QUICK.items())} (explicit flags win)")
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=[*ARMS, *ABLATIONS])
@@ -762,7 +774,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     started = time.time()
     seeds = list(range(args.seeds))
-    out_dir = Path(args.out)
+    out_dir = Path(args.out) if args.out else default_out(args.model)
     out_dir.mkdir(parents=True, exist_ok=True)
     ctx, arms, left_out, subsets, meta = build(args, seeds)
     triples = ctx.triples
