@@ -95,10 +95,11 @@ def evaluation_prompts(n: int, seed: int, scenes: str = "pairs", pairings: str =
 
 
 def structure(t) -> str:
-    """Prompts with the same word positions share token positions ("to the left of" is 4 words, "above" 1)."""
+    """Prompts of one structure share token positions and what the caption says of the layout, so one gate set
+    built from the first of them serves all (a layout read from "left of" would misplace "right of")."""
     if isinstance(t, world.Trio):
         return "trio"
-    return "horizontal" if t.relation in ("left of", "right of") else "vertical"
+    return t.relation
 
 
 def structure_groups(triples) -> dict[str, list[int]]:
