@@ -32,6 +32,7 @@ results/<model>/latest/, which git ignores; RESULTS.md says where a kept study g
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -73,14 +74,17 @@ def load_pack() -> dict:
     return importlib.import_module("comfyui_maskattn.nodes").NODE_CLASS_MAPPINGS
 
 
-WORLDS = ("pairs", "trio")
+WORLDS = ("pairs", "trio", "phrasings")
 PAIRINGS = ("unseen", "seen")
 
 
 def evaluation_prompts(n: int, seed: int, scenes: str = "pairs", pairings: str = "unseen") -> list:
-    """n prompts of the `scenes` world ("pairs": Triples balanced over the four relations; "trio": Trios), from
-    the held-out split ("unseen": every prompt names at least one held-out colour-shape pairing) or the train split
-    ("seen"), in a seeded order."""
+    """n prompts of the `scenes` world ("pairs": Triples balanced over the four relations; "trio": Trios;
+    "phrasings": the pairs worded as the models never saw them, `world.OTHER_PHRASES`, and a quarter "A between B
+    and C"), from the held-out split ("unseen": every prompt names at least one held-out colour-shape pairing) or
+    the train split ("seen"), in a seeded order."""
+    if scenes == "phrasings":
+        return phrasing_prompts(n, seed, pairings)
     train, heldout = world.split_trios(seed=0) if scenes == "trio" else world.split_combos(seed=0)
     pool = heldout if pairings == "unseen" else train
     rng = np.random.default_rng(seed)
@@ -94,12 +98,27 @@ def evaluation_prompts(n: int, seed: int, scenes: str = "pairs", pairings: str =
     return sorted(picked[:n], key=lambda t: (t.relation, world.caption(t)))
 
 
+def phrasing_prompts(n: int, seed: int, pairings: str = "unseen") -> list:
+    """The phrasings world: n // 4 "between" prompts from the trios' split, the rest pairs of the four relations
+    with each other phrase of `world.OTHER_PHRASES` in turn, in a seeded order."""
+    between = evaluation_prompts(n // 4, seed, "trio", pairings)
+    pairs = evaluation_prompts(n - len(between), seed, "pairs", pairings)
+    ways = {r: list(w) for r, w in world.OTHER_PHRASES.items()}
+    seen: dict[str, int] = {}
+    worded = []
+    for t in pairs:
+        k = seen[t.relation] = seen.get(t.relation, -1) + 1
+        worded.append(dataclasses.replace(t, phrase=ways[t.relation][k % len(ways[t.relation])]))
+    return sorted(worded, key=lambda t: (t.relation, t.phrase, world.caption(t))) + [
+        world.Between(t.objects) for t in between]
+
+
 def structure(t) -> str:
     """Prompts of one structure share token positions and what the caption says of the layout, so one gate set
     built from the first of them serves all (a layout read from "left of" would misplace "right of")."""
-    if isinstance(t, world.Trio):
-        return "trio"
-    return t.relation
+    if isinstance(t, (world.Trio, world.Between)):
+        return type(t).__name__.lower()
+    return f"{t.relation}: {t.phrase}" if t.phrase else t.relation
 
 
 def structure_groups(triples) -> dict[str, list[int]]:
@@ -112,13 +131,15 @@ def structure_groups(triples) -> dict[str, list[int]]:
 
 def objects_of(t) -> list[tuple[str, str]]:
     """(colour, shape) per named object, in caption order."""
-    return list(t.objects) if isinstance(t, world.Trio) else [t.a, t.b]
+    return list(t.objects) if isinstance(t, (world.Trio, world.Between)) else [t.a, t.b]
 
 
 def scene(t, seed: int, size: int, omit: str | None = None) -> world.Sample:
     """The ground-truth scene of prompt `t` for a world seed (Triple or Trio)."""
     if isinstance(t, world.Trio):
         return world.sample_trio(seed, trio=t, size=size, omit=omit)
+    if isinstance(t, world.Between):
+        return world.sample_between(seed, t, size=size, omit=omit)
     return world.sample(seed, triple=t, size=size, omit=omit)
 
 
@@ -153,14 +174,20 @@ def half_masks(relation: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def region_masks(ctx: "Context", idx: list[int], seed: int, kind: str) -> tuple[torch.Tensor, ...]:
-    """Per-image masks of each named object ([len(idx), size, size] each, caption order): true boxes or caption
-    halves (pairs only: a Trio names no layout)."""
+    """Per-image masks of each named object ([len(idx), size, size] each, caption order): true boxes or the caption's
+    layout: halves, or thirds for "A between B and C" (B, A, C from the left). A Trio names no layout."""
     per_object = []
     for i in idx:
         t = ctx.triples[i]
         if kind == "boxes":
             boxes = scene(t, layout_seed(i, seed), ctx.size).boxes
             per_object.append([box_mask(boxes[k], ctx.size) for k in "abc"[: len(objects_of(t))]])
+        elif isinstance(t, world.Between):
+            thirds = [torch.zeros(ctx.size, ctx.size) for _ in range(3)]
+            edges = [round(k * ctx.size / 3) for k in range(4)]
+            for mask, column in zip(thirds, (1, 0, 2)):  # A in the middle, B left, C right
+                mask[:, edges[column]:edges[column + 1]] = 1
+            per_object.append(thirds)
         else:
             per_object.append(list(half_masks(t.relation, ctx.size)))
     return tuple(torch.stack(masks) for masks in zip(*per_object))
@@ -416,7 +443,7 @@ class RegionArm(Arm):
         return ctx.apply(gates)
 
     def supports(self, ctx):
-        return self.masks == "boxes" or ctx.args.world == "pairs"
+        return self.masks == "boxes" or ctx.args.world in ("pairs", "phrasings")
 
 
 class CoupleArm(Arm):
@@ -539,7 +566,7 @@ def score_image(image: np.ndarray, t) -> dict:
     differ = len({s for _, s in named}) > 1
     leak = differ and any((d.colour, d.shape) in wrong for d in sc.objects)
     readable = [o for o in sc.objects if o.shape != "unknown"]
-    trio = isinstance(t, world.Trio)
+    trio = isinstance(t, world.Trio)  # (a Between has a relation: B, A, C from the left)
     return {
         "presence": (present, 1),
         "binding_given_present": (int(sc.binding), present),
@@ -669,6 +696,7 @@ def build(args: argparse.Namespace, seeds: list) -> tuple:
     --pairings kind, the model's metadata)."""
     nodes_map = load_pack()
     model, clip, cfg, meta = tinyt2i.load(args.model)
+    clip.encoder.drop_unknown = args.world == "phrasings"  # the model reads a phrasing it never saw as no relation
     subsets, triples = {}, []
     for kind in args.pairings:
         subsets[kind] = list(range(len(triples), len(triples) + args.prompts))
@@ -749,7 +777,8 @@ def main(argv=None) -> int:
     ap.add_argument("--stages", nargs="+", default=None, help="gated stages to run (default: high all)")
     ap.add_argument("--world", default="pairs", choices=WORLDS,
                     help="pairs: two objects and a relation (the first world); trio: three objects close together, "
-                         "no relation (attribute leakage); the model must know the world's words")
+                         "no relation (attribute leakage); phrasings: the pairs worded otherwise ('on top of', "
+                         "'beside', ...) and 'A between B and C', words the model never saw (it reads without them)")
     ap.add_argument("--pairings", nargs="+", default=["unseen"], choices=PAIRINGS,
                     help="prompts naming a held-out colour-shape pairing (unseen) and/or only trained ones (seen); "
                          "with both, --prompts of each and one table per kind")
