@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import shutil
@@ -349,12 +350,14 @@ def differences(got: Result, want: Result) -> list[str]:
 
 # --- the soak --------------------------------------------------------------------------------------------------------
 def fresh_sample(specs: list[Spec], count: int) -> list[Spec]:
-    """`count` late prompts of the session to re-run on fresh servers, the kinds in turn."""
+    """`count` late prompts of the session to re-run on fresh servers: the kinds in turn, the samplers in turn."""
     picked = []
     for k in range(count):
-        of_kind = [s for s in specs if s.kind == KINDS[k % len(KINDS)]]
-        if len(of_kind) > k // len(KINDS):
-            picked.append(of_kind[-1 - k // len(KINDS)])
+        kind, sampler = KINDS[k % len(KINDS)], SAMPLERS[k % len(SAMPLERS)]
+        of_kind = [s for s in specs if s.kind == kind and s not in picked]
+        both = [s for s in of_kind if s.sampler == sampler]
+        if both or of_kind:
+            picked.append((both or of_kind)[-1])
     return picked
 
 
@@ -393,7 +396,7 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         gate_file = tmp / GATE_FILE
         run_example._write_smoke_gates(host, tmp, GATE_FILE)
-        servers = iter(range(10**6))
+        servers = itertools.count()
 
         def fresh() -> Server:
             return Server(host, tmp / f"server{next(servers)}", gate_file)
@@ -464,7 +467,8 @@ def report(specs, results, rss, rss_end, window, soak_seconds, total_seconds, fa
     last = rss[-window:]
     say(f"memory (server RSS): after warm-up ({len(rss) - window} prompts) {mb(warm)}; over the last {window} prompts "
         f"min {mb(min(last))}, max {mb(max(last))}, end {mb(rss[-1])}; growth {mb(rss[-1] - warm)} "
-        f"(max - warm-up: {mb(max(last) - warm)}; goal: at most 50 MB); after the checks {mb(rss_end)}")
+        f"(max - warm-up: {mb(max(last) - warm)}; goal: at most 50 MB); after the interrupts and the two-model "
+        f"prompt {mb(rss_end)}")
     say("time per prompt (s): kind  count  median  p95  max")
     for kind in KINDS:
         times = sorted(results[s.tag].seconds for s in specs if s.kind == kind)
