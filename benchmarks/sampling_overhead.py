@@ -230,25 +230,37 @@ def zero_shot_cases(model, sites, pos, clip=None) -> dict:
     the first step; nothing reads their regions except in the "regions read" row (a Zero-Shot Masks node or the
     viewer in the prompt: the aggregate and the leakage are then kept on every gated layer). Two groups: with the
     compbench model's CLIP the node builds them from its prompt; on the random models tokens 2-3 and 7-8 of the 77
-    ("a red book and a yellow vase") are the groups."""
+    ("a red book and a yellow vase") are the groups. "v2 + layout": the prompt's layout ("... to the left of ..."),
+    the places alone before 0.2 of the schedule, then combined with the aggregate, as Apply MaskAttn sets it."""
+    from comfyui_maskattn.masks.layout import parse_layout
     from comfyui_maskattn.masks.topology import select_sites
     from comfyui_maskattn.masks.prompt import group_prompt
+    from comfyui_maskattn.masks.source import HANDOVER_SIGMA
     from comfyui_maskattn.masks.zeroshot import ZeroShotGates
     from comfyui_maskattn.nodes import hooks
 
     text = "a red circle to the left of a blue square" if clip is not None else "a red book and a yellow vase"
+    placed = "a red book to the left of a yellow vase"  # the random models' layout case: groups at 2-3 and 9-10
     tokens = pos[0][0].shape[1]
 
-    def gates(stage, **options):
+    def gates(stage, layout=False, **options):
         if clip is not None:
             from comfyui_maskattn.nodes.zeroshot import MaskAttnZeroShotGates
 
-            return MaskAttnZeroShotGates().build(clip, text, stage, 0.0, "", **options)["result"][0]
+            node = MaskAttnZeroShotGates()
+            start = 0.2 if layout else 0.0
+            return node.build(clip, text, stage, start, "", layout="from the prompt" if layout else "off",
+                              **options)["result"][0]
         token_groups = [-1] * tokens
-        token_groups[2:4], token_groups[7:9] = [0, 0], [1, 1]
-        kinds = ["start"] + ["text"] * 9 + ["end"] * (tokens - 10)
-        return ZeroShotGates(group_prompt(text), token_groups, stage=stage, start_percent=0.0, token_kinds=kinds,
-                             **options)
+        token_groups[2:4] = [0, 0]
+        if layout:
+            token_groups[9:11] = [1, 1]
+        else:
+            token_groups[7:9] = [1, 1]
+        grouping = group_prompt(placed if layout else text)
+        kinds = ["start"] + ["text"] * (11 if layout else 9) + ["end"] * (tokens - (12 if layout else 10))
+        return ZeroShotGates(grouping, token_groups, stage=stage, start_percent=0.2 if layout else 0.0,
+                             token_kinds=kinds, layout=parse_layout(grouping) if layout else None, **options)
 
     out = {}
     for stage, label, options in (("mid", "v1", {"partition": "layer"}),
@@ -256,14 +268,19 @@ def zero_shot_cases(model, sites, pos, clip=None) -> dict:
                                   ("mid", "v2", {"partition": "aggregate"}),
                                   ("mid", "v2 + self-attention", {"partition": "aggregate",
                                                                   "self_attention": "separate_groups"}),
-                                  ("all", "v1", {"partition": "layer"}), ("all", "v2", {"partition": "aggregate"})):
+                                  ("mid", "v2 + layout", {"partition": "aggregate", "layout": True}),
+                                  ("all", "v1", {"partition": "layer"}), ("all", "v2", {"partition": "aggregate"}),
+                                  ("all", "v2 + layout", {"partition": "aggregate", "layout": True})):
         track = options.pop("track_regions", False)  # (as when a Zero-Shot Masks node or the viewer reads them)
         g = gates(stage, **options)
         g.track_regions = track
         g.check_fits(sites)
         chosen = [s for s in select_sites(sites, stage, "encoder_decoder") if g.covers(s.key)]
-        out[f"zero-shot {label} {stage} ({len(chosen)} layers)"], _ = hooks.install(model, g, chosen, threshold=0.5,
-                                                                                   negative_value=-1e4)
+        patched, _ = hooks.install(model, g, chosen, threshold=0.5, negative_value=-1e4)
+        if g.handover_percent is not None:  # as Apply MaskAttn hands it over
+            handover = float(model.model.model_sampling.percent_to_sigma(g.handover_percent))
+            patched.model_options.setdefault("transformer_options", {})[HANDOVER_SIGMA] = handover
+        out[f"zero-shot {label} {stage} ({len(chosen)} layers)"] = patched
     return out
 
 

@@ -170,7 +170,8 @@ def two_model_prompts(tag: str) -> tuple[dict, dict]:
     learned = replace(spec, kind="learned", option=1)  # stage mid
     prompts = []
     for separate in (False, True):
-        prompt = {"ckpt": node("MaskAttnTestTinyCheckpoint", seed=0), "ckptB": node("MaskAttnTestTinyCheckpoint", seed=1)}
+        prompt = {"ckpt": node("MaskAttnTestTinyCheckpoint", seed=0),
+                  "ckptB": node("MaskAttnTestTinyCheckpoint", seed=1)}
         shared, positive, _ = add_gates(prompt, spec, ["ckpt", 1])
 
         def own(prefix):  # the reference's gates for one branch
