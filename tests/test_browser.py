@@ -266,7 +266,7 @@ def test_shipped_workflows_run_as_shipped_and_the_viewer_survives_reload_and_cac
 
 def _check_shipped_workflow(page, base_url, name, label, errors):
     workflow = json.loads((REPO / "workflows" / f"{name}.json").read_text())
-    api_twin = json.loads((REPO / "workflows" / f"{name}_api.json").read_text())
+    api_twin = json.loads((REPO / "workflows" / "api" / f"{name}_api.json").read_text())
     page.evaluate("async (wf) => { await window.app.loadGraphData(wf); }", workflow)
     text = page.evaluate("() => document.body.innerText")
     assert "were not found" not in text and "Missing" not in text, (name, text[:2000])
