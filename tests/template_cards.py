@@ -1,6 +1,6 @@
 """The thumbnails ComfyUI's Templates browser shows for the example workflows: one card per workflow, a picture above
 its title and one-line description (the frontend shows a pack's templates by file name only, so the card carries
-them). Written as `<workflow>.jpg` beside the workflow by tests/workflow_build.py.
+them). Written as `<workflow>.jpg` beside the workflow by tests/workflow_build.py, with the pack's icon.
 
 The frontend asks for `/api/workflow_templates/<pack>/<name>.jpg` (mediaSubtype "jpg" for every custom-node
 template in comfyui-frontend-package 1.58.1), so the cards are JPEG.
@@ -16,6 +16,9 @@ from PIL import Image, ImageDraw, ImageFont
 REPO = Path(__file__).resolve().parent.parent
 VIEWER_SHOT = REPO / "docs" / "viewer.png"  # the browser test's screenshot of the viewer on the canvas
 VIEWER_BOX = (552, 456, 1052, 872)  # the viewer widget inside that 1600 x 1000 screenshot
+HEAT_BOX = (665, 486, 905, 726)  # the viewer's heatmap inside it
+ICON = REPO / "docs" / "icon.png"  # the registry's icon (pyproject.toml [tool.comfy] Icon): square, at most 400 px
+ICON_SIZE = 256
 SIZE = (512, 512)
 PICTURE_HEIGHT = 352
 MAX_BYTES = 60_000
@@ -61,6 +64,12 @@ def viewer_picture(width: int, height: int) -> Image.Image:
     """The gate viewer itself, from the pack's own screenshot."""
     with Image.open(VIEWER_SHOT) as shot:
         return _contain(shot.convert("RGB").crop(VIEWER_BOX), width, height)
+
+
+def icon() -> Image.Image:
+    """The pack's icon: the viewer's heatmap of one word."""
+    with Image.open(VIEWER_SHOT) as shot:
+        return shot.convert("RGB").crop(HEAT_BOX).resize((ICON_SIZE, ICON_SIZE), Image.LANCZOS)
 
 
 def _scene(draw, box, cube, sphere, cat=None):

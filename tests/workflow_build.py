@@ -296,6 +296,8 @@ def write() -> None:
     for filename, image in cards().items():
         template_cards.save(image, WORKFLOWS / filename)
         print("wrote", WORKFLOWS / filename)
+    template_cards.icon().save(template_cards.ICON, optimize=True)
+    print("wrote", template_cards.ICON)
 
 
 if __name__ == "__main__":
