@@ -1,5 +1,6 @@
 """The shipped workflows in a real browser: ComfyUI server + the pack, headless Chromium, each workflow loaded via the
-UI and run as shipped (only the checkpoint swapped for the tiny test one), the viewer across a reload and a cached run.
+UI and run as shipped (only the checkpoint swapped for the tiny test one), the viewer across a reload and a cached run;
+and the viewer on the newest frontend package (MASKATTN_NEWEST_FRONTEND) in the classic and the Vue node renderer.
 
 Needs Debian's `chromium` (/usr/bin/chromium) and Playwright for Python (tests/requirements-browser.txt); never
 downloads a browser. Skips when either is missing, except under CI=true, where it fails. Screenshots go to
