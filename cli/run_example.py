@@ -1,4 +1,4 @@
-"""Run the main example (workflows/maskattn_sdxl_viewer_api.json) headless and save the image and the gate grid.
+"""Run the main example (workflows/api/maskattn_sdxl_viewer_api.json) headless and save the image and the gate grid.
 
     cd ComfyUI/custom_nodes/<this pack>
     python -m cli.run_example --checkpoint sd_xl_base_1.0.safetensors            # zero-shot gates (no file needed)
@@ -31,7 +31,7 @@ from pathlib import Path
 from . import server
 from .host import PACK_ROOT, find_host
 
-WORKFLOW = PACK_ROOT / "workflows" / "maskattn_sdxl_viewer_api.json"
+WORKFLOW = PACK_ROOT / "workflows" / "api" / "maskattn_sdxl_viewer_api.json"
 TINY_PACK = PACK_ROOT / "tests" / "tiny_pack"
 SMOKE_LABEL = "SMOKE_tiny_random_model"
 DEFAULT_OUT = Path.home() / "maskattn_output"

@@ -1,5 +1,6 @@
 """The shipped workflows in a real browser: ComfyUI server + the pack, headless Chromium, each workflow loaded via the
-UI and run as shipped (only the checkpoint swapped for the tiny test one), the viewer across a reload and a cached run.
+UI and run as shipped (only the checkpoint swapped for the tiny test one), the viewer across a reload and a cached run;
+and the viewer on the newest frontend package (MASKATTN_NEWEST_FRONTEND) in the classic and the Vue node renderer.
 
 Needs Debian's `chromium` (/usr/bin/chromium) and Playwright for Python (tests/requirements-browser.txt); never
 downloads a browser. Skips when either is missing, except under CI=true, where it fails. Screenshots go to
@@ -14,11 +15,15 @@ import json
 import os
 import shutil
 import sys
+import urllib.error
+import urllib.request
+import warnings
 from pathlib import Path
 
 import pytest
 
 import comfy_host
+import workflow_build
 
 pytestmark = pytest.mark.server
 
@@ -138,22 +143,8 @@ def test_shipped_workflows_run_as_shipped_and_the_viewer_survives_reload_and_cac
                 run_errors = _queue_and_wait(page)
                 assert not run_errors, f"{run_errors}\n{comfy_host.log_tail(log_path)}"
                 page.wait_for_function(_WAIT_VIEWER, arg=0, timeout=60_000)
-                info = page.evaluate(f"""() => {{
-                    const node = {_VIEWER};
-                    const v = node.maskattnViewer;
-                    const zs = window.app.graph._nodes.find(n => n.type === 'MaskAttnZeroShotGates');
-                    return {{words: v.data.tokens.map(t => t.word), layers: v.data.layers.length, run: v.data.run,
-                             steps: v.data.steps.length, id: node.id, token: v.token,
-                             groups: v.data.groups.map(g => g.name), grouping: zs.maskattnGrouping.value,
-                             modes: v.modeButtons.filter(b => b.style.display !== 'none').map(b => b.dataset.kind)}};
-                }}""")
-                assert info["words"][:6] == ["a", "photo", "of", "a#2", "red", "cube"], info
-                assert info["words"][info["token"]] == "red", info  # opens on the first group's first word
-                assert info["groups"][:3] == ["red cube", "blue sphere", "yellow cat"], info
-                assert info["modes"] == ["gate", "probability", "groups"], info
-                assert info["grouping"].startswith("red cube | blue sphere | yellow cat"), info  # on the canvas
-                # every gated (mid-stage) layer of the tiny model; zero-shot gating starts at 20% of 25 steps
-                assert info["layers"] == 10 and info["steps"] == 20, info
+                info = _viewer_info(page)
+                _check_viewer_info(info)
                 page.wait_for_timeout(500)  # the base image loads asynchronously
                 before = _pixels(page)
                 assert before["distinct"] > 50 and before["std"] > 10, before  # a heatmap, not a flat fill
@@ -161,29 +152,12 @@ def test_shipped_workflows_run_as_shipped_and_the_viewer_survives_reload_and_cac
                     return [Math.min(...v), Math.max(...v)]; }}""")
                 assert heat[0] < 0.1 and heat[1] > 0.4, heat  # "red" is kept in some places and cut off in others
 
-                for _ in range(3):  # close the current frontend's first-run template dialog, if any
-                    if not page.locator(".p-dialog-mask").count():
-                        break
-                    page.keyboard.press("Escape")
-                    page.wait_for_timeout(300)
+                _close_dialogs(page)
                 _center(page, info["id"])
                 page.screenshot(path=str(SCREENSHOTS / f"viewer_{label}_page.png"))
                 _shot(page, f"viewer_{label}.png")
 
-                page.evaluate(f"""() => {{
-                    const v = {_VIEWER}.maskattnViewer;
-                    v.layer.input.value = 0;
-                    v.layer.input.dispatchEvent(new Event('input', {{bubbles: true}}));
-                }}""")
-                after = _pixels(page)
-                assert after["hash"] != before["hash"] and _diff(page) > 1.0, (before, after)
-                assert "input.7.0" in page.evaluate(
-                    "() => document.querySelector('.maskattn-viewer').innerText"), "layer label did not follow"
-                # the partition: each cell coloured by its group
-                page.evaluate(f"() => {_VIEWER}.maskattnViewer.modeButtons.find(b => b.dataset.kind === 'groups')"
-                              f".click()")
-                groups = _pixels(page)
-                assert groups["hash"] != after["hash"] and groups["distinct"] > 3, groups
+                _slide_layer_and_show_groups(page, before)
                 _shot(page, f"viewer_{label}_groups.png")
                 first_run = info["run"]
 
@@ -264,12 +238,184 @@ def test_shipped_workflows_run_as_shipped_and_the_viewer_survives_reload_and_cac
           file=sys.stderr)
 
 
+
+# --- the newest frontend package ---------------------------------------------------------------------------------
+NEWEST_FRONTEND_ENV = "MASKATTN_NEWEST_FRONTEND"  # where `pip install --target` put comfyui-frontend-package
+# Routes the newest frontend asks for at start beyond those the 2024 host has (seen from its requests there); it
+# starts without them (ComfyUI 0.3.64 lacks the last two), so they are reported, not required
+NEWEST_FRONTEND_ROUTES = ("/features", "/i18n", "/global_subgraphs", "/jobs")
+
+
+def newest_frontend() -> tuple[Path, str]:
+    """The newest frontend package's static folder and version (installed outside the repo by .ci/run)."""
+    folder = os.environ.get(NEWEST_FRONTEND_ENV)
+    dist = sorted(Path(folder).glob("comfyui_frontend_package-*.dist-info")) if folder else []
+    if not dist:
+        message = (f"{NEWEST_FRONTEND_ENV} must name a folder with comfyui-frontend-package in it "
+                   f"(pip install --target DIR comfyui-frontend-package)")
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    version = dist[-1].name.removeprefix("comfyui_frontend_package-").removesuffix(".dist-info")
+    return Path(folder) / "comfyui_frontend_package" / "static", version
+
+
+def backend_gap(base_url: str) -> list[str]:
+    """What the running host lacks that the newest frontend cannot start without."""
+    host = comfy_host.HOST_PATH
+    gap = []
+    if "--front-end-root" not in (host / "comfy" / "cli_args.py").read_text():
+        gap.append("--front-end-root (the server serves only its own web/ folder)")
+    if '"/api" + route.path' not in (host / "server.py").read_text():
+        gap.append("the /api/ route prefix (the frontend asks /api/object_info, /api/prompt, /api/users, ...)")
+    object_info = comfy_host.get_json(base_url, "/object_info")
+    if any("python_module" not in spec for spec in object_info.values()):
+        gap.append("python_module in /object_info (the frontend's node definitions read it)")
+    return gap
+
+
+def missing_routes(base_url: str) -> list[str]:
+    """The routes of NEWEST_FRONTEND_ROUTES the running host answers with an error."""
+    missing = []
+    for route in NEWEST_FRONTEND_ROUTES:
+        try:
+            urllib.request.urlopen(base_url + route, timeout=30).close()
+        except urllib.error.HTTPError as e:
+            missing.append(f"GET {route} ({e.code})")
+    return missing
+
+
+def _set_setting(base_url: str, key: str, value):
+    request = urllib.request.Request(f"{base_url}/api/settings/{key}", data=json.dumps(value).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    urllib.request.urlopen(request, timeout=30).close()
+
+
+def test_newest_frontend_runs_the_viewer_in_the_classic_and_the_vue_renderer(host, tmp_path):
+    """The viewer workflow on the newest comfyui-frontend-package, in the classic canvas and in the Vue node renderer
+    ("Nodes 2.0"): the viewer's widget, the grouping box, the layer slider and the groups mode; nothing the pack logs
+    is an error. A host that cannot serve that frontend makes this test say which API it lacks."""
+    _requirements()
+    static, version = newest_frontend()
+    from playwright.sync_api import sync_playwright
+
+    config = prepare_models(tmp_path)
+    proc, base_url, log_path = comfy_host.start_server(tmp_path, extra_args=(
+        "--extra-model-paths-config", str(config),
+        *(("--front-end-root", str(static)) if host_label() == "new" else ())))
+    ours, page_errors = [], []
+    try:
+        gap, missing = backend_gap(base_url), missing_routes(base_url)
+        if gap:
+            warnings.warn(f"comfyui-frontend-package {version} cannot be served by the host at {comfy_host.HOST_PATH}"
+                          f"; it lacks: {'; '.join(gap + missing)}. Run this test on ComfyUI 0.3.64 (COMFYUI_PATH) "
+                          f"to check the viewer there; the workflows' template files and model metadata are checked "
+                          f"by tests/test_workflow_templates.py.")
+            assert host_label() == "old", gap  # a current host must serve the current frontend
+            return
+        viewer_wf = json.loads((REPO / "workflows" / "maskattn_sdxl_viewer.json").read_text())
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
+            try:
+                for renderer in ("classic", "vue"):
+                    _set_setting(base_url, "Comfy.VueNodes.Enabled", renderer == "vue")
+                    page = browser.new_page(viewport={"width": 1600, "height": 1000})
+                    page.on("console", lambda m: ours.append(f"{m.text} @ {m.location.get('url')}") if (
+                        m.type == "error" and "maskattn" in f"{m.text} {m.location.get('url')}".lower()) else None)
+                    page.on("pageerror", lambda e: page_errors.append(f"{e}\n{getattr(e, 'stack', '')}"[:1500]))
+                    _open(page, base_url)
+                    assert page.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__") == version
+                    assert page.evaluate("() => window.app.extensionManager.setting.get('Comfy.VueNodes.Enabled')") \
+                        == (renderer == "vue")
+                    _close_dialogs(page)
+                    if renderer == "classic":  # the missing checkpoint is offered from the workflow's metadata
+                        page.evaluate("async (wf) => { await window.app.loadGraphData(wf); }", viewer_wf)
+                        page.wait_for_function("(name) => document.body.innerText.includes(name)",
+                                               arg=workflow_build.CHECKPOINT, timeout=30_000)
+                        _close_dialogs(page)
+                    page.evaluate("async (wf) => { await window.app.loadGraphData(wf); }",
+                                  with_test_checkpoint(viewer_wf))
+                    run_errors = _queue_and_wait(page)
+                    assert not run_errors, f"{run_errors}\n{comfy_host.log_tail(log_path)}"
+                    page.wait_for_function(_WAIT_VIEWER, arg=0, timeout=60_000)
+                    info = _viewer_info(page)
+                    _check_viewer_info(info)
+                    _close_dialogs(page)
+                    _center(page, info["id"])
+                    page.wait_for_timeout(500)
+                    shown = page.evaluate("""() => {
+                        const rect = document.querySelector('.maskattn-viewer').getBoundingClientRect();
+                        const box = window.app.graph._nodes.find(n => n.maskattnGrouping).maskattnGrouping;
+                        return {viewer: rect.width > 200 && rect.height > 200, grouping: box.isConnected};
+                    }""")
+                    assert shown == {"viewer": True, "grouping": True}, (renderer, shown)  # both in the page
+                    before = _pixels(page)
+                    assert before["distinct"] > 50 and before["std"] > 10, before
+                    page.screenshot(path=str(SCREENSHOTS / f"viewer_newest_{renderer}_page.png"))
+                    _slide_layer_and_show_groups(page, before)
+                    _shot(page, f"viewer_newest_{renderer}_groups.png")
+                    page.close()
+            finally:
+                browser.close()
+    finally:
+        comfy_host.stop_server(proc)
+    assert not [e for e in page_errors if "maskattn" in e.lower()], page_errors
+    assert not ours, ours
+    print(f"\ncomfyui-frontend-package {version}: classic and Vue renderer checked; the host lacks "
+          f"{', '.join(missing) or 'nothing it asks for'}; page errors of the host's own: {len(page_errors)}",
+          file=sys.stderr)
+
+def _viewer_info(page) -> dict:
+    return page.evaluate(f"""() => {{
+        const node = {_VIEWER};
+        const v = node.maskattnViewer;
+        const zs = window.app.graph._nodes.find(n => n.type === 'MaskAttnZeroShotGates');
+        return {{words: v.data.tokens.map(t => t.word), layers: v.data.layers.length, run: v.data.run,
+                 steps: v.data.steps.length, id: node.id, token: v.token,
+                 groups: v.data.groups.map(g => g.name), grouping: zs.maskattnGrouping.value,
+                 modes: v.modeButtons.filter(b => b.style.display !== 'none').map(b => b.dataset.kind)}};
+    }}""")
+
+
+def _check_viewer_info(info):
+    assert info["words"][:6] == ["a", "photo", "of", "a#2", "red", "cube"], info
+    assert info["words"][info["token"]] == "red", info  # opens on the first group's first word
+    assert info["groups"][:3] == ["red cube", "blue sphere", "yellow cat"], info
+    assert info["modes"] == ["gate", "probability", "groups"], info
+    assert info["grouping"].startswith("red cube | blue sphere | yellow cat"), info  # on the canvas
+    # every gated (mid-stage) layer of the tiny model; zero-shot gating starts at 20% of 25 steps
+    assert info["layers"] == 10 and info["steps"] == 20, info
+
+
+def _slide_layer_and_show_groups(page, before):
+    """Layer slider to the first layer (the picture and the label follow), then the groups mode (each cell coloured
+    by its group)."""
+    page.evaluate(f"""() => {{
+        const v = {_VIEWER}.maskattnViewer;
+        v.layer.input.value = 0;
+        v.layer.input.dispatchEvent(new Event('input', {{bubbles: true}}));
+    }}""")
+    after = _pixels(page)
+    assert after["hash"] != before["hash"] and _diff(page) > 1.0, (before, after)
+    assert "input.7.0" in page.evaluate(
+        "() => document.querySelector('.maskattn-viewer').innerText"), "layer label did not follow"
+    # the partition: each cell coloured by its group
+    page.evaluate(f"() => {_VIEWER}.maskattnViewer.modeButtons.find(b => b.dataset.kind === 'groups')"
+                  f".click()")
+    groups = _pixels(page)
+    assert groups["hash"] != after["hash"] and groups["distinct"] > 3, groups
+
+
 def _check_shipped_workflow(page, base_url, name, label, errors):
     workflow = json.loads((REPO / "workflows" / f"{name}.json").read_text())
-    api_twin = json.loads((REPO / "workflows" / f"{name}_api.json").read_text())
+    api_twin = json.loads((REPO / "workflows" / "api" / f"{name}_api.json").read_text())
     page.evaluate("async (wf) => { await window.app.loadGraphData(wf); }", workflow)
     text = page.evaluate("() => document.body.innerText")
-    assert "were not found" not in text and "Missing" not in text, (name, text[:2000])
+    assert "were not found" not in text, (name, text[:2000])  # no missing node types
+    if "Missing" in text or "missing" in text:  # current frontends offer the checkpoint the workflow declares
+        assert workflow_build.CHECKPOINT in text, (name, text[:2000])
+    _close_dialogs(page)
     nodes = page.evaluate("() => window.app.graph._nodes.map(n => [String(n.id), n.type, n.comfyClass, "
                           "!!n.isVirtualNode, n.mode])")
     assert sorted(t for _, t, *_ in nodes) == sorted(n["type"] for n in workflow["nodes"]), name
@@ -294,6 +440,15 @@ def _check_shipped_workflow(page, base_url, name, label, errors):
             continue
         assert prompt[node_id]["class_type"] == node["class_type"], (name, node_id)
         assert prompt[node_id]["inputs"] == node["inputs"], (name, node_id)
+
+
+def _close_dialogs(page):
+    """Close the current frontends' dialogs (first-run templates, missing models), if any."""
+    for _ in range(3):
+        if not page.locator(".p-dialog-mask").count():
+            break
+        page.keyboard.press("Escape")
+        page.wait_for_timeout(300)
 
 
 def _host_noise(message: str) -> bool:

@@ -17,8 +17,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_workflow_files_are_what_the_builder_writes():
     built = workflow_build.build()
-    on_disk = {p.name for p in (REPO / "workflows").glob("*.json")}
-    assert set(built) <= on_disk
+    on_disk = {str(p.relative_to(REPO / "workflows")) for p in (REPO / "workflows").rglob("*.json")}
+    assert set(built) == on_disk, "a workflow file that tests/workflow_build.py does not write"
     for name, data in built.items():
         assert (REPO / "workflows" / name).read_text() == workflow_build.dumps(data), (
             f"workflows/{name} is stale: run `python tests/workflow_build.py`")
@@ -31,7 +31,7 @@ def test_ui_and_api_formats_agree_and_every_node_exists(host, name):
     from comfyui_maskattn.nodes import NODE_CLASS_MAPPINGS as pack
 
     ui = json.loads((REPO / "workflows" / f"{name}.json").read_text())
-    api = json.loads((REPO / "workflows" / f"{name}_api.json").read_text())
+    api = json.loads((REPO / "workflows" / workflow_build.api_name(name)).read_text())
     known = {**comfy_nodes.NODE_CLASS_MAPPINGS, **pack}
     queued = [n for n in ui["nodes"] if n["type"] not in workflow_build.FRONTEND_ONLY_NODES and n["mode"] == 0]
     assert {str(n["id"]): n["type"] for n in queued} == {k: v["class_type"] for k, v in api.items()}

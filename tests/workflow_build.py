@@ -1,7 +1,13 @@
-"""Writes the example workflows in workflows/ (UI format + API-format twin) from one description each.
+"""Writes the example workflows in workflows/ from one entry each in TEMPLATES: the UI workflow, its thumbnail and
+its API-format twin.
 
-    python tests/workflow_build.py          # rewrite workflows/*.json
-    (tests/test_workflows.py checks the files are what this script writes, and that both formats agree)
+    python tests/workflow_build.py          # rewrite workflows/*.json, workflows/*.jpg, workflows/api/*_api.json
+    (tests/test_preview_workflows.py checks the files are what this script writes, and that both formats agree)
+
+ComfyUI's Templates browser lists every `*.json` at the top of a pack's `workflows/` folder (ComfyUI 0.3.64,
+app/custom_node_manager.py) with the `.jpg` of the same name beside it as the thumbnail; the frontend takes no title
+or description from a pack (it shows the file name), so each card draws its own (tests/template_cards.py). The API
+twins live in workflows/api/, where the browser does not look. Adding a workflow is one more Template in TEMPLATES.
 
 A node is (id, class_type, widgets in the frontend's widget order, {input: (source id, output slot)}, position),
 optionally followed by a dict of extra UI fields ({"mode": 4} = bypassed). Bypassed nodes and frontend-only nodes
@@ -12,9 +18,16 @@ sends it.
 from __future__ import annotations
 
 import json
+import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import template_cards  # noqa: E402
 
 WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows"
+API_FOLDER = "api"  # the API-format twins: below the top of workflows/, so the Templates browser does not list them
 
 # Sockets (name, type) and widget names per class, in the order ComfyUI's INPUT_TYPES lists them. Widgets that the
 # frontend adds itself (KSampler's control_after_generate) are named too, since they sit in widgets_values.
@@ -43,12 +56,26 @@ SOCKETS = {
                               ("conditioning", "CONDITIONING"), ("clip", "CLIP")],
                              ["layers", "step", "rows", "tokens", "show", "opacity", "batch_index", "text"],
                              [("grid", "IMAGE"), ("masks", "MASK")]),
+    "SolidMask": ([], ["value", "width", "height"], [("MASK", "MASK")]),
+    "MaskComposite": ([("destination", "MASK"), ("source", "MASK")], ["x", "y", "operation"], [("MASK", "MASK")]),
+    "MaskAttnRegionGates": ([("clip", "CLIP")] + [(f"mask_{i}", "MASK") for i in range(1, 5)],
+                            ["text", "phrases", "stage", "end_tokens"],
+                            [("maskattn", "MASKATTN"), ("description", "STRING")]),
 }
 FRONTEND_ONLY_WIDGETS = {"control_after_generate"}
 FRONTEND_ONLY_NODES = {"Note"}
 BYPASSED = 4  # LiteGraph node mode
 
 CHECKPOINT = "sd_xl_base_1.0.safetensors"
+# Model metadata the frontend's missing-model dialog reads from a loader node's properties.models (name, url,
+# directory; tests/test_workflow_templates.py restates the frontend's schema): the official SDXL base 1.0 release.
+MODELS = {
+    CHECKPOINT: {
+        "name": CHECKPOINT,
+        "url": f"https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/{CHECKPOINT}",
+        "directory": "checkpoints",
+    },
+}
 GATES = "maskattn_gates_00001.safetensors"  # the first file Save MaskAttn Gates writes
 PROMPT = "a photo of a red cube on top of a blue sphere, a yellow cat beside them, studio light"
 NEGATIVE = "blurry, low quality, watermark"
@@ -111,6 +138,55 @@ def compare_workflow():
     ]
 
 
+REGION_PROMPT = "a photo of a red cube and a blue sphere on a wooden table, studio light"
+REGION_PHRASES = "red cube\nblue sphere"
+
+
+def region_workflow():
+    """SDXL txt2img where "red cube" may only appear in the left half and "blue sphere" only in the right half. The
+    masks come from stock nodes only (SolidMask + MaskComposite make the two halves)."""
+    return "maskattn_sdxl_region", [
+        (1, "CheckpointLoaderSimple", [CHECKPOINT], {}, (40, 120)),
+        (2, "CLIPTextEncode", [REGION_PROMPT], {"clip": (1, 1)}, (400, 440)),
+        (3, "CLIPTextEncode", [NEGATIVE], {"clip": (1, 1)}, (400, 660)),
+        (4, "SolidMask", [0.0, 1024, 1024], {}, (40, 420)),  # the empty canvas
+        (5, "SolidMask", [1.0, 512, 1024], {}, (40, 560)),  # a half-width rectangle
+        (6, "MaskComposite", [0, 0, "add"], {"destination": (4, 0), "source": (5, 0)}, (40, 700)),  # left half
+        (7, "MaskComposite", [512, 0, "add"], {"destination": (4, 0), "source": (5, 0)}, (40, 880)),  # right half
+        (8, "MaskAttnRegionGates", [REGION_PROMPT, REGION_PHRASES, "all", "keep"],
+         {"clip": (1, 1), "mask_1": (6, 0), "mask_2": (7, 0)}, (400, 120)),
+        (9, "MaskAttnApply", APPLY, {"model": (1, 0), "maskattn": (8, 0)}, (760, 120)),
+        (10, "EmptyLatentImage", [1024, 1024, 1], {}, (760, 660)),
+        (11, "KSampler", [SEED, "fixed", 25, 7.0, "euler", "normal", 1.0],
+         {"model": (9, 0), "positive": (2, 0), "negative": (3, 0), "latent_image": (10, 0)}, (1100, 120)),
+        (12, "VAEDecode", [], {"samples": (11, 0), "vae": (1, 2)}, (1460, 120)),
+        (13, "SaveImage", ["MaskAttn_region"], {"images": (12, 0)}, (1460, 260)),
+    ]
+
+
+@dataclass(frozen=True)
+class Template:
+    """One example workflow as the Templates browser shows it: the graph, and the card's title, one-line description
+    and picture (a template_cards painter: (width, height) -> RGB image)."""
+
+    graph: Callable[[], tuple[str, list]]
+    title: str
+    description: str
+    picture: Callable
+
+
+TEMPLATES = [
+    Template(viewer_workflow, "MaskAttn gate viewer (SDXL)",
+             "Zero-shot gates on SDXL; see each word's gate per layer and step on the canvas.",
+             template_cards.viewer_picture),
+    Template(compare_workflow, "MaskAttn off and on (SDXL)",
+             "One seed sampled without and with MaskAttn, side by side in one image.",
+             template_cards.compare_picture),
+    Template(region_workflow, "MaskAttn region gates (SDXL)",
+             "Each phrase in its own part of the image: 'red cube' left, 'blue sphere' right.",
+             template_cards.region_picture),
+]
+
 TITLES = {(("maskattn_sdxl_compare", 8)): "KSampler (without MaskAttn)",
           (("maskattn_sdxl_compare", 9)): "KSampler (with MaskAttn)"}
 
@@ -170,6 +246,9 @@ def ui_format(name, nodes) -> dict:
             "properties": {"Node name for S&R": cls},
             "widgets_values": list(widgets),
         }
+        models = [MODELS[v] for v in widgets if isinstance(v, str) and v in MODELS]
+        if models:
+            node["properties"]["models"] = models
         if (name, node_id) in TITLES:
             node["title"] = TITLES[(name, node_id)]
         if cls == "MaskAttnPreviewGates":
@@ -185,21 +264,41 @@ def ui_format(name, nodes) -> dict:
             "groups": [], "config": {}, "extra": {}, "version": 0.4}
 
 
+def api_name(name: str) -> str:
+    """Where a workflow's API-format twin lives, relative to workflows/."""
+    return f"{API_FOLDER}/{name}_api.json"
+
+
 def build() -> dict[str, dict]:
+    """Every file TEMPLATES describes, by path relative to workflows/ (the thumbnails come from cards())."""
     files = {}
-    for make in (viewer_workflow, compare_workflow):
-        name, nodes = make()
+    for template in TEMPLATES:
+        name, nodes = template.graph()
         files[f"{name}.json"] = ui_format(name, nodes)
-        files[f"{name}_api.json"] = api_format(nodes)
+        files[api_name(name)] = api_format(nodes)
     return files
+
+
+def cards() -> dict[str, object]:
+    """Each UI workflow's thumbnail (a PIL image), by path relative to workflows/."""
+    return {f"{t.graph()[0]}.jpg": template_cards.card(t.title, t.description, t.picture) for t in TEMPLATES}
 
 
 def dumps(data) -> str:
     return json.dumps(data, indent=2) + "\n"
 
 
-if __name__ == "__main__":
-    WORKFLOWS.mkdir(exist_ok=True)
+def write() -> None:
+    (WORKFLOWS / API_FOLDER).mkdir(parents=True, exist_ok=True)
     for filename, data in build().items():
         (WORKFLOWS / filename).write_text(dumps(data))
         print("wrote", WORKFLOWS / filename)
+    for filename, image in cards().items():
+        template_cards.save(image, WORKFLOWS / filename)
+        print("wrote", WORKFLOWS / filename)
+    template_cards.icon().save(template_cards.ICON, optimize=True)
+    print("wrote", template_cards.ICON)
+
+
+if __name__ == "__main__":
+    write()
