@@ -405,15 +405,15 @@ def tiny_controlnet(host, seed=4):
     import comfy.cldm.cldm
     import comfy.controlnet
     import comfy.ops
-    from cli import host as bootstrap
+    from cli.tiny_models import init_random_weights_, sdxl_unet_config
 
-    config = bootstrap.sdxl_unet_config(32, (0, 2, 2), 64)
+    config = sdxl_unet_config(32, (0, 2, 2), 64)
     config.pop("out_channels")
     config.update(num_head_channels=16, hint_channels=3, dtype=torch.float32)
     for name in ("use_temporal_attention", "use_temporal_resblock"):
         config.pop(name)
     control = comfy.cldm.cldm.ControlNet(operations=comfy.ops.disable_weight_init, device="cpu", **config)
-    bootstrap.init_random_weights_(control, seed)
+    init_random_weights_(control, seed)
     return comfy.controlnet.ControlNet(control, load_device=torch.device("cpu"))
 
 
@@ -497,13 +497,15 @@ def test_a_batch_change_after_the_gate_is_an_error_naming_both_nodes_and_the_ord
 def test_patch_list_keeps_maskattn_at_the_ends_through_every_way_comfyui_and_packs_grow_it(host, pack, sdxl):
     import copy
 
-    _, hooks = pack
+    from comfyui_maskattn.nodes.gate_patch import MaskAttnGatePatch, MaskAttnLayoutPatch
+    from comfyui_maskattn.nodes.patch_order import OrderedPatchList
+
     model = apply(pack, sdxl, make_gates(sdxl))
     patches = model.model_options["transformer_options"]["patches"]
 
     def ours_at_ends(items):
         items = list(items)
-        return isinstance(items[0], hooks.MaskAttnLayoutPatch) and isinstance(items[-1], hooks.MaskAttnGatePatch)
+        return isinstance(items[0], MaskAttnLayoutPatch) and isinstance(items[-1], MaskAttnGatePatch)
 
     a, b, c = (lambda *x: x), (lambda *x: x), (lambda *x: x)
     clone = model.clone()
