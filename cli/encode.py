@@ -49,7 +49,7 @@ def encode_dataset(args, examples, model, clip, vae, fingerprint: str, dist):
     from safetensors.torch import load_file, save_file
 
     from comfyui_maskattn.cli.dataset import load_image
-    from comfyui_maskattn.nodes.gate_training import TrainingExamples, prepare_examples
+    from comfyui_maskattn.nodes.training_examples import TrainingExamples, prepare_examples
 
     cache_dir = Path(args.output) / "cache"
     cache = cache_dir / f"{fingerprint}-r{dist.rank}of{dist.world}.safetensors"
