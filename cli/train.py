@@ -89,7 +89,7 @@ def _optimisation_arguments(t, D: dict):
         type=int,
         default=D["mask_steps"],
         help="the first N steps train the gates to predict the dataset's object masks (beyond the paper), the rest "
-        "use --objective; -1: every step",
+        "use --objective; -1: every step when the dataset has object masks, none without",
     )
     t.add_argument(
         "--mask-outside",
@@ -103,7 +103,7 @@ def _optimisation_arguments(t, D: dict):
     t.add_argument("--lr", type=float, default=D["lr"])
     t.add_argument("--weight-decay", type=float, default=D["weight_decay"])
     share = f"{D['warmup_fraction']:.0%}".replace("%", "%%")  # (argparse formats help with %)
-    t.add_argument("--warmup", type=int, default=-1, help=f"warmup steps (-1: {share} of --steps)")
+    t.add_argument("--warmup", type=int, default=D["warmup"], help=f"warmup steps (-1: {share} of --steps)")
     t.add_argument("--grad-clip", type=float, default=D["grad_clip"])
     t.add_argument("--seed", type=int, default=D["seed"])
     t.add_argument(
@@ -213,7 +213,7 @@ def _train_and_write(args, examples, dist: Dist, fingerprint) -> int:
         out.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     model, data, key = _model_and_examples(args, examples, dist, fingerprint)
-    config = _train_config(args, dist)
+    config = _train_config(args, dist, has_masks=any(ex.objects for ex in examples))
     gates = gate_training.start_gates(
         model,
         _init_gates(args),
@@ -271,7 +271,7 @@ def _check_run(args, examples, dist: Dist):
     """What the arguments and the dataset must agree on, checked before any model is loaded."""
     if len(examples) < dist.world:
         raise RunRefused(f"{len(examples)} examples cannot be shared by {dist.world} processes", EXIT_DATASET)
-    if args.mask_steps and not any(ex.objects for ex in examples):
+    if args.mask_steps > 0 and not any(ex.objects for ex in examples):
         raise RunRefused("--mask-steps needs object masks in the dataset (NAME.objects.json files or \"objects\" in "
                          "the captions JSONL); none were found", EXIT_DATASET)
     if args.mask_steps > args.steps:
@@ -298,7 +298,7 @@ def _model_and_examples(args, examples, dist: Dist, fingerprint):
     return model, data, key
 
 
-def _train_config(args, dist: Dist):
+def _train_config(args, dist: Dist, has_masks: bool):
     from comfyui_maskattn.masks.train import TrainConfig, resolve_mask_steps, resolve_warmup
 
     return TrainConfig(
@@ -311,7 +311,7 @@ def _train_config(args, dist: Dist):
         seed=args.seed,
         precision=_precision(args.precision, dist.device),
         objective=args.objective,
-        mask_steps=resolve_mask_steps(args.mask_steps, args.steps),
+        mask_steps=resolve_mask_steps(args.mask_steps, args.steps, has_masks),
         mask_outside=args.mask_outside,
     )
 

@@ -179,7 +179,7 @@ def _continue_inputs() -> dict:
         "warmup_steps": (
             "INT",
             {
-                "default": -1,
+                "default": d["warmup"],
                 "min": -1,
                 "max": 100000,
                 "tooltip": "Linear learning-rate warmup, then cosine decay. "
@@ -221,7 +221,7 @@ def _mask_supervision_inputs() -> dict:
         "mask_steps": (
             "INT",
             {
-                "default": -1,
+                "default": d["mask_steps"],
                 "min": -1,
                 "max": 1000000,
                 "tooltip": "Mask supervision: the first N steps learn the masks, the rest the objective. "
@@ -270,12 +270,12 @@ class MaskAttnTrainGates:
         hidden_size,
         seed,
         maskattn=None,
-        warmup_steps=-1,
+        warmup_steps=TRAIN_DEFAULTS["warmup"],
         objective=TRAIN_DEFAULTS["objective"],
         clip=None,
         captions="",
         phrases="",
-        mask_steps=-1,
+        mask_steps=TRAIN_DEFAULTS["mask_steps"],
         mask_outside=TRAIN_DEFAULTS["mask_outside"],
         **masks,
     ):

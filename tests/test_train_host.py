@@ -619,3 +619,26 @@ def test_node_and_command_line_run_the_one_training_run(host, T, N, small, tmp_p
         elif isinstance(node, ast.Import):
             imported |= {a.name for a in node.names}
     assert not {m for m in imported if m.endswith("nodes.train") or m.startswith("comfyui_maskattn.nodes.train")}
+
+
+def test_node_and_command_line_share_each_options_default(host, N):
+    """An option both front doors take has one default, TRAIN_DEFAULTS's: the node's widget, its signature and the
+    command line's argument read it."""
+    import inspect
+
+    from comfyui_maskattn.cli.train import build_parser
+    from comfyui_maskattn.masks.train import TRAIN_DEFAULTS
+
+    command_line = vars(build_parser().parse_args(["--data", "d", "--output", "o"]))
+    spec = N.MaskAttnTrainGates.INPUT_TYPES()
+    widgets = {**spec["required"], **spec["optional"]}
+    signature = inspect.signature(N.MaskAttnTrainGates.train).parameters
+    shared = {"steps": ("steps", "steps"), "batch_size": ("batch_size", "batch_size"), "lr": ("learning_rate", "lr"),
+              "stage": ("stage", "stage"), "placement": ("placement", "placement"), "hidden": ("hidden_size", "hidden"),
+              "seed": ("seed", "seed"), "objective": ("objective", "objective"), "warmup": ("warmup_steps", "warmup"),
+              "mask_steps": ("mask_steps", "mask_steps"), "mask_outside": ("mask_outside", "mask_outside")}
+    for key, (node_input, option) in shared.items():
+        assert widgets[node_input][1]["default"] == command_line[option] == TRAIN_DEFAULTS[key], key
+        default = signature[node_input].default
+        assert default is inspect.Parameter.empty or default == TRAIN_DEFAULTS[key], key
+    assert TRAIN_DEFAULTS["mask_steps"] == -1  # every step when there are masks, none without: right for both
