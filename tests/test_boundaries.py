@@ -1,11 +1,13 @@
-"""The import boundaries docs/ARCHITECTURE.md states, read from the source with `ast` (nothing is imported):
+"""The import boundaries docs/ARCHITECTURE.md states, read from the source with `ast` (nothing is imported), and the
+docs' maps of the code kept whole:
 
 - masks/ imports no ComfyUI and nothing from nodes/, cli/, benchmarks/ or tests/;
 - nodes/ imports nothing from cli/, benchmarks/ or tests/;
 - cli/ and benchmarks/ import nothing from tests/ (shared fixtures live in cli/tiny_models.py and cli/tiny_pack/).
 
 Every import counts, a function's lazy one included. A module reached through a `Path / "tests"` folder counts as
-an import of tests/.
+an import of tests/. docs/ARCHITECTURE.md's module map names every module of masks/, nodes/ and cli/ (or its
+folder), and docs/TESTING.md every test file.
 """
 
 import ast
@@ -86,3 +88,20 @@ def test_each_folder_keeps_its_import_boundary(part):
         if reached:
             broken[str(path.relative_to(REPO))] = sorted(reached)
     assert not broken, f"{part}/ must not import {sorted(FORBIDDEN[part])}: {broken}"
+
+
+def test_the_module_map_names_every_module_and_testing_every_test_file():
+    architecture = (REPO / "docs" / "ARCHITECTURE.md").read_text()
+    unnamed = []
+    for part in ("masks", "nodes", "cli"):
+        for path in sorted((REPO / part).rglob("*.py")):
+            name = path.relative_to(REPO)
+            folders = [f"`{'/'.join(name.parts[:i])}/`" for i in range(2, len(name.parts))]
+            if path.name != "__init__.py" and f"`{name.as_posix()}`" not in architecture and not any(
+                    folder in architecture for folder in folders):
+                unnamed.append(name.as_posix())
+    assert not unnamed, f"docs/ARCHITECTURE.md's module map does not name {unnamed}"
+    testing = (REPO / "docs" / "TESTING.md").read_text()
+    unlisted = [p.name for p in sorted((REPO / "tests").glob("test_*.py"))
+                if f"`{p.name}" not in testing and f"`tests/{p.name}" not in testing]
+    assert not unlisted, f"docs/TESTING.md does not list {unlisted}"
