@@ -231,7 +231,8 @@ def zero_shot_cases(model, sites, pos, clip=None) -> dict:
     compbench model's CLIP the node builds them from its prompt; on the random models tokens 2-3 and 7-8 of the 77
     ("a red book and a yellow vase") are the groups."""
     from comfyui_maskattn.masks.topology import select_sites
-    from comfyui_maskattn.masks.zeroshot import ZeroShotGates, group_prompt
+    from comfyui_maskattn.masks.prompt import group_prompt
+    from comfyui_maskattn.masks.zeroshot import ZeroShotGates
     from comfyui_maskattn.nodes import hooks
 
     text = "a red circle to the left of a blue square" if clip is not None else "a red book and a yellow vase"

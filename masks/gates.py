@@ -8,12 +8,8 @@ import torch
 from torch import nn
 
 from .gate import NEGATIVE_VALUE, GateHead
-from .source import GateSource
+from .source import GateMismatchError, GateSource
 from .topology import STAGES, CrossAttnSite, SiteKey, architecture_name, key_to_name
-
-
-class GateMismatchError(ValueError):
-    """A gate set does not fit the model it is applied to."""
 
 
 @dataclass(eq=False)

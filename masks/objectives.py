@@ -54,8 +54,8 @@ class Objective:
             raise ValueError(f"sigma_band must be 0 <= low < high <= 1, got {self.sigma_band}")
 
 
-#: The named objectives, one table for the node and the command line (README "Training your own gates" says what
-#: each measured).
+#: The named objectives, one table for the node and the command line (docs/TRAINING.md explains them; what each
+#: measured is in benchmarks/compbench/RESULTS.md).
 OBJECTIVES: dict[str, Objective] = {
     o.name: o
     for o in (
@@ -74,9 +74,7 @@ OBJECTIVES: dict[str, Objective] = {
                   summary="stochastic hard gate (logistic noise annealed 1 -> 0) with the soft backward"),
     )
 }
-#: The only measured objective that did not hurt (CompBench stage high, 1000 steps batch 8, one gate seed:
-#: paper_open lost 24 points of "all colours present", the paper's recipe 47, box-mask supervision 39; soft_x0 changed
-#: nothing beyond noise). None measurably improved binding; README "Training your own gates" has the table.
+#: The only objective that did not hurt on the benchmark (benchmarks/compbench/RESULTS.md); none improved binding.
 DEFAULT_OBJECTIVE = "soft_x0"
 
 

@@ -18,7 +18,9 @@ kept and `RunRecord.dropped` counts them. Nothing ever grows past the cap.
 Runs: a recorder is shared by a model and its clones (copying a model never copies recorded tensors); each
 sampling run gets its own RunRecord. A new run starts when the host's per-run schedule object changes
 (`sample_sigmas`, newer hosts), when sigma goes up (a new schedule starts from the top), when a site is seen a
-second time at the same step, or after `finish()` (called when a viewer has read the run). The recorder keeps
+second time at the same step, after `finish()` (called when a viewer has read the run), or when `tick` (called at
+every model call, gated or not) sees the schedule start again: the gated steps alone cannot tell a run interrupted
+before its end from the next one when gating starts later in the schedule. The recorder keeps
 the run being recorded and the last finished one only.
 
 A "step" is one model evaluation at one sigma: for Euler-type samplers that is one sampling step; samplers that
@@ -191,6 +193,9 @@ class GateRecorder:
         self._lock = threading.Lock()
         self._sigmas_obj = None
         self._sigma = None
+        self._tick_sigmas = None  # (tick) the last model call's sigmas object, its sigma, the first sigma of the run
+        self._tick_sigma: float | None = None
+        self._first_sigma: float | None = None
 
     # A model clone shares its recorder (ComfyUI deep-copies model_options on every clone): no tensor is copied.
     def __deepcopy__(self, memo):
@@ -211,6 +216,20 @@ class GateRecorder:
                 self.current.finished = True
                 self.last, self.current = self.current, None
             return self.last
+
+    def tick(self, info: dict) -> None:
+        """Every model call of the recorded model: when its sigma is above the last call's, or is the sigma the run
+        started at (no sampler evaluates its first sigma twice), a new schedule started, so the current run ends."""
+        sigmas = info.get("sigmas")
+        if sigmas is None or sigmas is self._tick_sigmas:  # (one sigmas object per model call, shared by its layers)
+            return
+        sigma = float(sigmas.reshape(-1)[0])
+        started_again = self._tick_sigma is not None and (sigma > self._tick_sigma or sigma == self._first_sigma)
+        self._tick_sigmas, self._tick_sigma = sigmas, sigma
+        if self._first_sigma is None or started_again:
+            self._first_sigma = sigma
+        if started_again:
+            self.finish()
 
     def clear(self):
         with self._lock:

@@ -20,7 +20,7 @@ ComfyUI's own mask conditioning is. A batch of 1 serves every image; a batch equ
 sampler runs gives one mask per image (like ComfyUI's batched masks). Only the positive (cond) rows are gated:
 the negative prompt has other words at other positions.
 
-Pure torch; phrases are mapped to tokens with the zero-shot module's word/token alignment (masks/zeroshot.py).
+Pure torch; phrases are mapped to tokens with the zero-shot module's word/token alignment (masks/prompt.py).
 """
 
 from __future__ import annotations
@@ -34,13 +34,8 @@ from .record import latent_hw
 from .rows import prompt_rows
 from .tokens import token_kinds
 from .topology import STAGE_CHOICES, SiteKey
-from .zeroshot import (
-    PromptGateSource,
-    GroupingError,
-    grouping_from_text,
-    repeated_copies,
-    token_group_map,
-)
+from .prompt import GroupingError, grouping_from_text, token_group_map
+from .source import PromptGateSource, repeated_copies
 
 END_TOKEN_MODES = ("keep", "hide_in_regions")
 DEFAULT_END_TOKENS = "keep"

@@ -2,7 +2,8 @@
 (masks/runtime.py), the recorder and the viewer may ask of a gate source is declared here, with its default.
 
 Three sources ship: learned heads (`masks.gates.MaskAttnGates`), zero-shot gates (`masks.zeroshot.ZeroShotGates`) and
-region gates (`masks.region.RegionGates`). A source belongs to one of two families, told apart by `needs_attention`:
+region gates (`masks.region.RegionGates`); the last two share `PromptGateSource`, a source built from a prompt's
+tokens. A source belongs to one of two families, told apart by `needs_attention`:
 
 - False (learned heads): the runtime runs the source's heads on the layer's input features and text states. The source
   has `site_heads` ({site key: head index}) and `heads_on(device)` (the heads in float32 on that device).
@@ -22,7 +23,15 @@ from abc import ABC, abstractmethod
 from torch import Tensor, nn
 
 from .gate import NEGATIVE_VALUE
-from .topology import CrossAttnSite, SiteKey
+from .topology import CrossAttnSite, SiteKey, architecture_name
+
+
+# The transformer_options key under which Apply MaskAttn gives a source the sigma of its handover_percent.
+HANDOVER_SIGMA = "maskattn_handover_sigma"
+
+
+class GateMismatchError(ValueError):
+    """A gate set does not fit the model it is applied to."""
 
 
 class GateSource(ABC):
@@ -52,6 +61,11 @@ class GateSource(ABC):
     start_percent: float = 0.0
     """The earliest point of the schedule the source gates; Apply MaskAttn uses the later of this and its input."""
 
+    handover_percent: float | None = None
+    """A point of the schedule where the source's own rule changes (zero-shot gates with a layout: the places give
+    way to the model's attention); Apply MaskAttn hands its sigma to the source in the transformer options
+    (`HANDOVER_SIGMA`). None: no such point."""
+
     needs_attention: bool = False
     """True: gated from the layer's queries and keys (`attention_probabilities`); False: learned heads run on the
     layer's input features (`site_heads`, `heads_on`)."""
@@ -74,7 +88,11 @@ class GateSource(ABC):
     """Per prompt token position, the index of its group in `grouping` (-1: none), for the viewer; None: no groups."""
 
     grouping = None
-    """The prompt's word groups (`masks.zeroshot.Grouping`) that `token_groups` indexes, for the viewer; None: none."""
+    """The prompt's word groups (`masks.prompt.Grouping`) that `token_groups` indexes, for the viewer; None: none."""
+
+    layout = None
+    """The layout the prompt's spatial words give `grouping`'s groups (`masks.layout.Layout`), for the viewer; None:
+    none."""
 
     # Declared, not defaulted: a dataclass subclass (MaskAttnGates) would read a class value here as its field's
     # default.
@@ -131,3 +149,47 @@ class GateSource(ABC):
 def kind_of(obj) -> str:
     """How a message names what was connected: a gate source's kind, else the Python type of anything else."""
     return obj.kind if isinstance(obj, GateSource) else type(obj).__name__
+
+
+ENCODERS_OF = {"sdxl": {"g", "l"}, "sd1": {"l"}, "sd2": {"h"}}
+
+
+def repeated_copies(k: Tensor, length: int) -> Tensor | None:
+    """[b, T] bool: the tokens of the chunks that repeat the first `length` tokens (ComfyUI repeats a shorter prompt
+    to batch it with a longer one); False for chunks of another prompt (a ConditioningConcat). Computed on the
+    device, no sync. None when T == length."""
+    b, t, width = k.shape
+    if t == length:
+        return None
+    copies = k.view(b, t // length, length, width)
+    first = copies[:, :1]
+    scale = first.abs().amax(dim=(2, 3), keepdim=True).clamp_min(1e-6)
+    same = ((copies - first).abs().amax(dim=(2, 3)) <= 1e-3 * scale[:, :, 0, 0])  # [b, copies]
+    return same.repeat_interleave(length, dim=1)
+
+
+class PromptGateSource(GateSource):
+    """What gate sources built from a prompt's tokens share: they must meet a model of the CLIP they were built with,
+    they cover the layers of their stage, and they are gated from the layer's attention (needs_attention), on the
+    prompt's rows (masks.rows.prompt_rows). Subclasses set `encoders`, `stage`, `source_name`, `mismatch_error`, and
+    `_site_stages` / `_checked` in __init__, and implement `attention_probabilities`."""
+
+    source_name = "prompt"
+    mismatch_error = GateMismatchError
+    needs_attention = True
+
+    def check_fits(self, sites: list[CrossAttnSite], model_name: str = "this model") -> None:
+        arch = architecture_name(sites)
+        expected = ENCODERS_OF.get(arch)
+        if expected is not None and self.encoders and self.encoders != expected:
+            raise self.mismatch_error(
+                f"the {self.source_name} gates were built with a CLIP whose encoders are {sorted(self.encoders)}, but "
+                f"{model_name} is {arch} (encoders {sorted(expected)}). Connect the CLIP of the same checkpoint.")
+        self._site_stages[arch] = {s.key: s.stage for s in sites}
+        self._checked = arch
+
+    def covers(self, key: SiteKey, sites: list[CrossAttnSite] | None = None) -> bool:
+        """Whether the site `key` of `sites` (default: of the model last given to check_fits) is in this stage."""
+        stages = {s.key: s.stage for s in sites} if sites is not None else self._site_stages.get(self._checked, {})
+        stage = stages.get(key)
+        return stage is not None and (self.stage == "all" or stage == self.stage)

@@ -9,7 +9,7 @@ Where no object is (the background), `outside` decides: "keep" (the default) kee
 so a word is suppressed only where another object is; "close" suppresses them there too (the coverage target above).
 The training-free gates (masks/zeroshot.py) do neither: they close the losing group's words everywhere, background
 included; masks that tile the image (Zero-Shot Masks, background "to its winning group") give that target with
-either setting. On the benchmark "close" made box- and region-supervised gates drop objects and "keep" did not.
+either setting.
 
 The gate sees what it sees while sampling: the features entering the layer at a noisy latent, drawn like the
 denoising objective draws them. Only the heads learn; no gradient goes through the model.

@@ -252,6 +252,20 @@ def group_positions(gates, tokens_recorded: int) -> list[tuple[str, list[int]]]:
     return out
 
 
+def layout_places(gates, tokens_recorded: int) -> list[dict]:
+    """Zero-shot gates with a layout from the prompt: each group's place (as `group_positions` lists the groups) as
+    {"x": [lo, hi], "y": [lo, hi]} fractions of the image, for the viewer's groups mode; [] without one."""
+    layout = gates.layout if gates is not None else None
+    if layout is None or not layout.active:
+        return []
+    out = []
+    for g in range(len(gates.grouping.groups)):
+        if any(gg == g and p < tokens_recorded for p, gg in enumerate(gates.token_groups)):
+            x, y = layout.band_of(g)
+            out.append({"x": list(x), "y": list(y)})
+    return out
+
+
 def leakage_report(gates) -> tuple[list[dict], str]:
     """Zero-shot gates: the share of each word's attention inside its group's region, as the payload's `leakage`
     entries and the words added to the node's summary; ([], "") for other gate sources."""
@@ -325,4 +339,7 @@ def viewer_payload(run: RunRecord, recorded, columns, b, base_ui, opacity, gates
     }
     if leakage:  # zero-shot gates: the share of each word's attention inside its group's region
         payload["leakage"] = leakage
+    places = layout_places(gates, run.tokens)
+    if places:  # zero-shot gates with a layout: each group's place, drawn in the groups mode
+        payload["layout"] = places
     return payload

@@ -1,42 +1,32 @@
 """Zero-shot (training-free) MaskAttn gates: region gates from the prompt's structure and the model's own attention.
 
-This is NOT the paper's method. MaskAttn-SDXL learns a gate head per stage; nobody has published trained heads
-yet, so this module gives the same injection point a gate that needs no training:
+This is not the paper's method. MaskAttn-SDXL learns a gate head per stage; nobody has published trained heads,
+so this module gives the same injection point a gate that needs no training:
 
-1. the prompt is split into entity groups: an object with its attributes ("a red book and a yellow vase" ->
-   {red, book}, {yellow, vase}), at commas, "and", "with", spatial phrases ("next to", "on the left of", ...),
-   BREAK and "|"; ComfyUI's weighting syntax `(word:1.2)`, `((word))`, escaped `\\(` is read the way ComfyUI's
-   tokenizer reads it; style and quality words ("masterpiece", "photo of", "by <artist>") belong to no group;
-2. words are mapped to token positions by aligning the prompt's words with the tokens ComfyUI's own tokenizer
-   produced (both SDXL encoders, prompts over 77 tokens: chunk c occupies positions 77c .. 77c+76);
-3. at sampling time, per gated layer, every latent location is assigned to the group it attends to most (from
-   this layer's own attention, see `ZeroShotGates.attention_probabilities`), and the tokens of the other groups
-   are gated out there. Start, end and padding tokens, and words in no group, stay visible everywhere.
-   Options (v2, masks/zeroshot_partition.py): the partition from attention aggregated over layers and steps; end and
-   padding tokens hidden inside the groups' regions; self-attention separated between regions. The aggregate is
-   kept in every mode: it gives the groups' regions as masks and each word's leakage (share of its attention inside
-   its group's region).
+1. the prompt is split into entity groups and its words mapped to token positions (masks/prompt.py);
+2. at sampling time, per gated layer, every latent location is assigned to the group it attends to most, and the
+   tokens of the other groups are gated out there. Start, end and padding tokens, and words in no group, stay
+   visible everywhere. Options (masks/zeroshot_partition.py): the partition from this layer's attention or from
+   attention aggregated over layers and steps; end and padding tokens hidden inside the groups' regions;
+   self-attention separated between regions. The aggregate also gives the groups' regions as masks and each word's
+   leakage (share of its attention inside its group's region).
 
-The grouping is shown to the user in a small text format ("red book | yellow vase") that can be edited and fed
-back (`grouping_from_text`). Pure Python + torch: no ComfyUI import.
+Pure Python + torch: no ComfyUI import.
 """
 
 from __future__ import annotations
-
-import difflib
-import re
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from .gate import NEGATIVE_VALUE
-from .gates import GateMismatchError
+from .layout import Layout, layout_prior, parse_layout
+from .prompt import Grouping, group_prompt, grouping_from_text, token_group_map
 from .record import latent_hw
 from .rows import prompt_rows
-from .source import GateSource
-from .tokens import host_pieces, pretokens, token_kinds
-from .topology import STAGE_CHOICES, CrossAttnSite, SiteKey, architecture_name
+from .source import HANDOVER_SIGMA, GateMismatchError, PromptGateSource, repeated_copies
+from .tokens import token_kinds
+from .topology import STAGE_CHOICES, SiteKey
 from .zeroshot_partition import (
     DEFAULT_MEMORY,
     REGION_LEVEL,
@@ -50,16 +40,12 @@ from .zeroshot_partition import (
 # Where zero-shot gating starts by default, as a fraction of the sampling schedule (ComfyUI's start_percent).
 # In the first steps the latent is mostly noise: per-token cross-attention maps are low-contrast and an argmax
 # partition of them is noise that gating would then lock in. The coarse layout forms in roughly the first third
-# of the schedule, and attribute binding is decided there too, so gating cannot start much later and still
-# help. 0.2 is SDXL sigma ~5.1: the first 4 of 20 "normal" steps, the first 5 of 20 "karras" steps run ungated.
+# of the schedule, and attribute binding is decided there too, so gating cannot start much later and still help.
 DEFAULT_START_PERCENT = 0.2
-DEFAULT_STAGE = "mid"  # the method's default stage; SDXL 32x32 / SD1.x 16x16 maps at 1024 / 512 px
+DEFAULT_STAGE = "mid"  # the method's default stage
 
-# v2 options (masks/zeroshot_partition.py). partition: "layer" = v1 (this layer's attention at this step only);
-# "aggregate" = densities aggregated over the gated layers and the steps (from the first step). Measured on the
-# compbench's second model, on colour-shape pairings it never saw (results_v2_pairs_200, 200 prompts x 2 seeds):
-# aggregate +3.9 [0.6, 7.1] points of binding and -21.6 of colour leak against the untouched model, layer -1.8 and
-# -8.3; on the first model (every pairing seen) neither moved binding beyond noise (results_zeroshot).
+# partition: "layer" (this layer's attention at this step only) or "aggregate" (densities aggregated over the
+# gated layers and the steps, from the first step); docs/ZEROSHOT.md compares them.
 PARTITIONS = ("layer", "aggregate")
 DEFAULT_PARTITION = "aggregate"
 # End and padding tokens: "keep" visible everywhere; "hide_in_regions" hidden inside every group's region (a causal
@@ -70,493 +56,20 @@ DEFAULT_END_TOKENS = "keep"
 # does not attend to another group's region (Bounded Attention's subject masking).
 SELF_ATTENTION = ("open", "separate_groups")
 DEFAULT_SELF_ATTENTION = "open"
-
-
-class GroupingError(ValueError):
-    """A user-written grouping does not fit the prompt (a word that is not in it, an empty group)."""
+# Layout from the prompt's spatial words (masks/layout.py): with one found, gating starts at the first step, where the
+# layout is decided, with each group's place alone; from start_percent on the aggregate decides, weighted by the
+# places ("combine") or alone ("window").
+LAYOUTS = ("from the prompt", "off")
+DEFAULT_LAYOUT = "from the prompt"
+LAYOUT_HANDOVERS = ("combine", "window")
+DEFAULT_LAYOUT_HANDOVER = "combine"
+# A place's weight outside its band: after the handover ("combine") a group outside its place wins only where the
+# others draw less than this share of its attention; inside shared places the attention alone decides.
+LAYOUT_FLOOR = 0.001
 
 
 class ZeroShotMismatchError(GateMismatchError):
     """Zero-shot gates built with one text encoder are applied to a model of another architecture."""
-
-
-# --- 1. prompt text -> items ------------------------------------------------------------------------------------------
-def weighted_segments(text: str, weight: float = 1.0) -> list[tuple[str, float]]:
-    """ComfyUI's emphasis syntax: `(x)` multiplies the weight by 1.1, `(x:1.3)` sets it, `\\(` `\\)` are literal.
-
-    Returns (text, weight) runs in order. An unmatched parenthesis is literal text, as in ComfyUI.
-    """
-    out: list[tuple[str, float]] = []
-    buf: list[str] = []
-
-    def flush():
-        if buf:
-            out.append(("".join(buf), weight))
-            buf.clear()
-
-    i, n = 0, len(text)
-    while i < n:
-        ch = text[i]
-        if ch == "\\" and i + 1 < n and text[i + 1] in "()":
-            buf.append(text[i + 1])
-            i += 2
-            continue
-        if ch == "(":
-            close = _matching_paren(text, i)
-            if close < 0:
-                buf.append(ch)
-                i += 1
-                continue
-            flush()
-            inner = text[i + 1:close]
-            inner_weight = weight * 1.1
-            colon = inner.rfind(":")
-            if colon > 0:
-                try:
-                    inner_weight = float(inner[colon + 1:])
-                    inner = inner[:colon]
-                except ValueError:
-                    pass
-            out.extend(weighted_segments(inner, inner_weight))
-            i = close + 1
-            continue
-        buf.append(ch)
-        i += 1
-    flush()
-    return out
-
-
-def _matching_paren(text: str, start: int) -> int:
-    depth, i = 0, start
-    while i < len(text):
-        ch = text[i]
-        if ch == "\\" and i + 1 < len(text) and text[i + 1] in "()":
-            i += 2
-            continue
-        if ch == "(":
-            depth += 1
-        elif ch == ")":
-            depth -= 1
-            if depth == 0:
-                return i
-        i += 1
-    return -1
-
-
-@dataclass
-class Item:
-    """One piece of the prompt: a word, an embedding, punctuation, a separator phrase word, or BREAK."""
-
-    text: str  # as written, emphasis syntax removed
-    kind: str  # "word" | "embedding" | "punct" | "newline"
-    role: str = ""  # "" | "sep" (separator word or mark) | "break" | "stop" | "style"
-    group: int = -1
-
-    @property
-    def norm(self) -> str:
-        return normalize_word(self.text)
-
-
-def normalize_word(text: str) -> str:
-    return text.strip().lower().replace("’", "'")
-
-
-_ITEM_RE = re.compile(
-    r"(?P<embedding>embedding:[^\s,;|()]+)"
-    r"|(?P<word>[^\W_]+(?:['’\-][^\W_]+|(?<=\d)[.,]\d+)*)"  # man's, t-shirt, 2.5, f1.8
-    r"|(?P<newline>\n)"
-    r"|(?P<punct>[^\w\s]|_)"
-)
-
-
-def prompt_items(text: str) -> list[Item]:
-    """The prompt as a flat list of items, emphasis removed (a weight boundary is also a word boundary)."""
-    items: list[Item] = []
-    for segment, _weight in weighted_segments(text):
-        for m in _ITEM_RE.finditer(segment):
-            kind = m.lastgroup
-            piece = m.group(0)
-            if kind == "embedding":
-                name = piece.rstrip(".!?:")
-                items.append(Item(name, "embedding"))
-                items.extend(Item(c, "punct") for c in piece[len(name):])
-            else:
-                items.append(Item(piece, kind))
-    return items
-
-
-# --- 2. items -> entity groups ----------------------------------------------------------------------------------------
-SEPARATOR_MARKS = {",", ";", ".", "!", "?", "|", ":", "/", "\n", "+"}
-HARD_MARKS = {"|", ".", "!", "?", "\n", ";"}  # an attribute-only clause never merges across these
-
-# Multi-word relations first (longest match wins). Single words after.
-SEPARATOR_PHRASES = sorted([
-    tuple(p.split()) for p in (
-        "next to", "close to", "on the left of", "on the right of", "to the left of", "to the right of",
-        "on the left side of", "on the right side of", "in front of", "on top of", "at the top of",
-        "at the bottom of", "in the middle of", "in the center of", "in the centre of", "on the side of",
-        "left of", "right of", "across from", "surrounded by", "together with", "along with", "as well as",
-        "and", "with", "beside", "besides", "behind", "under", "underneath", "beneath", "below", "above", "over",
-        "near", "on", "in", "inside", "within", "between", "against", "among", "amongst", "around", "atop",
-        "alongside", "opposite", "versus", "vs", "or", "while", "plus", "by", "holding", "wearing", "riding",
-        "carrying", "eating", "drinking", "reading", "playing", "sitting", "standing", "lying", "chasing",
-        "hugging", "walking", "looking", "facing", "touching", "feeding", "watching", "containing", "featuring",
-    )
-], key=len, reverse=True)
-
-STOPWORDS = set("""
-a an the this that these those some any its it his her their my your our of is are was were be been being very
-to at as into onto from for each other another both which who whose whom there here also just only then than
-so such made make has have having outside indoors outdoors together them they him he she we us you me itself
-themselves
-""".split())
-
-# Words that describe the whole picture, not one entity: never a group of their own, never gated.
-STYLE_WORDS = set("""
-masterpiece best quality high highly detailed detail details ultra hyper hyperrealistic realistic photorealistic
-photoreal photo photograph photography picture image shot render rendering rendered illustration painting
-drawing sketch art artwork digital concept oil watercolor watercolour acrylic pencil anime cartoon 3d 2d cgi
-octane unreal engine cinematic lighting light lit studio portrait closeup close-up wide angle lens bokeh dof
-depth field focus sharp soft 4k 8k 16k hd uhd hdr resolution trending artstation deviantart pixiv award
-winning professional style stylized aesthetic beautiful intricate elegant epic dramatic volumetric ambient
-composition scene view full body upper shot vintage retro minimalist minimalism abstract surreal fantasy
-sci-fi scifi solo canvas dslr film grain analog polaroid bokeh
-night day dawn dusk sunset sunrise morning evening noon midnight twilight rain fog foggy mist misty haze hazy
-""".split())
-# Multi-word genre and lighting names that describe the whole picture.
-STYLE_PHRASES = [tuple(p.split()) for p in (
-    "golden hour", "blue hour", "still life", "national geographic", "street photography", "oil on canvas",
-    "depth of field", "rule of thirds", "bird's eye view", "wide shot", "long exposure",
-)]
-_CAMERA_RE = re.compile(r"\d+mm|f\d+(?:\.\d+)?|iso\d+", re.IGNORECASE)
-
-# Words that open a framing phrase "<frame> of ...": "a photo of", "a painting of", "a close-up of".
-FRAMING_WORDS = {"photo", "photograph", "picture", "image", "painting", "drawing", "sketch", "illustration",
-                 "render", "rendering", "portrait", "closeup", "close-up", "shot", "view", "scene", "artwork",
-                 "poster", "still", "snapshot", "depiction"}
-
-# Attribute words: a clause made only of these ("a black and white cat", "a big, fluffy dog") joins its neighbour.
-ATTRIBUTE_WORDS = set("""
-red orange yellow green blue purple violet pink brown black white gray grey golden gold silver cyan magenta teal
-turquoise beige maroon navy crimson scarlet dark light bright pale pastel neon striped spotted checkered
-plaid big small large tiny huge giant little tall short long round square fat thin wide narrow wooden metal
-metallic glass plastic stone furry fluffy shiny glossy matte transparent old young new ancient happy sad cute
-angry smiling colorful colourful multicolored
-""".split())
-
-SOFT_SEPARATORS = {",", "and", "+", "&"}
-
-
-@dataclass
-class Grouping:
-    """The prompt's items and its entity groups (lists of item indices, in prompt order)."""
-
-    items: list[Item]
-    groups: list[list[int]]
-
-    def __post_init__(self):
-        for item in self.items:
-            item.group = -1
-        for g, members in enumerate(self.groups):
-            for i in members:
-                self.items[i].group = g
-
-    def group_words(self) -> list[list[str]]:
-        return [[self.items[i].text for i in members] for members in self.groups]
-
-    def describe(self) -> str:
-        """The user-editable text: groups separated by " | ", words by spaces (the input of grouping_from_text)."""
-        return " | ".join(" ".join(words) for words in self.group_words())
-
-    def ungrouped_words(self) -> list[str]:
-        return [it.text for it in self.items if it.kind in ("word", "embedding") and it.group < 0]
-
-
-def _tag_roles(items: list[Item]) -> None:
-    words = [(i, it.norm) for i, it in enumerate(items) if it.kind in ("word", "embedding")]
-    style_at: set[int] = set()
-    for k in range(len(words)):
-        for phrase in STYLE_PHRASES:
-            if tuple(w for _, w in words[k:k + len(phrase)]) == phrase:
-                style_at.update(i for i, _ in words[k:k + len(phrase)])
-    k = 0
-    while k < len(words):
-        if words[k][0] in style_at:
-            items[words[k][0]].role = "style"
-            k += 1
-            continue
-        if items[words[k][0]].text == "BREAK":
-            items[words[k][0]].role = "break"
-            k += 1
-            continue
-        for phrase in SEPARATOR_PHRASES:
-            if tuple(w for _, w in words[k:k + len(phrase)]) == phrase:
-                for i, _ in words[k:k + len(phrase)]:
-                    items[i].role = "sep"
-                k += len(phrase)
-                break
-        else:
-            norm = words[k][1]
-            if norm in STOPWORDS:
-                items[words[k][0]].role = "stop"
-            elif norm in STYLE_WORDS or _CAMERA_RE.fullmatch(norm):
-                items[words[k][0]].role = "style"
-            k += 1
-    for it in items:
-        if it.kind in ("punct", "newline") and it.text in SEPARATOR_MARKS:
-            it.role = "sep" if it.text not in HARD_MARKS else "break"
-        elif it.kind == "newline":
-            it.role = "break"
-
-
-@dataclass
-class _Clause:
-    members: list[int] = field(default_factory=list)  # item indices
-    before: str = ""  # separator that opened it ("" at the start, "and", ",", "|", "BREAK", ...)
-    after: str = ""
-    scope: str = "local"  # "local" | "global" (style / artist / "in the style of" clauses)
-
-
-def _clauses(items: list[Item]) -> list[_Clause]:
-    out = [_Clause()]
-    sep_words: list[str] = []
-    for i, it in enumerate(items):
-        if it.role in ("sep", "break"):
-            sep_words.append(it.text.lower() if it.role == "sep" else "|")
-            continue
-        if sep_words:
-            sep = " ".join(sep_words)
-            if out[-1].members:
-                out[-1].after = sep
-                out.append(_Clause(before=sep))
-            else:
-                out[-1].before = (out[-1].before + " " + sep).strip()
-            artist = sep_words[-1] == "by" and (len(sep_words) == 1 or sep_words[-2] != "surrounded")
-            if artist and not (it.kind == "word" and it.norm in ARTICLES):
-                out[-1].scope = "global"  # "art by greg rutkowski"; "a house by the lake" stays local
-            sep_words = []
-        out[-1].members.append(i)
-    return [c for c in out if c.members]
-
-
-def _content(items: list[Item], clause: _Clause) -> list[int]:
-    if clause.scope == "global":
-        return []
-    words = [i for i in clause.members if items[i].kind in ("word", "embedding")]
-    if any(items[i].norm == "style" for i in words):  # "in the style of ...", "anime style"
-        return []
-    content = []
-    for pos, i in enumerate(words):
-        it = items[i]
-        if it.role in ("stop", "style"):
-            continue
-        nxt = items[words[pos + 1]].norm if pos + 1 < len(words) else ""
-        if it.norm in FRAMING_WORDS and nxt == "of":  # "a photo of", "a portrait of"
-            continue
-        content.append(i)
-    styled = any(items[i].role == "style" for i in words)
-    if content and styled and all(items[i].norm in ATTRIBUTE_WORDS for i in content):
-        return []  # "golden light", "soft dramatic lighting": attributes of a style word describe the whole picture
-    return content
-
-
-ARTICLES = {"a", "an", "the"}
-
-
-def _first_word(items: list[Item], clause: _Clause) -> str:
-    return next((items[i].norm for i in clause.members if items[i].kind in ("word", "embedding")), "")
-
-
-def _soft(sep: str) -> bool:
-    return bool(sep) and all(part in SOFT_SEPARATORS for part in sep.split())
-
-
-def group_prompt(text: str) -> Grouping:
-    """Split a prompt into entity groups (see the module docstring); words in no group stay visible everywhere."""
-    items = prompt_items(text)
-    _tag_roles(items)
-    clauses = _clauses(items)
-    contents = [_content(items, c) for c in clauses]
-    # Attribute-only clauses join their neighbour: "a black and white cat", "a big, fluffy dog", "a dog, brown".
-    for ci, members in enumerate(contents):
-        if not members or not all(items[i].norm in ATTRIBUTE_WORDS for i in members):
-            continue
-        if len(members) >= 2 and _first_word(items, clauses[ci]) in ARTICLES:
-            continue  # "a blue square", "a small square": an article + 2 words is an entity whose noun doubles as
-            # an attribute word, not a dangling attribute
-        # forward unless the next clause opens a new entity with an article ("a dog, brown, and a cat")
-        opens_entity = ci + 1 < len(clauses) and _first_word(items, clauses[ci + 1]) in ARTICLES
-        if ci + 1 < len(clauses) and _soft(clauses[ci].after) and contents[ci + 1] and not opens_entity:
-            contents[ci + 1] = members + contents[ci + 1]
-            contents[ci] = []
-        elif ci > 0 and _soft(clauses[ci].before) and contents[ci - 1]:
-            contents[ci - 1] = contents[ci - 1] + members
-            contents[ci] = []
-        else:
-            contents[ci] = []  # a lone attribute ("red") describes the whole picture
-    groups: list[list[int]] = []
-    seen: dict[tuple, int] = {}
-    for members in contents:
-        if not members:
-            continue
-        key = tuple(sorted(items[i].norm for i in members))
-        if key in seen:  # the same entity twice ("a cat, a cat"): one group, not two that compete
-            groups[seen[key]] = sorted(groups[seen[key]] + members)
-            continue
-        seen[key] = len(groups)
-        groups.append(sorted(members))
-    return Grouping(items, groups)
-
-
-def grouping_from_text(text: str, groups_text: str) -> Grouping:
-    """A user-written grouping: groups separated by "|" or new lines, words by spaces, "#" starts a comment.
-
-    Every word must be a word of the prompt. A word that occurs more than once is matched to the occurrence
-    nearest the group's other words (the group's rarest word is placed first), so "red vase | red book" works
-    for "a red book and a red vase".
-    """
-    items = prompt_items(text)
-    _tag_roles(items)
-    occurrences: dict[str, list[int]] = {}
-    for i, it in enumerate(items):
-        if it.kind in ("word", "embedding"):
-            occurrences.setdefault(it.norm, []).append(i)
-    used: set[int] = set()
-    groups: list[list[int]] = []
-    for line in groups_text.splitlines():
-        line = line.split("#", 1)[0]
-        for part in line.split("|"):
-            words = [it.norm for it in prompt_items(part) if it.kind in ("word", "embedding")]
-            if not words:
-                if part.strip() and not set(part.strip()) <= set(",;."):
-                    raise GroupingError(f"group {part.strip()!r} has no words")
-                continue
-            for w in words:
-                if w not in occurrences:
-                    raise GroupingError(f"{w!r} is not a word of the prompt")
-            order = sorted(range(len(words)), key=lambda j: len([o for o in occurrences[words[j]] if o not in used]))
-            placed: list[int] = []
-            for j in order:
-                free = [o for o in occurrences[words[j]] if o not in used]
-                if not free:
-                    raise GroupingError(f"{words[j]!r} occurs {len(occurrences[words[j]])} time(s) in the prompt; the "
-                                        f"groups use it more often")
-                if placed:
-                    centre = sum(placed) / len(placed)
-                    pick = min(free, key=lambda o: (abs(o - centre), o))
-                else:
-                    pick = free[0]
-                placed.append(pick)
-                used.add(pick)
-            groups.append(sorted(placed))
-    return Grouping(items, groups)
-
-
-# --- 3. words -> token positions (the tokenization is read as pieces in masks/tokens.py) ------------------------------
-def item_pieces(items: list[Item]) -> list[tuple[str, int]]:
-    """(piece, item index) for the prompt side of the alignment."""
-    out = []
-    for i, it in enumerate(items):
-        if it.kind == "newline":
-            continue
-        out.extend((p, i) for p in pretokens(it.text))
-    return out
-
-
-def item_positions(items: list[Item], chunks, vocab: dict[int, str]) -> dict[int, list[int]]:
-    """item index -> token positions in one encoder's tokenization, by aligning text pieces.
-
-    Alignment (not ComfyUI's word ids) because hosts number words differently: the 2024 host gives every
-    space-separated word an id, newer ones one id per weighted segment. Pieces that do not line up (an embedding
-    loaded as vectors, a character the tokenizer cleans away) are matched only when one prompt item owns the
-    whole mismatching run; anything else stays unmapped, i.e. visible everywhere.
-    """
-    mine = item_pieces(items)
-    theirs = host_pieces(chunks, vocab)
-    matcher = difflib.SequenceMatcher(None, [p for p, _ in mine], [p for p, _ in theirs], autojunk=False)
-    out: dict[int, list[int]] = {}
-    for op, i1, i2, j1, j2 in matcher.get_opcodes():
-        if op == "equal":
-            for a, b in zip(range(i1, i2), range(j1, j2)):
-                out.setdefault(mine[a][1], []).extend(theirs[b][1])
-        elif op == "replace":
-            owners = {mine[a][1] for a in range(i1, i2)}
-            if len(owners) == 1:
-                owner = owners.pop()
-                for b in range(j1, j2):
-                    out.setdefault(owner, []).extend(theirs[b][1])
-    return {k: sorted(v) for k, v in out.items()}
-
-
-def token_group_map(grouping: Grouping, tokens: dict, vocab: dict[int, str]) -> tuple[list[int], dict]:
-    """Per token position of the conditioning, the group index there (-1: no group, visible everywhere).
-
-    `tokens`: what ComfyUI's `clip.tokenize(text, return_word_ids=True)` returns: {encoder: [[(token, weight,
-    word_id), ...] per 77-token chunk]}; SDXL has "g" and "l", whose token axes are concatenated feature-wise, so
-    a position gets a group only where both encoders agree. Also returns {encoder: {item: positions}}.
-    """
-    if not isinstance(tokens, dict) or not tokens:
-        raise ValueError("tokens: expected {encoder: [chunk, ...]} from clip.tokenize")
-    maps, per_encoder = [], {}
-    for name, chunks in tokens.items():
-        length = sum(len(chunk) for chunk in chunks)
-        positions = item_positions(grouping.items, chunks, vocab)
-        per_encoder[name] = positions
-        m = [-1] * length
-        for item, where in positions.items():
-            g = grouping.items[item].group
-            if g >= 0:
-                for p in where:
-                    m[p] = g
-        maps.append(m)
-    length = min(len(m) for m in maps)
-    merged = [maps[0][p] if all(m[p] == maps[0][p] for m in maps) else -1 for p in range(length)]
-    return merged, per_encoder
-
-
-# --- 4. the gate source -----------------------------------------------------------------------------------------------
-ENCODERS_OF = {"sdxl": {"g", "l"}, "sd1": {"l"}, "sd2": {"h"}}
-
-
-def repeated_copies(k: Tensor, length: int) -> Tensor | None:
-    """[b, T] bool: the tokens of the chunks that repeat the first `length` tokens (ComfyUI repeats a shorter prompt
-    to batch it with a longer one); False for chunks of another prompt (a ConditioningConcat). Computed on the
-    device, no sync. None when T == length."""
-    b, t, width = k.shape
-    if t == length:
-        return None
-    copies = k.view(b, t // length, length, width)
-    first = copies[:, :1]
-    scale = first.abs().amax(dim=(2, 3), keepdim=True).clamp_min(1e-6)
-    same = ((copies - first).abs().amax(dim=(2, 3)) <= 1e-3 * scale[:, :, 0, 0])  # [b, copies]
-    return same.repeat_interleave(length, dim=1)
-
-
-class PromptGateSource(GateSource):
-    """What gate sources built from a prompt's tokens share: they must meet a model of the CLIP they were built with,
-    they cover the layers of their stage, and they are gated from the layer's attention (needs_attention), on the
-    prompt's rows (masks.rows.prompt_rows). Subclasses set `encoders`, `stage`, `source_name`, `mismatch_error`, and
-    `_site_stages` / `_checked` in __init__, and implement `attention_probabilities`."""
-
-    source_name = "prompt"
-    mismatch_error = GateMismatchError
-    needs_attention = True
-
-    def check_fits(self, sites: list[CrossAttnSite], model_name: str = "this model") -> None:
-        arch = architecture_name(sites)
-        expected = ENCODERS_OF.get(arch)
-        if expected is not None and self.encoders and self.encoders != expected:
-            raise self.mismatch_error(
-                f"the {self.source_name} gates were built with a CLIP whose encoders are {sorted(self.encoders)}, but "
-                f"{model_name} is {arch} (encoders {sorted(expected)}). Connect the CLIP of the same checkpoint.")
-        self._site_stages[arch] = {s.key: s.stage for s in sites}
-        self._checked = arch
-
-    def covers(self, key: SiteKey, sites: list[CrossAttnSite] | None = None) -> bool:
-        """Whether the site `key` of `sites` (default: of the model last given to check_fits) is in this stage."""
-        stages = {s.key: s.stage for s in sites} if sites is not None else self._site_stages.get(self._checked, {})
-        stage = stages.get(key)
-        return stage is not None and (self.stage == "all" or stage == self.stage)
 
 
 class ZeroShotGates(PromptGateSource):
@@ -574,11 +87,13 @@ class ZeroShotGates(PromptGateSource):
                  negative_value: float = NEGATIVE_VALUE, partition: str = DEFAULT_PARTITION,
                  memory: float = DEFAULT_MEMORY, end_tokens: str = DEFAULT_END_TOKENS,
                  self_attention: str = DEFAULT_SELF_ATTENTION, token_kinds: list[str] | None = None,
-                 word_tokens: list[tuple[str, int, list[int]]] | None = None):
+                 word_tokens: list[tuple[str, int, list[int]]] | None = None, layout: Layout | None = None,
+                 layout_handover: str = DEFAULT_LAYOUT_HANDOVER):
         if stage not in STAGE_CHOICES:
             raise ValueError(f"stage must be one of {STAGE_CHOICES}, got {stage!r}")
         for name, value, choices in (("partition", partition, PARTITIONS), ("end_tokens", end_tokens, END_TOKENS),
-                                     ("self_attention", self_attention, SELF_ATTENTION)):
+                                     ("self_attention", self_attention, SELF_ATTENTION),
+                                     ("layout_handover", layout_handover, LAYOUT_HANDOVERS)):
             if value not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {value!r}")
         self.partition = partition
@@ -602,6 +117,13 @@ class ZeroShotGates(PromptGateSource):
         self.groups = sorted({g for g in self.token_groups if g >= 0})
         self.stage = stage
         self.start_percent = float(start_percent)
+        # the layout prior (None: off); it acts only where there are groups to separate and a place was found
+        self.layout = layout
+        self.layout_handover = layout_handover
+        self.layout_floor = LAYOUT_FLOOR
+        if self.uses_layout:
+            self.handover_percent = self.start_percent
+            self.start_percent = 0.0
         self.encoders = frozenset(encoders)
         self.threshold = threshold
         self.negative_value = negative_value
@@ -624,8 +146,48 @@ class ZeroShotGates(PromptGateSource):
 
     @property
     def keeps_aggregate(self) -> bool:
-        """Whether sampling keeps the run's aggregate (see track_regions)."""
-        return self.partition == "aggregate" or self.masks_self_attention or self.track_regions
+        """Whether sampling keeps the run's aggregate (see track_regions); with a layout it also keeps the clock."""
+        return self.partition == "aggregate" or self.masks_self_attention or self.track_regions or self.uses_layout
+
+    @property
+    def uses_layout(self) -> bool:
+        """A layout prior with a place for some group, and at least two groups to separate."""
+        return self.layout is not None and self.layout.active and len(self.groups) >= 2
+
+    def layout_masks(self, height: int, width: int) -> Tensor | None:
+        """[G, height, width] each gated group's place (column order) as a soft mask, or None without a layout."""
+        if self.layout is None or not self.layout.active:
+            return None
+        return layout_prior(self.layout, self.groups, height, width)
+
+    def _layout_weights(self, h: int, w: int, device) -> Tensor:
+        """[h*w, G] the places on a layer's grid, floored at LAYOUT_FLOOR; drawn once per grid and device."""
+        key = ("layout", h, w, str(device), self.layout_floor)
+        cached = self._maps.get(key)
+        if cached is None:
+            prior = layout_prior(self.layout, self.groups, h, w)
+            floor = self.layout_floor
+            cached = (floor + (1.0 - floor) * prior).flatten(1).t().contiguous().to(device)
+            self._maps[key] = cached
+        return cached
+
+    def _layout_share(self, share: Tensor, density: Tensor, n: int, info: dict, device) -> Tensor:
+        """The groups' shares [b, N, G] with the layout: the places alone before the handover, then the density
+        weighted by them ("combine") or the shares as they are ("window")."""
+        weights = self._layout_weights(*latent_hw(n, info), device)
+        if self._before_handover(info):
+            return weights.expand_as(share)
+        if self.layout_handover == "window":
+            return share
+        weighted = density * weights
+        return weighted / weighted.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+
+    def _before_handover(self, info: dict) -> bool:
+        """Whether this step comes before the aggregate takes over (Apply MaskAttn sets the sigma; without it the
+        places decide throughout)."""
+        handover = (info or {}).get(HANDOVER_SIGMA)
+        sigma = self.state.sigma
+        return handover is None or sigma is None or sigma > handover
 
     @property
     def observes_inactive(self) -> bool:
@@ -774,6 +336,8 @@ class ZeroShotGates(PromptGateSource):
             density = mass / mass.sum(dim=1, keepdim=True).clamp_min(1e-30)
             share = density / density.sum(dim=-1, keepdim=True).clamp_min(1e-30)
             density = density * n  # (mean 1 over the grid, for the regions)
+        if gate and self.uses_layout:
+            share = self._layout_share(share, density, n, info, q.device)
         hides_end = self.end_tokens == "hide_in_regions" and bool(self.end_positions)
         region = regions(density) if hides_end or (self.track_regions and density is aggregate) else None
         if self.track_regions:  # leakage against the regions the masks show (the aggregate's), whichever partition
@@ -872,7 +436,11 @@ class ZeroShotGates(PromptGateSource):
         """The grouping line (editable) and comment lines: stage, start, words in no group, token positions."""
         lines = [self.grouping.describe()]
         g = len(self.groups)
-        if g >= 2:
+        if g >= 2 and self.uses_layout:
+            lines.append(f"# {g} groups, gated at stage {self.stage} from the first step with the prompt's layout, the "
+                         f"model's own attention from {self.handover_percent:.0%} of the schedule "
+                         f"({self.layout_handover}) (training-free zero-shot gates, not learned MaskAttn gates)")
+        elif g >= 2:
             lines.append(f"# {g} groups, gated at stage {self.stage} from {self.start_percent:.0%} of the schedule "
                          f"(training-free zero-shot gates, not learned MaskAttn gates)")
             lines.append(f"# partition: {self.partition}; end tokens: {self.end_tokens}; self-attention: "
@@ -880,6 +448,10 @@ class ZeroShotGates(PromptGateSource):
         else:
             lines.append(f"# {g} group{'s' if g != 1 else ''} with tokens: nothing to separate, the model runs "
                          f"unchanged")
+        if self.layout is not None:
+            lines.extend(f"# layout: {line}" for line in self.layout.summary_lines())
+            if self.layout.active and g < 2:
+                lines.append("# layout: one group, nothing to place it against: the layout is not used")
         loose = self.grouping.ungrouped_words()
         if loose:
             lines.append("# in no group (visible everywhere): " + " ".join(loose))
@@ -898,8 +470,9 @@ class ZeroShotGates(PromptGateSource):
 def build_zero_shot_gates(text: str, tokens: dict, vocab: dict[int, str], *, groups_text: str = "",
                           stage: str = DEFAULT_STAGE, start_percent: float = DEFAULT_START_PERCENT,
                           partition: str = DEFAULT_PARTITION, memory: float = DEFAULT_MEMORY,
-                          end_tokens: str = DEFAULT_END_TOKENS,
-                          self_attention: str = DEFAULT_SELF_ATTENTION) -> ZeroShotGates:
+                          end_tokens: str = DEFAULT_END_TOKENS, self_attention: str = DEFAULT_SELF_ATTENTION,
+                          layout: str = DEFAULT_LAYOUT,
+                          layout_handover: str = DEFAULT_LAYOUT_HANDOVER) -> ZeroShotGates:
     """Prompt text + ComfyUI tokenization (+ an optional user grouping) -> ZeroShotGates."""
     written = any(line.split("#", 1)[0].strip() for line in (groups_text or "").splitlines())
     grouping = grouping_from_text(text, groups_text) if written else group_prompt(text)
@@ -913,4 +486,11 @@ def build_zero_shot_gates(text: str, tokens: dict, vocab: dict[int, str], *, gro
                 word_tokens.append((grouping.items[i].text, g, where))
     return ZeroShotGates(grouping, token_groups, stage=stage, start_percent=start_percent, encoders=tokens.keys(),
                          partition=partition, memory=memory, end_tokens=end_tokens, self_attention=self_attention,
-                         token_kinds=token_kinds(tokens, vocab), word_tokens=word_tokens)
+                         token_kinds=token_kinds(tokens, vocab), word_tokens=word_tokens,
+                         layout=_layout_option(layout, grouping), layout_handover=layout_handover)
+
+
+def _layout_option(layout: str, grouping: Grouping) -> Layout | None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    return parse_layout(grouping) if layout == "from the prompt" else None

@@ -64,8 +64,9 @@ class PartitionState:
     """The running aggregate of group densities of one sampling run (see the module docstring).
 
     Keyed on the number of prompt rows and groups: a call with another layout (another batch size) starts afresh.
-    A new run starts when the schedule's sigma goes up. Reading sigma is one host read per model call (the same
-    sigmas tensor object is handed to every layer of a call), not per layer.
+    A new run starts when the schedule's sigma goes up, or when a model call comes again at the sigma the run started
+    at (a run stopped after its first step, then a new one: no sampler evaluates its first sigma twice). Reading sigma
+    is one host read per model call (the same sigmas tensor object is handed to every layer of a call), not per layer.
     """
 
     def __init__(self, memory: float = DEFAULT_MEMORY):
@@ -83,6 +84,7 @@ class PartitionState:
         self.steps = 0  # finished steps folded into `past`
         self._sigmas = None
         self._sigma: float | None = None
+        self._first_sigma: float | None = None  # the sigma the run started at
         # leakage: per token position, attention mass inside its group's region and in all (summed over rows, layers,
         # steps); kept on the device
         self.inside: Tensor | None = None
@@ -94,16 +96,24 @@ class PartitionState:
         if sigmas is None or sigmas is self._sigmas:
             return
         sigma = float(sigmas.reshape(-1)[0])
+        started_again = self._sigmas is not None and sigma == self._first_sigma
         self._sigmas = sigmas
-        if self._sigma is None or sigma == self._sigma:
-            self._sigma = sigma
+        if self._sigma is None:
+            self._sigma = self._first_sigma = sigma
             return
-        if sigma > self._sigma:  # the schedule started again: a new run
+        if sigma > self._sigma or started_again:  # the schedule started again: a new run
             self.reset()
-            self._sigmas, self._sigma = sigmas, sigma
+            self._sigmas, self._sigma, self._first_sigma = sigmas, sigma, sigma
+            return
+        if sigma == self._sigma:  # (a second call at this sigma: Heun's)
             return
         self._sigma = sigma
         self.fold()
+
+    @property
+    def sigma(self) -> float | None:
+        """The sigma of the step last clocked (None before the first)."""
+        return self._sigma
 
     def fold(self) -> None:
         """This step's layers become one more step of the moving average."""
@@ -133,9 +143,9 @@ class PartitionState:
         (this layer included)."""
         r, n, g = density.shape
         if layout != self.layout:
-            sigmas, sigma = self._sigmas, self._sigma
+            clock = self._sigmas, self._sigma, self._first_sigma
             self.reset()
-            self._sigmas, self._sigma = sigmas, sigma
+            self._sigmas, self._sigma, self._first_sigma = clock
             self.layout = layout
         maps = density.transpose(1, 2).reshape(r, g, h, w).float()
         if self.grid is None:

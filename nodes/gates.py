@@ -8,7 +8,7 @@ import re
 from ..masks.gate import strength_to_negative_value
 from ..masks.gatefile import GateFileError, load_gates, save_gates
 from ..masks.gates import GateMismatchError, MaskAttnGates
-from ..masks.source import GateSource, kind_of
+from ..masks.source import HANDOVER_SIGMA, GateSource, kind_of
 from ..masks.topology import PLACEMENTS, STAGE_CHOICES, UnsupportedModelError, select_sites
 from . import hooks, paths
 
@@ -98,9 +98,14 @@ class MaskAttnApply:
                 "stage": (list(STAGE_CHOICES), {"default": "all",
                                                 "tooltip": "Gate only layers of this stage (of those the file has "
                                                            "heads for)."}),
-                "placement": (list(PLACEMENTS), {"default": "encoder_decoder"}),
-                "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001}),
-                "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001}),
+                "placement": (list(PLACEMENTS), {"default": "encoder_decoder",
+                                                 "tooltip": "Gate layers of the input and output blocks, or of one "
+                                                            "side only."}),
+                "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001,
+                                            "tooltip": "Where in the schedule gating starts. A gate source with its "
+                                                       "own start (zero-shot gates) uses the later of the two."}),
+                "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001,
+                                          "tooltip": "Where in the schedule gating ends."}),
             },
             "optional": {
                 "gate_uncond": ("BOOLEAN", {"default": True, "tooltip": "Gate the negative prompt too, as the method "
@@ -141,6 +146,9 @@ class MaskAttnApply:
             sigma_end=None if end_percent >= 1.0 else float(sampling.percent_to_sigma(end_percent)),
             cond_only=not gate_uncond,
         )
+        if maskattn.handover_percent is not None:
+            options = patched.model_options.setdefault("transformer_options", {})
+            options[HANDOVER_SIGMA] = float(sampling.percent_to_sigma(maskattn.handover_percent))
         return (patched,)
 
 
@@ -153,7 +161,9 @@ class MaskAttnSaveGates:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"maskattn": ("MASKATTN",), "filename_prefix": ("STRING", {"default": "maskattn_gates"})}}
+        return {"required": {"maskattn": ("MASKATTN",), "filename_prefix": ("STRING", {
+            "default": "maskattn_gates", "tooltip": "File name before the counter; may name a sub-folder of "
+                                                    "models/maskattn."})}}
 
     def save(self, maskattn: MaskAttnGates, filename_prefix):
         if not isinstance(maskattn, MaskAttnGates):

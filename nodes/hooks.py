@@ -56,6 +56,15 @@ def install(model, gates: GateSource, sites: list[CrossAttnSite], *, threshold: 
                 patched.set_model_attn1_replace(MaskAttnSelfAttention(gate_patch, site.key, existing), *site.key)
             else:
                 patched.model_options["transformer_options"]["patches_replace"]["attn1"].pop(site.key, None)
+    # An earlier Apply's containers at layers these gates leave out would keep gating with the earlier gates (an
+    # attention-family source computes its bias in the container): point them at this runtime, which leaves those
+    # layers ungated and keeps the callbacks they adopted.
+    for key, existing in list(replaces.items()):
+        if isinstance(existing, MaskAttnAttention) and key not in runtime.sites:
+            patched.set_model_attn2_replace(MaskAttnAttention(gate_patch, key, existing), *key)
+    for key, existing in list(self_replaces.items()):
+        if isinstance(existing, MaskAttnSelfAttention) and key not in runtime.sites:
+            patched.set_model_attn1_replace(MaskAttnSelfAttention(gate_patch, key, existing), *key)
     return patched, runtime
 
 

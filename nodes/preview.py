@@ -97,7 +97,23 @@ class MaskAttnRecordGates:
             runtime.gates.track_regions = True
         recorded = model.clone()
         recorded.model_options.setdefault("transformer_options", {})[RECORDER_KEY] = recorder
+        recorded.set_model_attn2_patch(RecorderClock(recorder))
         return (recorded,)
+
+
+class RecorderClock:
+    """attn2_patch of a recorded model: shows the recorder every model call, gated or not (GateRecorder.tick), so a
+    run interrupted before its end is not continued by the next one. Changes nothing."""
+
+    def __init__(self, recorder: GateRecorder):
+        self.recorder = recorder
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, n, context, value, extra_options):
+        self.recorder.tick(extra_options)
+        return n, context, value
 
 
 # --- the prompt's text ------------------------------------------------------------------------------------------------

@@ -234,8 +234,7 @@ def _mask_supervision_inputs() -> dict:
                 "default": d["mask_outside"],
                 "tooltip": "Mask supervision, where no mask is (the background): keep: every object's "
                 "words stay open there, so a word is closed only inside another object's mask; close: they "
-                "are closed there too (on the benchmark that made the gates drop objects). Masks that tile "
-                "the image make the two the same.",
+                "are closed there too. Masks that tile the image make the two the same.",
             },
         ),
     }
@@ -244,7 +243,7 @@ def _mask_supervision_inputs() -> dict:
 class MaskAttnTrainGates:
     DESCRIPTION = (
         "Trains MaskAttn gate heads on your model; the model itself stays frozen. Give it encoded images (LATENT) and "
-        "one conditioning per image. The objective picks how the gates learn (README: 'Training your own gates'). "
+        "one conditioning per image. The objective picks how the gates learn (docs/TRAINING.md). "
         "Optionally, object masks per phrase (mask_1..mask_4, with the CLIP, the captions and the phrases) train the "
         "gates to keep each object's words on its mask (beyond the paper). Returns the gates and a loss curve."
     )

@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import logging
 
+from ..masks.prompt import GroupingError
 from ..masks.source import kind_of
 from ..masks.topology import STAGE_CHOICES
 from ..masks.zeroshot import (
     DEFAULT_END_TOKENS,
+    DEFAULT_LAYOUT,
     DEFAULT_PARTITION,
     DEFAULT_SELF_ATTENTION,
     DEFAULT_STAGE,
     DEFAULT_START_PERCENT,
     END_TOKENS,
+    LAYOUTS,
     PARTITIONS,
     SELF_ATTENTION,
-    GroupingError,
     ZeroShotGates,
     build_zero_shot_gates,
 )
@@ -107,8 +109,10 @@ class MaskAttnZeroShotGates:
                                                            "cross-attention maps are most object-like."}),
                 "start_percent": ("FLOAT", {"default": DEFAULT_START_PERCENT, "min": 0.0, "max": 1.0, "step": 0.01,
                                             "tooltip": "Leave the first part of the schedule ungated: there the "
-                                                       "attention is still noise and the layout not settled. Apply "
-                                                       "MaskAttn uses the later of its own start_percent and this."}),
+                                                       "attention is still noise and the layout not settled. With a "
+                                                       "layout from the prompt, its places gate from the first step "
+                                                       "and the attention takes over here. Apply MaskAttn uses the "
+                                                       "later of its own start_percent and this."}),
             },
             "optional": {
                 "groups": ("STRING", {"multiline": True, "default": "",
@@ -128,6 +132,11 @@ class MaskAttnZeroShotGates:
                                                           "tooltip": "separate_groups: a location in one group's "
                                                                      "region does not attend to another group's "
                                                                      "region (self-attention of the gated layers)."}),
+                "layout": (list(LAYOUTS), {"default": DEFAULT_LAYOUT,
+                                           "tooltip": "from the prompt: spatial words ('a cat to the left of a dog', "
+                                                      "'a vase in the middle') place each group, from the first "
+                                                      "step; from start_percent on, the model's own attention "
+                                                      "decides within those places. off: no layout."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID", "prompt": "PROMPT"},
         }
@@ -138,7 +147,8 @@ class MaskAttnZeroShotGates:
         return _REGION_GENERATION.get(str(unique_id), 0)
 
     def build(self, clip, text, stage, start_percent, groups="", partition=DEFAULT_PARTITION,
-              end_tokens=DEFAULT_END_TOKENS, self_attention=DEFAULT_SELF_ATTENTION, unique_id=None, prompt=None):
+              end_tokens=DEFAULT_END_TOKENS, self_attention=DEFAULT_SELF_ATTENTION, layout=DEFAULT_LAYOUT,
+              unique_id=None, prompt=None):
         from .gates import NodeError
 
         node = "MaskAttn Zero-Shot Gates"
@@ -149,7 +159,7 @@ class MaskAttnZeroShotGates:
         try:
             gates = build_zero_shot_gates(text, tokens, vocab, groups_text=groups or "", stage=stage,
                                           start_percent=start_percent, partition=partition, end_tokens=end_tokens,
-                                          self_attention=self_attention)
+                                          self_attention=self_attention, layout=layout)
         except GroupingError as e:
             raise NodeError(f"{node}: groups: {e}. Use words of the prompt, groups split by |.") from None
 
@@ -189,15 +199,16 @@ class MaskAttnZeroShotMasks:
     DESCRIPTION = (
         "The partition zero-shot gates found in the last sampling run, as masks at image size: one per group (for "
         "Conditioning Set Mask, IPAdapter's attn_mask, ControlNet or inpainting), and how much of each word's "
-        "attention fell inside its group's region (its leakage). Connect the sampled image or latent so it runs "
-        "after the sampler."
+        "attention fell inside its group's region (its leakage), and the layout the prompt's spatial words gave each "
+        "group. Connect the sampled image or latent so it runs after the sampler."
     )
     CATEGORY = CATEGORY
-    RETURN_TYPES = ("MASK",) * (MASK_OUTPUTS + 1) + ("STRING",)
-    RETURN_NAMES = ("masks",) + tuple(f"mask_{i + 1}" for i in range(MASK_OUTPUTS)) + ("leakage",)
+    RETURN_TYPES = ("MASK",) * (MASK_OUTPUTS + 1) + ("STRING", "MASK")
+    RETURN_NAMES = ("masks",) + tuple(f"mask_{i + 1}" for i in range(MASK_OUTPUTS)) + ("leakage", "layout")
     OUTPUT_TOOLTIPS = ("Every group's region, one mask per group (in the grouping's order).",) + tuple(
         f"Group {i + 1}'s region (all zero when there is no such group)." for i in range(MASK_OUTPUTS)) + (
-        "Per word: the share of its attention inside its group's region and the share that leaks outside.",)
+        "Per word: the share of its attention inside its group's region and the share that leaks outside.",
+        "The place the prompt's spatial words gave each group, one soft mask per group (all zero without a layout).")
     FUNCTION = "masks"
     OUTPUT_NODE = True
 
@@ -216,8 +227,7 @@ class MaskAttnZeroShotMasks:
                     "default": BACKGROUND[0],
                     "tooltip": "left out: where no group is strong, no mask (the regions). to its winning group: "
                                "every pixel goes to the group that wins it in the run's aggregate, so the masks "
-                               "tile the image: about where the gates kept each group's words (gates trained on "
-                               "these masks did not bind on the benchmark; see the README)."}),
+                               "tile the image: about where the gates kept each group's words."}),
             },
         }
 
@@ -240,6 +250,8 @@ class MaskAttnZeroShotMasks:
         if background not in BACKGROUND:
             raise NodeError(f"{node}: background must be one of {list(BACKGROUND)}, got {background!r}.")
         groups = max(len(maskattn.groups), 1)
+        layout = maskattn.layout_masks(height, width)
+        layout = torch.zeros(groups, height, width) if layout is None else layout
         regions = maskattn.region_masks(height, width, cover_background=background == BACKGROUND[1])
         untracked = maskattn.ran_without_regions and not maskattn.track_regions
         if untracked or regions is None:
@@ -256,7 +268,7 @@ class MaskAttnZeroShotMasks:
             log.warning("%s: %s.", node, message)
             empty = torch.zeros(groups, height, width)
             return {"ui": {"text": [message]}, "result": (empty,) + tuple(
-                torch.zeros(1, height, width) for _ in range(MASK_OUTPUTS)) + (message,)}
+                torch.zeros(1, height, width) for _ in range(MASK_OUTPUTS)) + (message, layout)}
         index = min(batch_index, regions.shape[0] - 1)
         per_group = regions[index].cpu()  # [G, H, W]
         singles = tuple(per_group[i:i + 1] if i < per_group.shape[0] else torch.zeros(1, height, width)
@@ -264,7 +276,7 @@ class MaskAttnZeroShotMasks:
         labels = maskattn.group_labels()
         leakage = f"leakage: {again}" if untracked else maskattn.leakage_text()
         text = "\n".join([f"mask_{i + 1}: {label}" for i, label in enumerate(labels)] + [leakage])
-        return {"ui": {"text": [text]}, "result": (per_group,) + singles + (leakage,)}
+        return {"ui": {"text": [text]}, "result": (per_group,) + singles + (leakage, layout)}
 
 
 NODE_CLASS_MAPPINGS = {"MaskAttnZeroShotGates": MaskAttnZeroShotGates, "MaskAttnZeroShotMasks": MaskAttnZeroShotMasks}

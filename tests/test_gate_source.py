@@ -15,7 +15,9 @@ from comfyui_maskattn.masks.region import RegionGates
 from comfyui_maskattn.masks.rows import PROMPT_ROWS_KEY, RowLayoutError, cond_rows, prompt_rows
 from comfyui_maskattn.masks.source import GateSource, kind_of
 from comfyui_maskattn.masks.topology import CrossAttnSite
-from comfyui_maskattn.masks.zeroshot import PromptGateSource, ZeroShotGates, group_prompt
+from comfyui_maskattn.masks.prompt import group_prompt
+from comfyui_maskattn.masks.source import PromptGateSource
+from comfyui_maskattn.masks.zeroshot import ZeroShotGates
 
 PACK = Path(__file__).resolve().parent.parent
 SHIPPED = (MaskAttnGates, ZeroShotGates, RegionGates)

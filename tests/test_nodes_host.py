@@ -104,7 +104,7 @@ def test_pack_root_registers_its_nodes_and_web_directory(host):
 
 
 def test_save_refuses_gates_without_weights(host, maskattn_dirs):
-    from comfyui_maskattn.masks.zeroshot import PromptGateSource
+    from comfyui_maskattn.masks.source import PromptGateSource
     from comfyui_maskattn.nodes.gates import MaskAttnSaveGates
 
     class PromptGates(PromptGateSource):  # what a training-free source looks like to Save: no heads

@@ -17,7 +17,8 @@ from comfyui_maskattn.masks.region import (
 )
 from comfyui_maskattn.masks.rows import PROMPT_ROWS_KEY
 from comfyui_maskattn.masks.topology import CrossAttnSite
-from comfyui_maskattn.masks.zeroshot import ZeroShotGates, group_prompt
+from comfyui_maskattn.masks.prompt import group_prompt
+from comfyui_maskattn.masks.zeroshot import ZeroShotGates
 
 # a 9-token prompt: start, 3 words of phrase 0, 1 free word, 2 words of phrase 1, end, padding
 PHRASES = [-1, 0, 0, 0, -1, 1, 1, -1, -1]

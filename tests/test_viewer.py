@@ -18,7 +18,9 @@ from comfyui_maskattn.masks.record import GateRecorder
 from comfyui_maskattn.masks.tokens import first_encoder, prompt_words
 from comfyui_maskattn.masks.topology import CrossAttnSite
 from comfyui_maskattn.masks.viewer import ViewerInputError
-from comfyui_maskattn.masks.zeroshot import ZeroShotGates, group_prompt
+from comfyui_maskattn.masks.layout import parse_layout
+from comfyui_maskattn.masks.prompt import group_prompt
+from comfyui_maskattn.masks.zeroshot import ZeroShotGates
 
 NODE = "MaskAttn Preview Gates"
 START, END = 49406, 49407
@@ -185,6 +187,21 @@ def zero_shot_gates():
     for p, g in ((2, 0), (3, 0), (5, 1), (6, 1)):
         token_groups[p] = g
     return ZeroShotGates(group_prompt("a red cube and a blue ball"), token_groups, stage="all")
+
+
+def test_groups_mode_gets_each_groups_place_from_the_prompts_layout(run):
+    recorded = viewer.recorded_sites(SITES, run)
+    columns = viewer.choose_columns(WORDS, "a, blue, red, cube", TOKENS, NODE)
+    token_groups = [-1] * TOKENS
+    for p, g in ((2, 0), (3, 0), (5, 1), (6, 1)):
+        token_groups[p] = g
+    grouping = group_prompt("a red cube beside a blue ball")
+    gates = ZeroShotGates(grouping, token_groups, stage="all", layout=parse_layout(grouping))
+    payload = viewer.viewer_payload(run, recorded, columns, 0, None, 0.5, gates)
+    assert payload["layout"] == [{"x": [0.0, 0.5], "y": [0.0, 1.0]}, {"x": [0.5, 1.0], "y": [0.0, 1.0]}]
+    assert len(payload["layout"]) == len(payload["groups"])
+    assert viewer.layout_places(gates, 4) == [{"x": [0.0, 0.5], "y": [0.0, 1.0]}]  # only the recorded groups
+    assert "layout" not in viewer.viewer_payload(run, recorded, columns, 0, None, 0.5, zero_shot_gates())
 
 
 def test_viewer_payload_holds_every_layer_step_and_word(run):

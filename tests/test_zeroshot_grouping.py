@@ -5,9 +5,10 @@ import torch
 
 from comfyui_maskattn.masks.gate import GateResult
 from comfyui_maskattn.masks.runtime import GateRuntime
-from comfyui_maskattn.masks.zeroshot import (
-    GroupingError, ZeroShotGates, group_prompt, grouping_from_text, pretokens, token_group_map, weighted_segments,
+from comfyui_maskattn.masks.prompt import (
+    GroupingError, group_prompt, grouping_from_text, pretokens, token_group_map, weighted_segments,
 )
+from comfyui_maskattn.masks.zeroshot import ZeroShotGates
 
 LONG = ", ".join(["a wooden chair"] * 30) + " and a red cat"
 

@@ -85,7 +85,7 @@ STRADDLE = ", ".join(["a wooden chair"] * 18) + " and a supercalifragilisticexpi
 @pytest.mark.parametrize("text", [PROMPT, "a cat BREAK a (dog:0.8), ((running)) next to \\(a\\) tree.", LONG, STRADDLE],
                          ids=["weights", "break-escapes", "231-tokens", "word-across-chunks"])
 def test_words_map_to_their_tokens_in_every_encoder(tokenizers, node, arch, text):
-    from comfyui_maskattn.masks.zeroshot import pretokens, token_group_map
+    from comfyui_maskattn.masks.prompt import pretokens, token_group_map
 
     tokenizer = tokenizers[arch]
     gates, _ = build(node, tokenizer, text)

@@ -4,7 +4,8 @@ the self-attention bias, the region masks at image size and the leakage number."
 import pytest
 import torch
 
-from comfyui_maskattn.masks.zeroshot import ZeroShotGates, group_prompt
+from comfyui_maskattn.masks.prompt import group_prompt
+from comfyui_maskattn.masks.zeroshot import ZeroShotGates
 from comfyui_maskattn.masks.zeroshot_partition import (
     PartitionState,
     group_density,
@@ -49,8 +50,13 @@ def plant(left_cols, tokens=16, scale=4.0, h=H, w=W):
     return q.reshape(1, h * w, HEADS * D), k.reshape(1, tokens, HEADS * D)
 
 
+_SIGMAS: dict = {}
+
+
 def info(sigma, h=H, w=W):
-    return {"cond_or_uncond": [0], "sigmas": torch.tensor([sigma]), "original_shape": [1, 4, h, w]}
+    # one sigmas tensor per sigma: a host hands the same object to every layer of a model call
+    sigmas = _SIGMAS.setdefault(sigma, torch.tensor([sigma]))
+    return {"cond_or_uncond": [0], "sigmas": sigmas, "original_shape": [1, 4, h, w]}
 
 
 def red_columns(p, h=H, w=W):

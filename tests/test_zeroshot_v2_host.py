@@ -117,12 +117,13 @@ def test_masks_node_outputs_each_groups_region_at_image_size(host, sdxl_tokenize
     gates = build(sdxl_tokenizer)
     image = torch.zeros(1, 64, 96, 3)
     out = node.masks(gates, image=image)["result"]  # before any run: empty masks, said so
-    assert out[0].shape == (2, 64, 96) and not out[0].any() and "no sampling run" in out[-1]
+    assert out[0].shape == (2, 64, 96) and not out[0].any() and "no sampling run" in out[-2]
     pos, neg = planted_cond(host, model, gates, 0, 1)
     latent = host.ksample(apply(model, gates), pos, neg, steps=2, width=96, height=64)
     result = node.masks(gates, latent={"samples": latent})
-    masks, m1, m2, m3, m4, leakage = result["result"]
+    masks, m1, m2, m3, m4, leakage, layout = result["result"]
     assert masks.shape == (2, 64, 96) and m1.shape == m2.shape == m3.shape == m4.shape == (1, 64, 96)
+    assert layout.shape == (2, 64, 96) and not layout.any()  # no spatial words: no layout
     assert set(masks.unique().tolist()) <= {0.0, 1.0}
     assert torch.equal(m1[0], masks[0]) and torch.equal(m2[0], masks[1]) and not m3.any() and not m4.any()
     assert (m1[0, :, :40] == 1).all() and (m1[0, :, 56:] == 0).all()  # the left half is group 0's
@@ -181,7 +182,7 @@ def test_regions_are_tracked_only_when_the_prompt_reads_them(host, sdxl_tokenize
     before = zs_nodes.MaskAttnZeroShotGates.IS_CHANGED(unique_id="77", clip=clip)
     # a Masks node added after that run: empty masks, said so, and the node is asked to rebuild, once
     out = zs_nodes.MaskAttnZeroShotMasks().masks(gates, latent={"samples": latent})["result"]
-    assert not out[0].any() and "did not track the regions" in out[-1] and "queue the prompt again" in out[-1]
+    assert not out[0].any() and "did not track the regions" in out[-2] and "queue the prompt again" in out[-2]
     after = zs_nodes.MaskAttnZeroShotGates.IS_CHANGED(unique_id="77", clip=clip)
     assert after != before and zs_nodes.MaskAttnZeroShotGates.IS_CHANGED(unique_id="77", clip=clip) == after
     rebuilt = gates_for({"1": sampler}, uid="77")
@@ -189,12 +190,12 @@ def test_regions_are_tracked_only_when_the_prompt_reads_them(host, sdxl_tokenize
     assert not gates_for({"1": sampler}, uid="77").track_regions  # the request was consumed by that rebuild
     host.ksample(apply(model, rebuilt), pos, neg, steps=2, width=96, height=64)
     out = zs_nodes.MaskAttnZeroShotMasks().masks(rebuilt, latent={"samples": latent})["result"]
-    assert out[1].any() and out[2].any() and "red (red book)" in out[-1]
+    assert out[1].any() and out[2].any() and "red (red book)" in out[-2]
     # a prompt with fewer than two groups has no regions at all: no rebuild is asked for
     one = gates_for({"1": sampler}, uid="78", text="a red book")
     assert not one.active
     host.ksample(apply(model, one), pos, neg, steps=1, width=96, height=64)
-    said = zs_nodes.MaskAttnZeroShotMasks().masks(one, latent={"samples": latent})["result"][-1]
+    said = zs_nodes.MaskAttnZeroShotMasks().masks(one, latent={"samples": latent})["result"][-2]
     assert "fewer than two groups" in said and "did not track" not in said
     assert zs_nodes.MaskAttnZeroShotGates.IS_CHANGED(unique_id="78", clip=clip) == 0
 

@@ -295,6 +295,19 @@ class GateViewer {
     ctx.fillStyle = "#fff";
     ctx.font = "12px sans-serif";
     ctx.fillText(`${word} · ${this.layer.value.textContent} · ${this.step.value.textContent}`, 6, 14);
+    if (groups && d.layout?.length === d.G) { // the place the prompt's spatial words gave each group, dashed
+      ctx.save();
+      ctx.setLineDash([6, 4]);
+      ctx.lineWidth = 2;
+      d.layout.forEach((p, k) => {
+        const c = GROUP_COLOURS[k % GROUP_COLOURS.length];
+        ctx.strokeStyle = `rgb(${c[0]},${c[1]},${c[2]})`;
+        const inset = 2 + 2 * k;
+        ctx.strokeRect(p.x[0] * W + inset, p.y[0] * H + inset, (p.x[1] - p.x[0]) * W - 2 * inset,
+          (p.y[1] - p.y[0]) * H - 2 * inset);
+      });
+      ctx.restore();
+    }
     if (groups) { // legend: one swatch per group
       let x = 6;
       d.groups.forEach((g, k) => {

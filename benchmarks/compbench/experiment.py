@@ -25,12 +25,14 @@ seen in gate training), balanced over the four relations; each prompt is sampled
 arm, so comparisons are paired. Metrics per failure mode (see `score_image`), 95% percentile bootstrap intervals over
 prompts (a prompt's seeds stay together; ratios are ratios of sums, so "given both present" rates are weighted by
 how often both are present), paired differences against base on the same resamples, and the share of the way from
-base to the region oracle. Writes results.json, results.md, samples.png and spotcheck_base.png into --out.
+base to the region oracle. Writes results.json, results.md, samples.png and spotcheck_base.png into --out (default
+results/<model>/latest/, which git ignores; RESULTS.md says where a kept study goes).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -72,14 +74,17 @@ def load_pack() -> dict:
     return importlib.import_module("comfyui_maskattn.nodes").NODE_CLASS_MAPPINGS
 
 
-WORLDS = ("pairs", "trio")
+WORLDS = ("pairs", "trio", "phrasings")
 PAIRINGS = ("unseen", "seen")
 
 
 def evaluation_prompts(n: int, seed: int, scenes: str = "pairs", pairings: str = "unseen") -> list:
-    """n prompts of the `scenes` world ("pairs": Triples balanced over the four relations; "trio": Trios), from
-    the held-out split ("unseen": every prompt names at least one held-out colour-shape pairing) or the train split
-    ("seen"), in a seeded order."""
+    """n prompts of the `scenes` world ("pairs": Triples balanced over the four relations; "trio": Trios;
+    "phrasings": the pairs worded as the models never saw them, `world.OTHER_PHRASES`, and a quarter "A between B
+    and C"), from the held-out split ("unseen": every prompt names at least one held-out colour-shape pairing) or
+    the train split ("seen"), in a seeded order."""
+    if scenes == "phrasings":
+        return phrasing_prompts(n, seed, pairings)
     train, heldout = world.split_trios(seed=0) if scenes == "trio" else world.split_combos(seed=0)
     pool = heldout if pairings == "unseen" else train
     rng = np.random.default_rng(seed)
@@ -93,11 +98,27 @@ def evaluation_prompts(n: int, seed: int, scenes: str = "pairs", pairings: str =
     return sorted(picked[:n], key=lambda t: (t.relation, world.caption(t)))
 
 
+def phrasing_prompts(n: int, seed: int, pairings: str = "unseen") -> list:
+    """The phrasings world: n // 4 "between" prompts from the trios' split, the rest pairs of the four relations
+    with each other phrase of `world.OTHER_PHRASES` in turn, in a seeded order."""
+    between = evaluation_prompts(n // 4, seed, "trio", pairings)
+    pairs = evaluation_prompts(n - len(between), seed, "pairs", pairings)
+    ways = {r: list(w) for r, w in world.OTHER_PHRASES.items()}
+    seen: dict[str, int] = {}
+    worded = []
+    for t in pairs:
+        k = seen[t.relation] = seen.get(t.relation, -1) + 1
+        worded.append(dataclasses.replace(t, phrase=ways[t.relation][k % len(ways[t.relation])]))
+    return sorted(worded, key=lambda t: (t.relation, t.phrase, world.caption(t))) + [
+        world.Between(t.objects) for t in between]
+
+
 def structure(t) -> str:
-    """Prompts with the same word positions share token positions ("to the left of" is 4 words, "above" 1)."""
-    if isinstance(t, world.Trio):
-        return "trio"
-    return "horizontal" if t.relation in ("left of", "right of") else "vertical"
+    """Prompts of one structure share token positions and what the caption says of the layout, so one gate set
+    built from the first of them serves all (a layout read from "left of" would misplace "right of")."""
+    if isinstance(t, (world.Trio, world.Between)):
+        return type(t).__name__.lower()
+    return f"{t.relation}: {t.phrase}" if t.phrase else t.relation
 
 
 def structure_groups(triples) -> dict[str, list[int]]:
@@ -110,13 +131,15 @@ def structure_groups(triples) -> dict[str, list[int]]:
 
 def objects_of(t) -> list[tuple[str, str]]:
     """(colour, shape) per named object, in caption order."""
-    return list(t.objects) if isinstance(t, world.Trio) else [t.a, t.b]
+    return list(t.objects) if isinstance(t, (world.Trio, world.Between)) else [t.a, t.b]
 
 
 def scene(t, seed: int, size: int, omit: str | None = None) -> world.Sample:
     """The ground-truth scene of prompt `t` for a world seed (Triple or Trio)."""
     if isinstance(t, world.Trio):
         return world.sample_trio(seed, trio=t, size=size, omit=omit)
+    if isinstance(t, world.Between):
+        return world.sample_between(seed, t, size=size, omit=omit)
     return world.sample(seed, triple=t, size=size, omit=omit)
 
 
@@ -151,14 +174,20 @@ def half_masks(relation: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def region_masks(ctx: "Context", idx: list[int], seed: int, kind: str) -> tuple[torch.Tensor, ...]:
-    """Per-image masks of each named object ([len(idx), size, size] each, caption order): true boxes or caption
-    halves (pairs only: a Trio names no layout)."""
+    """Per-image masks of each named object ([len(idx), size, size] each, caption order): true boxes or the caption's
+    layout: halves, or thirds for "A between B and C" (B, A, C from the left). A Trio names no layout."""
     per_object = []
     for i in idx:
         t = ctx.triples[i]
         if kind == "boxes":
             boxes = scene(t, layout_seed(i, seed), ctx.size).boxes
             per_object.append([box_mask(boxes[k], ctx.size) for k in "abc"[: len(objects_of(t))]])
+        elif isinstance(t, world.Between):
+            thirds = [torch.zeros(ctx.size, ctx.size) for _ in range(3)]
+            edges = [round(k * ctx.size / 3) for k in range(4)]
+            for mask, column in zip(thirds, (1, 0, 2)):  # A in the middle, B left, C right
+                mask[:, edges[column]:edges[column + 1]] = 1
+            per_object.append(thirds)
         else:
             per_object.append(list(half_masks(t.relation, ctx.size)))
     return tuple(torch.stack(masks) for masks in zip(*per_object))
@@ -359,10 +388,11 @@ class ZeroShotArm(Arm):
     """"MaskAttn Zero-Shot Gates" with the given start and options (v1: partition "layer", start 0.2)."""
 
     def __init__(self, name: str = "zero-shot", start: float = 0.2, memory: float | None = None,
-                 observe_early: bool = True, **options):
+                 observe_early: bool = True, handover: str | None = None, floor: float | None = None, **options):
         self.name, self.start = name, start
-        self.options = options or {"partition": "layer"}
-        self.memory, self.observe_early = memory, observe_early  # v2 settings the node does not expose
+        self.options = {"layout": "off", **(options or {"partition": "layer"})}
+        # settings the node does not expose: v2's memory, the early observation, the layout's handover
+        self.memory, self.observe_early, self.handover, self.floor = memory, observe_early, handover, floor
 
     def prepare(self, ctx):
         self.models = {}
@@ -376,6 +406,10 @@ class ZeroShotArm(Arm):
                 result[0].state.memory = self.memory
             if not self.observe_early:
                 result[0].observe_before_start = False
+            if self.handover is not None:
+                result[0].layout_handover = self.handover
+            if self.floor is not None:
+                result[0].layout_floor = self.floor
             self.models[key] = ctx.apply(result[0])
             ctx.info.setdefault(self.name, {})[key] = result[1].splitlines()[0]
         return self.models[key]
@@ -409,7 +443,7 @@ class RegionArm(Arm):
         return ctx.apply(gates)
 
     def supports(self, ctx):
-        return self.masks == "boxes" or ctx.args.world == "pairs"
+        return self.masks == "boxes" or ctx.args.world in ("pairs", "phrasings")
 
 
 class CoupleArm(Arm):
@@ -435,11 +469,19 @@ ARMS = {
     "region oracle": lambda: RegionArm("region oracle", "boxes", "keep"),
     "region oracle, end hidden": lambda: RegionArm("region oracle, end hidden", "boxes", "hide_in_regions"),
     "layout mask": lambda: RegionArm("layout mask", "halves", "keep"),
+    "zero-shot v2 layout": lambda: ZeroShotArm("zero-shot v2 layout", 0.2, partition="aggregate",
+                                               layout="from the prompt"),
+    "zero-shot v2 layout window": lambda: ZeroShotArm("zero-shot v2 layout window", 0.2, partition="aggregate",
+                                                      layout="from the prompt", handover="window"),
     "attention couple": CoupleArm,
 }
 # Zero-shot v2 ablations (issue 20), each one change; run by name with --arms (not in the default design); the
 # first ones ran with memory 0.8, the default before they measured 0.5 better
 ABLATIONS = {
+    "zs layout floor 0.05": lambda: ZeroShotArm("zs layout floor 0.05", 0.2, partition="aggregate",
+                                                layout="from the prompt", floor=0.05),
+    "zs layout start 0.5": lambda: ZeroShotArm("zs layout start 0.5", 0.5, partition="aggregate",
+                                               layout="from the prompt"),
     "zs agg": lambda: ZeroShotArm("zs agg", 0.2, memory=0.8, partition="aggregate"),
     "zs agg start0": lambda: ZeroShotArm("zs agg start0", 0.0, memory=0.8, partition="aggregate"),
     "zs agg start0.1": lambda: ZeroShotArm("zs agg start0.1", 0.1, memory=0.8, partition="aggregate"),
@@ -524,7 +566,7 @@ def score_image(image: np.ndarray, t) -> dict:
     differ = len({s for _, s in named}) > 1
     leak = differ and any((d.colour, d.shape) in wrong for d in sc.objects)
     readable = [o for o in sc.objects if o.shape != "unknown"]
-    trio = isinstance(t, world.Trio)
+    trio = isinstance(t, world.Trio)  # (a Between has a relation: B, A, C from the left)
     return {
         "presence": (present, 1),
         "binding_given_present": (int(sc.binding), present),
@@ -654,6 +696,7 @@ def build(args: argparse.Namespace, seeds: list) -> tuple:
     --pairings kind, the model's metadata)."""
     nodes_map = load_pack()
     model, clip, cfg, meta = tinyt2i.load(args.model)
+    clip.encoder.drop_unknown = args.world == "phrasings"  # the model reads a phrasing it never saw as no relation
     subsets, triples = {}, []
     for kind in args.pairings:
         subsets[kind] = list(range(len(triples), len(triples) + args.prompts))
@@ -713,17 +756,29 @@ def sample_in_jobs(args: argparse.Namespace, seed_shares: list[list], info: dict
     return images, kept, timings
 
 
+#: Result folders are named by model ("model2", not a version suffix a gate source also uses).
+MODEL_LABELS = {"tiny_t2i.safetensors": "model1", "tiny_t2i_v2.safetensors": "model2"}
+
+
+def default_out(model_path) -> Path:
+    """results/<model>/latest/: a run's own folder that never overwrites a kept study (see RESULTS.md)."""
+    name = Path(model_path).name
+    return HERE / "results" / MODEL_LABELS.get(name, Path(name).stem) / "latest"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=str(HERE / "tiny_t2i.safetensors"))
-    ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--out", default=None, help="output folder (default: results/<model>/latest/, e.g. "
+                                                "results/model1/latest/ for tiny_t2i.safetensors)")
     ap.add_argument("--quick", action="store_true",
                     help=f"the smoke run: {', '.join(f'{k}={v}' for k, v in QUICK.items())} (explicit flags win)")
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=[*ARMS, *ABLATIONS])
     ap.add_argument("--stages", nargs="+", default=None, help="gated stages to run (default: high all)")
     ap.add_argument("--world", default="pairs", choices=WORLDS,
                     help="pairs: two objects and a relation (the first world); trio: three objects close together, "
-                         "no relation (attribute leakage); the model must know the world's words")
+                         "no relation (attribute leakage); phrasings: the pairs worded otherwise ('on top of', "
+                         "'beside', ...) and 'A between B and C', words the model never saw (it reads without them)")
     ap.add_argument("--pairings", nargs="+", default=["unseen"], choices=PAIRINGS,
                     help="prompts naming a held-out colour-shape pairing (unseen) and/or only trained ones (seen); "
                          "with both, --prompts of each and one table per kind")
@@ -749,7 +804,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     started = time.time()
     seeds = list(range(args.seeds))
-    out_dir = Path(args.out)
+    out_dir = Path(args.out) if args.out else default_out(args.model)
     out_dir.mkdir(parents=True, exist_ok=True)
     ctx, arms, left_out, subsets, meta = build(args, seeds)
     triples = ctx.triples

@@ -283,7 +283,7 @@ def score(image: np.ndarray, target, cfg: JudgeConfig = DEFAULT, objects: list[D
     """Score `image` against `target`: a caption string, a world.Triple (its two colours must differ) or a
     world.Trio (no relation: `relation` is True whenever all three colours are present)."""
     t = world.parse_caption(target) if isinstance(target, str) else target
-    if isinstance(t, world.Trio):
+    if isinstance(t, (world.Trio, world.Between)):
         return score_trio(image, t, cfg, objects)
     if t.colour_a == t.colour_b:
         raise ValueError("the judge names objects by colour: the two colours must differ")
@@ -301,9 +301,10 @@ def score(image: np.ndarray, target, cfg: JudgeConfig = DEFAULT, objects: list[D
                  matched={"a": a, "b": b})
 
 
-def score_trio(image: np.ndarray, t: "world.Trio", cfg: JudgeConfig = DEFAULT,
+def score_trio(image: np.ndarray, t: "world.Trio | world.Between", cfg: JudgeConfig = DEFAULT,
                objects: list[Detection] | None = None) -> Score:
-    """A Trio: presence = an object of each named colour; binding = each colour's largest object has its shape;
+    """Three objects: presence = an object of each named colour; binding = each colour's largest object has its
+    shape; relation: for a Between, B left of A left of C (centroids), for a Trio whenever all are present;
     `matched` "a", "b", "c" in caption order."""
     if len(set(t.colours)) != len(t.colours):
         raise ValueError("the judge names objects by colour: the colours must differ")
@@ -315,7 +316,12 @@ def score_trio(image: np.ndarray, t: "world.Trio", cfg: JudgeConfig = DEFAULT,
     found = [by_colour.get(c) for c in t.colours]
     presence = all(d is not None for d in found)
     binding = presence and all(d.shape == s for d, s in zip(found, t.shapes))
-    return Score(presence=bool(presence), binding=bool(binding), relation=bool(presence), objects=objects,
+    relation = presence
+    if presence and isinstance(t, world.Between):  # B left of A left of C
+        a, b, c = found
+        sep = cfg.min_sep * np.asarray(image).shape[1] / 64.0
+        relation = relation_holds(b, a, "left of", sep) and relation_holds(a, c, "left of", sep)
+    return Score(presence=bool(presence), binding=bool(binding), relation=bool(relation), objects=objects,
                  matched=dict(zip("abc", found)))
 
 

@@ -61,8 +61,13 @@ class TinyConfig:
 
 
 # --- text ---------------------------------------------------------------------------------------------------------
-def token_ids(text: str, length: int, vocab_size: int = len(VOCAB)) -> list[int]:
-    words = text.lower().split()
+def known_words(text: str, vocab_size: int = len(VOCAB)) -> list[str]:
+    """The caption's words the model has tokens for (a phrasing it never saw reads as no relation at all)."""
+    return [w for w in text.lower().split() if TOKEN_IDS.get(w, vocab_size) < vocab_size and w not in (SOT, EOT)]
+
+
+def token_ids(text: str, length: int, vocab_size: int = len(VOCAB), drop_unknown: bool = False) -> list[int]:
+    words = known_words(text, vocab_size) if drop_unknown else text.lower().split()
     unknown = [w for w in words if TOKEN_IDS.get(w, vocab_size) >= vocab_size or w in (SOT, EOT)]
     if unknown:
         known = " ".join(w for w in WORDS if TOKEN_IDS[w] < vocab_size)
@@ -80,6 +85,7 @@ class TinyTextEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.vocab_size = vocab_size
+        self.drop_unknown = False  # the phrasings world: words outside the vocabulary are left out, not refused
         d = cfg.text_dim
         self.embed = nn.Embedding(vocab_size, d)
         self.position = nn.Parameter(torch.randn(cfg.tokens, d) * 0.02)
@@ -98,7 +104,7 @@ class TinyTextEncoder(nn.Module):
         return x, pooled
 
     def encode(self, texts: list[str]) -> tuple[Tensor, Tensor]:
-        ids = torch.tensor([token_ids(t, self.cfg.tokens, self.vocab_size) for t in texts],
+        ids = torch.tensor([token_ids(t, self.cfg.tokens, self.vocab_size, self.drop_unknown) for t in texts],
                            device=self.position.device)
         return self(ids)
 
@@ -123,8 +129,8 @@ class TinyClip:
         self.tokenizer = _TinyTokenizer(encoder.vocab_size)
 
     def tokenize(self, text: str, return_word_ids: bool = False):
-        ids = token_ids(text, self.encoder.cfg.tokens, self.encoder.vocab_size)
-        n_words = len(text.split())
+        ids = token_ids(text, self.encoder.cfg.tokens, self.encoder.vocab_size, self.encoder.drop_unknown)
+        n_words = len(known_words(text, self.encoder.vocab_size) if self.encoder.drop_unknown else text.split())
         chunk = []
         for position, token in enumerate(ids):
             word_id = position if 1 <= position <= n_words else 0

@@ -49,6 +49,10 @@ BACKGROUND: tuple[int, int, int] = (128, 128, 128)
 PHRASES = {"left of": "to the left of", "right of": "to the right of", "above": "above", "below": "below"}
 CONVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 DIRECTION = {"left of": (1, 0), "right of": (-1, 0), "above": (0, 1), "below": (0, -1)}
+# Other ways to say each relation, for the phrasings world (prompts the models never saw worded so): "beside" and
+# "next to" read left to right, in the order written.
+OTHER_PHRASES = {"left of": ("on the left of", "left of", "beside", "next to"), "right of": ("on the right of",
+                 "right of"), "above": ("on top of", "over"), "below": ("under", "beneath", "underneath")}
 
 SUPERSAMPLE = 4
 
@@ -62,6 +66,7 @@ class Triple:
     relation: str
     colour_b: str
     shape_b: str
+    phrase: str = ""  # how the caption words the relation ("" = PHRASES[relation]; else one of OTHER_PHRASES)
 
     @property
     def a(self) -> tuple[str, str]:
@@ -109,24 +114,55 @@ class Trio:
         return caption(self)
 
 
-def caption(triple: "Triple | Trio") -> str:
+@dataclass(frozen=True)
+class Between:
+    """"A between B and C": three (colour, shape) objects of three colours in a row, B left, A in the middle, C
+    right; `objects` in caption order (A, B, C)."""
+
+    objects: tuple
+
+    @property
+    def colours(self) -> tuple[str, ...]:
+        return tuple(c for c, _ in self.objects)
+
+    @property
+    def shapes(self) -> tuple[str, ...]:
+        return tuple(s for _, s in self.objects)
+
+    def caption(self) -> str:
+        return caption(self)
+
+
+def caption(triple: "Triple | Trio | Between") -> str:
     """The fixed grammar: "a|an <colour> <shape> <phrase> a|an <colour> <shape>" (pairs), or
     "a|an <colour> <shape> and a|an <colour> <shape> and a|an <colour> <shape>" (a Trio)."""
     if isinstance(triple, Trio):
         return " and ".join(f"{article(c)} {c} {s}" for c, s in triple.objects)
+    if isinstance(triple, Between):
+        a, b, c = (f"{article(c)} {c} {s}" for c, s in triple.objects)
+        return f"{a} between {b} and {c}"
     t = triple
     first = f"{article(t.colour_a)} {t.colour_a} {t.shape_a}"
     second = f"{article(t.colour_b)} {t.colour_b} {t.shape_b}"
-    return f"{first} {PHRASES[t.relation]} {second}"
+    return f"{first} {t.phrase or PHRASES[t.relation]} {second}"
 
 
 def article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def parse_caption(text: str) -> "Triple | Trio":
+def parse_caption(text: str) -> "Triple | Trio | Between":
     """Inverse of `caption` (raises ValueError on anything outside the grammar)."""
     words = text.strip().lower().split()
+    if "between" in words:
+        head, _, rest = " ".join(words).partition(" between ")
+        objects = [part.split() for part in [head, *rest.split(" and ")]]
+        if len(objects) != 3 or any(len(w) != 3 or w[0] not in ("a", "an") or w[1] not in COLOURS
+                                    or w[2] not in SHAPES for w in objects):
+            raise ValueError(f"not a caption of this world: {text!r}")
+        if len({w[1] for w in objects}) != 3:
+            raise ValueError(f"not a caption of this world: {text!r}")
+        return Between(tuple((w[1], w[2]) for w in objects))
     if "and" in words:
         parts = " ".join(words).split(" and ")
         objects = []
@@ -146,6 +182,10 @@ def parse_caption(text: str) -> "Triple | Trio":
         raise ValueError(f"not a caption of this world: {text!r}")
     phrase = " ".join(words[3:-3])
     relation = {v: k for k, v in PHRASES.items()}.get(phrase)
+    other = next((r for r, ways in OTHER_PHRASES.items() if phrase in ways), None)
+    if relation is None and other is not None:
+        if colour_a in COLOURS and colour_b in COLOURS and shape_a in SHAPES and shape_b in SHAPES:
+            return Triple(colour_a, shape_a, other, colour_b, shape_b, phrase)
     if relation is None or colour_a not in COLOURS or colour_b not in COLOURS:
         raise ValueError(f"not a caption of this world: {text!r}")
     if shape_a not in SHAPES or shape_b not in SHAPES:
@@ -389,6 +429,43 @@ def sample_trio(seed: int, trio: Trio | None = None, combos: list[Trio] | None =
         boxes[key] = (cx - s / 2, cy - s / 2, cx + s / 2, cy + s / 2)
     image = np.asarray(canvas.resize((size, size), Image.Resampling.BOX), dtype=np.uint8).copy()
     return Sample(image=image, caption=caption(trio), triple=trio, boxes=boxes, seed=int(seed))
+
+
+def between_layout(rng: np.random.Generator, size: int = 64) -> list[tuple[float, float, float]]:
+    """Centres and sizes (pixels) of B, A, C in a row from left to right (sizes 11-15 px at 64 px, gaps 3-7 px, a
+    small vertical jitter), returned in caption order (A, B, C)."""
+    scale = size / 64.0
+    sizes = rng.uniform(11.0, 15.0, size=3) * scale
+    gaps = rng.uniform(3.0, 7.0, size=2) * scale
+    row = [sizes[1], sizes[0], sizes[2]]  # B, A, C from left to right
+    width = sum(row) + gaps.sum()
+    x = rng.uniform(2.0 * scale, size - 2.0 * scale - width)
+    cy = rng.uniform(size * 0.3, size * 0.7)
+    centres = []
+    for k, s in enumerate(row):
+        centres.append((x + s / 2, cy + rng.uniform(-2.0, 2.0) * scale, s))
+        x += s + (gaps[k] if k < 2 else 0.0)
+    b, a, c = centres
+    return [a, b, c]
+
+
+def sample_between(seed: int, between: Between, size: int = 64, colour_jitter: float = 8.0,
+                   omit: str | None = None) -> Sample:
+    """One "A between B and C" image, deterministic by `seed`; `boxes` "a", "b", "c" in caption order."""
+    rng = np.random.default_rng(_seed_for(seed, "between"))
+    lay = between_layout(rng, size)
+    cols = [_jitter_colour(COLOURS[c], rng, colour_jitter) for c in between.colours]
+    k = SUPERSAMPLE
+    canvas = Image.new("RGB", (size * k, size * k), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    boxes = {}
+    for key, (cx, cy, s), shape, col in zip("abc", lay, between.shapes, cols):
+        if omit == key:
+            continue
+        _draw_shape(draw, shape, cx, cy, s, col)
+        boxes[key] = (cx - s / 2, cy - s / 2, cx + s / 2, cy + s / 2)
+    image = np.asarray(canvas.resize((size, size), Image.Resampling.BOX), dtype=np.uint8).copy()
+    return Sample(image=image, caption=caption(between), triple=between, boxes=boxes, seed=int(seed))
 
 
 def dataset(n: int, seed: int = 0, combos: list[Triple] | None = None, size: int = 64,
