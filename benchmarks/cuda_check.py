@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -44,16 +43,16 @@ def main(argv=None) -> int:
         print("cuda_check: no CUDA device here; nothing to check (--cpu runs the checks on the CPU)")
         return 0
     dev = "cpu" if dry_run else "cuda"
-    import comfy_host
+    from cli import host, tiny_models
 
-    comfy_host._bootstrap.load_host(comfy_host.HOST_PATH, cpu=dry_run)
+    host_path = host.load_host(cpu=dry_run)
     from comfyui_maskattn.masks.gates import MaskAttnGates
     from comfyui_maskattn.masks.runtime import EXECUTORS, GraphExecutor, bias_from_gate
     from comfyui_maskattn.masks.topology import select_sites
     from comfyui_maskattn.nodes import hooks
 
     name = "cpu (dry run)" if dry_run else torch.cuda.get_device_name()
-    print(f"device {name}, torch {torch.__version__}, host {comfy_host.HOST_PATH}")
+    print(f"device {name}, torch {torch.__version__}, host {host_path}")
     hard = torch.rand(2, 1024, 77, device=dev) > 0.5
     for dtype in (torch.float16, torch.bfloat16):
         plain = bias_from_gate(hard, dtype, -1e4)
@@ -68,11 +67,11 @@ def main(argv=None) -> int:
               f"max |diff| {float((a - b).abs().max()):.3g}")
 
     for dtype in (torch.float16, torch.bfloat16):
-        model = comfy_host.tiny_sdxl(seed=0, transformer_depth=(0, 2, 2), dtype=dtype, device=dev)
-        pos, neg = comfy_host.make_cond(model, seed=1), comfy_host.make_cond(model, seed=2)
+        model = tiny_models.tiny_sdxl(seed=0, transformer_depth=(0, 2, 2), dtype=dtype, device=dev)
+        pos, neg = tiny_models.make_cond(model, seed=1), tiny_models.make_cond(model, seed=2)
 
         def sample(m):
-            return comfy_host.ksample(m, pos, neg, steps=steps, cfg=5.0, width=side, height=side).float().cpu()
+            return tiny_models.ksample(m, pos, neg, steps=steps, cfg=5.0, width=side, height=side).float().cpu()
 
         base = sample(model)
         chosen = select_sites(hooks.model_sites(model), "all", "encoder_decoder")

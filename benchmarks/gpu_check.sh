@@ -5,7 +5,7 @@
 # (decomposition, the opt-in CUDA-graph and device-skip gates and both together, bit-identity check, and the
 # device time per case: the floor each case would reach if its host side were free), which names the fastest exact
 # variant overall (picked.txt); then every host samples with that variant as the default (MASKATTN_CUDA_GATE, as a
-# user would set it) against the spec path (confirm_*.txt). Make it the pack's default (nodes/hooks.py,
+# user would set it) against the spec path (confirm_*.txt). Make it the pack's default (nodes/executor.py,
 # CUDA_GATE_DEFAULT) if it meets the goal.
 # (--sync-free and --low-precision-gate were measured on 2026-11-26; see docs/SPEED.md.)
 # Needs torch with CUDA and the hosts' import deps: benchmarks/prepare_device.sh packs what a bare GPU image lacks.

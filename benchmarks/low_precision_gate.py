@@ -3,7 +3,7 @@ threshold taken on the logit. Not exact: a pair within that dtype's rounding of 
 (`sampling_overhead.py --flip-rate` counts them on real features; docs/SPEED.md has the measurements). The pack
 ships only executors that give the spec's bits, so this one lives here.
 
-Import it after the pack is importable as `comfyui_maskattn` (tests/conftest.py, or comfy_host.load_host()).
+Import it after the pack is importable as `comfyui_maskattn` (tests/conftest.py, or cli/host.py `load_host`).
 """
 
 from __future__ import annotations

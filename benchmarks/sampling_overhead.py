@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -80,15 +79,15 @@ def main(argv=None):
                          "CUDA-graph one with --graphs)")
     args = ap.parse_args(argv)
 
-    import comfy_host
+    from cli import host, tiny_models
 
     cuda = torch.cuda.is_available()
-    comfy_host._bootstrap.load_host(comfy_host.HOST_PATH, cpu=not cuda)  # first load decides: GPU when present
-    comfy_host.load_host()
+    host_path = host.load_host(cpu=not cuda)  # first load decides: GPU when present
     from comfyui_maskattn.masks.gates import MaskAttnGates
     from comfyui_maskattn.masks.topology import select_sites
     from comfyui_maskattn.masks.runtime import EagerExecutor
     from comfyui_maskattn.nodes import hooks
+    from comfyui_maskattn.nodes.executor import CUDA_GATE_DEFAULT, cuda_gate_variant
     from low_precision_gate import LowPrecisionExecutor
 
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if cuda else torch.float32)
@@ -101,15 +100,15 @@ def main(argv=None):
         neg = clip.conditioning([""])
         size = 8 * 32  # ksample's width in pixels: the latent is 32x32
     elif args.sdxl_size:
-        model = comfy_host.tiny_sdxl(seed=0, transformer_depth=(0, 2, 10), context_dim=2048, dtype=dtype,
-                                     model_channels=320, num_head_channels=64, device="cuda" if cuda else None)
+        model = tiny_models.tiny_sdxl(seed=0, transformer_depth=(0, 2, 10), context_dim=2048, dtype=dtype,
+                                      model_channels=320, num_head_channels=64, device="cuda" if cuda else None)
         size = args.size or 1024
     else:
-        model = comfy_host.tiny_sdxl(seed=0, transformer_depth=(0, 2, 10), dtype=dtype,
-                                     device="cuda" if cuda else None)
+        model = tiny_models.tiny_sdxl(seed=0, transformer_depth=(0, 2, 10), dtype=dtype,
+                                      device="cuda" if cuda else None)
         size = args.size or 128
     if pos is None:
-        pos, neg = comfy_host.make_cond(model, seed=1), comfy_host.make_cond(model, seed=2)
+        pos, neg = tiny_models.make_cond(model, seed=1), tiny_models.make_cond(model, seed=2)
 
     hidden = args.hidden or (128 if args.sdxl_size or args.compbench else 16)
     sites = hooks.model_sites(model)
@@ -159,14 +158,14 @@ def main(argv=None):
             cases[name] = patched
 
     def run(m):
-        return comfy_host.ksample(m, pos, neg, steps=args.steps, cfg=5.0, width=size, height=size, batch=args.batch)
+        return tiny_models.ksample(m, pos, neg, steps=args.steps, cfg=5.0, width=size, height=size, batch=args.batch)
 
     # warm-up loads the weights and builds caches
     times, peaks = interleaved({name: (lambda m=m: run(m)) for name, m in cases.items()}, args.rounds)
     print(f"device: {device_name()}; dtype {dtype}; {size}x{size}px (latent /8), batch {args.batch}, "
           f"{args.steps} steps, cfg 5 (cond+uncond batch), gate hidden size {hidden}, median of {args.rounds} "
-          f"interleaved rounds; host {comfy_host.HOST_PATH}"
-          + (f"; default gate variant on CUDA: {hooks.cuda_gate_variant()}" if cuda else ""))
+          f"interleaved rounds; host {host_path}"
+          + (f"; default gate variant on CUDA: {cuda_gate_variant()}" if cuda else ""))
     print_table(times, peaks, "untouched")
     if args.graphs:
         print("gate calls by path: " + "; ".join(
@@ -174,7 +173,7 @@ def main(argv=None):
             + (f" (capture failed: {rt.executor.graphs.failed})" if getattr(rt.executor, "graphs", None) is not None
                and rt.executor.graphs.failed else "")
             for name, rt in runtimes.items() if "graph" in name or name.startswith("maskattn")))
-    print_fastest_exact(times, groups, hooks.cuda_gate_variant() if cuda else hooks.CUDA_GATE_DEFAULT)
+    print_fastest_exact(times, groups, cuda_gate_variant() if cuda else CUDA_GATE_DEFAULT)
     if args.check:
         check_latents(cases, groups, run_latent=lambda m: run(m))
     if args.device_time:
@@ -292,7 +291,8 @@ def print_breakdown(cases, runtimes, run, runs: int = 3):
     import time
 
     import comfy.ldm.modules.attention as attention
-    from comfyui_maskattn.nodes import hooks
+    from comfyui_maskattn.nodes.containers import MaskAttnAttention
+    from comfyui_maskattn.nodes.gate_patch import MaskAttnGatePatch
 
     spent: dict[str, list] = {}
     stack: list[float] = []  # time spent in timed calls nested in the open ones
@@ -313,7 +313,7 @@ def print_breakdown(cases, runtimes, run, runs: int = 3):
         return wrapper
 
     targets = [(attention, "optimized_attention", "attention"), (attention, "optimized_attention_masked", "attention"),
-               (hooks.MaskAttnGatePatch, "__call__", "hooks"), (hooks.MaskAttnAttention, "__call__", "hooks")]
+               (MaskAttnGatePatch, "__call__", "hooks"), (MaskAttnAttention, "__call__", "hooks")]
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in targets]
     rows = {}
     try:
@@ -407,7 +407,7 @@ def _straightforward(runtime):
 
 def _variant(name: str):
     """Setup for the case that runs the exact variant $MASKATTN_CUDA_GATE calls `name`."""
-    from comfyui_maskattn.nodes.hooks import CUDA_GATE_VARIANTS
+    from comfyui_maskattn.nodes.executor import CUDA_GATE_VARIANTS
 
     return lambda rt: setattr(rt, "executor", CUDA_GATE_VARIANTS[name]())
 

@@ -3,7 +3,7 @@
     python benchmarks/soak.py                            # 200 prompts, 4 of them re-run on fresh servers
     python benchmarks/soak.py --prompts 20 --fresh 1     # the reduced version CI runs (tests/test_soak.py)
 
-One server (the tiny random test checkpoint, tests/tiny_pack; a tiny learned gate file) gets the prompts queued back
+One server (the tiny random test checkpoint, cli/tiny_pack; a tiny learned gate file) gets the prompts queued back
 to back, each right after the previous one finished, cycling through learned, zero-shot, region and no gates with
 other prompts, sizes, samplers, gate options and the viewer (Record + Preview Gates) on some. Then, on the same
 server:

@@ -32,7 +32,7 @@ def build_model(sdxl_size: bool, dtype, device):
     import comfy.model_patcher
     import comfy.supported_models
 
-    from cli.host import init_random_weights_, sdxl_unet_config
+    from cli.tiny_models import init_random_weights_, sdxl_unet_config
 
     channels, depth, context, heads_ch = (320, (0, 2, 10), 2048, 64) if sdxl_size else (32, (0, 2, 2), 64, 16)
     cfg = dict(sdxl_unet_config(channels, depth, context, pooled_dim=1280 if sdxl_size else None), dtype=dtype)

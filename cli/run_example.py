@@ -32,7 +32,7 @@ from . import server
 from .host import PACK_ROOT, find_host
 
 WORKFLOW = PACK_ROOT / "workflows" / "api" / "maskattn_sdxl_viewer_api.json"
-TINY_PACK = PACK_ROOT / "tests" / "tiny_pack"
+TINY_PACK = PACK_ROOT / "cli" / "tiny_pack"
 SMOKE_LABEL = "SMOKE_tiny_random_model"
 DEFAULT_OUT = Path.home() / "maskattn_output"
 # node ids in the API-format example (the learned-gate loader, bypassed in the UI workflow, is absent there)

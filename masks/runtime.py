@@ -2,11 +2,11 @@
 observers (recording).
 
 `GateRuntime.compute` is the spec path (docs/METHOD.md, float32, line by line); `GateRuntime.bias` is what sampling
-calls. It runs an executor chosen once at install (nodes/hooks.py, from the device and $MASKATTN_CUDA_GATE):
+calls. It runs an executor chosen once at install (nodes/executor.py, from the device and $MASKATTN_CUDA_GATE):
 `EagerExecutor` (the default; optionally deciding "nothing suppressed" on the device) or `GraphExecutor` (CUDA
 graphs, same option). Every executor gives the spec path's bits; tests/test_fast_path.py holds each to it.
 
-It knows nothing of ComfyUI: the host adapter (nodes/hooks.py) hands it the site key, the latent features
+It knows nothing of ComfyUI: the host adapter (nodes/gate_patch.py) hands it the site key, the latent features
 entering the query projection, the text states entering the key projection, and which batch rows to gate.
 """
 
@@ -48,7 +48,7 @@ class GateRuntime:
     observers: list[GateObserver] = field(default_factory=list)
     # None: the host's attention backend. Training sets explicit_attention (differentiable on every device).
     attention_override: Callable | None = None
-    # How the sampling-time gate runs (chosen at install: nodes/hooks.py); see EXECUTORS.
+    # How the sampling-time gate runs (chosen at install: nodes/executor.py); see EXECUTORS.
     executor: Executor = field(default_factory=lambda: EagerExecutor())
 
     def __post_init__(self):
@@ -284,7 +284,7 @@ class GraphExecutor:
         return self.graphs.get(key, device, build)
 
 
-#: The executors a CUDA model may run, by the $MASKATTN_CUDA_GATE value that selects them (nodes/hooks.py); the CPU
+#: The executors a CUDA model may run, by the $MASKATTN_CUDA_GATE value that selects them (nodes/executor.py); the CPU
 #: always runs the synced eager one, where a host sync costs nothing.
 EXECUTORS: dict[str, Callable[[], Executor]] = {
     "eager": EagerExecutor,

@@ -49,7 +49,9 @@ TRAIN_DEFAULTS = {
     "placement": "encoder_decoder",
     "hidden": 128,
     "objective": DEFAULT_OBJECTIVE,
-    "mask_steps": 0,  # leading steps trained on object masks (masks/supervised.py) before the objective
+    "warmup": -1,  # warmup steps; -1: warmup_fraction of the steps (resolve_warmup)
+    "mask_steps": -1,  # leading steps trained on object masks (masks/supervised.py) before the objective; -1: every
+    # step when the data has object masks, none without (resolve_mask_steps)
     "mask_outside": "keep",  # object words where no mask is: "keep" or "close" (masks/supervised.MASK_OUTSIDE)
     "save_every": 500,
 }
@@ -83,7 +85,7 @@ class TrainConfig:
     seed: int = TRAIN_DEFAULTS["seed"]
     precision: str = TRAIN_DEFAULTS["precision"]  # autocast dtype of the frozen model's forward: fp32 | bf16 | fp16
     objective: str = TRAIN_DEFAULTS["objective"]  # a name of masks/objectives.OBJECTIVES
-    mask_steps: int = TRAIN_DEFAULTS["mask_steps"]  # leading steps on the object-mask loss (0: none)
+    mask_steps: int = 0  # leading steps on the object-mask loss, resolved (resolve_mask_steps); 0: none
     mask_outside: str = TRAIN_DEFAULTS["mask_outside"]  # the mask loss's target where no object is
 
     def __post_init__(self):

@@ -9,7 +9,7 @@ from ..masks.gate import strength_to_negative_value
 from ..masks.gatefile import GateFileError, load_gates, save_gates
 from ..masks.gates import GateMismatchError, MaskAttnGates
 from ..masks.source import HANDOVER_SIGMA, GateSource, kind_of
-from ..masks.topology import PLACEMENTS, UnsupportedModelError, select_sites
+from ..masks.topology import PLACEMENTS, STAGE_CHOICES, UnsupportedModelError, select_sites
 from . import hooks, paths
 
 CATEGORY = "MaskAttn"
@@ -95,9 +95,9 @@ class MaskAttnApply:
                 "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                        "tooltip": "1 = the method. s < 1 multiplies each suppressed pair's attention "
                                                   "weight by (1 - s) before renormalising; 0 = untouched model."}),
-                "stage": (["all", "high", "mid", "low"], {"default": "all",
-                                                     "tooltip": "Gate only layers of this stage (of those the "
-                                                                "file has heads for)."}),
+                "stage": (list(STAGE_CHOICES), {"default": "all",
+                                                "tooltip": "Gate only layers of this stage (of those the file has "
+                                                           "heads for)."}),
                 "placement": (list(PLACEMENTS), {"default": "encoder_decoder",
                                                  "tooltip": "Gate layers of the input and output blocks, or of one "
                                                             "side only."}),

@@ -15,7 +15,7 @@ from ..masks.supervised import MASK_OUTSIDE, ObjectMasks, object_masks
 from ..masks.topology import PLACEMENTS, STAGE_CHOICES
 from ..masks.train import TRAIN_DEFAULTS, TrainConfig, resolve_mask_steps, resolve_warmup
 from . import gate_training, hooks
-from .gate_training import TrainingInputError
+from .training_examples import TrainingInputError, prepare_examples
 from .region import MASK_SOCKETS
 
 CATEGORY = "MaskAttn"
@@ -132,6 +132,114 @@ def node_object_masks(clip, captions: str, phrases: str, masks: list, n: int) ->
     return out
 
 
+def _run_inputs() -> dict:
+    d = TRAIN_DEFAULTS
+    return {
+        "model": ("MODEL", {"tooltip": "The model to train gates for (frozen during training)."}),
+        "latents": ("LATENT", {"tooltip": "Encoded training images (VAE Encode), one per caption."}),
+        "positive": (
+            "CONDITIONING",
+            {
+                "tooltip": "One conditioning per image, in the latent batch's order, "
+                "or a single one for all images."
+            },
+        ),
+        "steps": ("INT", {"default": d["steps"], "min": 1, "max": 1000000}),
+        "batch_size": ("INT", {"default": d["batch_size"], "min": 1, "max": 256}),
+        "learning_rate": ("FLOAT", {"default": d["lr"], "min": 1e-7, "max": 1.0, "step": 1e-5}),
+        "stage": (
+            list(STAGE_CHOICES),
+            {
+                "default": d["stage"],
+                "tooltip": "Which cross-attention layers get gates (ignored when continuing from maskattn).",
+            },
+        ),
+        "placement": (list(PLACEMENTS), {"default": d["placement"]}),
+        "hidden_size": (
+            "INT",
+            {
+                "default": d["hidden"],
+                "min": 4,
+                "max": 1024,
+                "step": 4,
+                "tooltip": "Gate MLP width (the method: 128). Ignored when continuing.",
+            },
+        ),
+        "seed": ("INT", {"default": d["seed"], "min": 0, "max": 0xFFFFFFFFFFFFFFFF}),
+    }
+
+
+def _continue_inputs() -> dict:
+    d = TRAIN_DEFAULTS
+    return {
+        "maskattn": (
+            "MASKATTN",
+            {"tooltip": "Continue training these gates (a copy; the input is unchanged)."},
+        ),
+        "warmup_steps": (
+            "INT",
+            {
+                "default": d["warmup"],
+                "min": -1,
+                "max": 100000,
+                "tooltip": "Linear learning-rate warmup, then cosine decay. "
+                f"-1: {d['warmup_fraction']:.0%} of steps.",
+            },
+        ),
+        "objective": (
+            list(OBJECTIVES),
+            {
+                "default": d["objective"],
+                "tooltip": "How the gates learn. "
+                + "; ".join(f"{o.name}: {o.summary}" for o in OBJECTIVES.values()),
+            },
+        ),
+    }
+
+
+def _mask_supervision_inputs() -> dict:
+    d = TRAIN_DEFAULTS
+    masks = {
+        f"mask_{i}": ("MASK", {"tooltip": f"Where phrase {i} of each image's phrases line is (one mask per "
+                                          f"image, or one for all)."})
+        for i in range(1, MASK_SOCKETS + 1)
+    }
+    return {
+        "clip": ("CLIP", {"tooltip": "Mask supervision: the CLIP that encoded the captions."}),
+        "captions": (
+            "STRING",
+            {"multiline": True, "default": "", "dynamicPrompts": False,
+             "tooltip": "Mask supervision: each image's caption as encoded, one line per image (or one)."},
+        ),
+        "phrases": (
+            "STRING",
+            {"multiline": True, "default": "", "dynamicPrompts": False,
+             "tooltip": "Mask supervision: each image's object phrases, 'red cube | blue sphere', one line "
+             "per image (or one for all); phrase i goes with mask_i."},
+        ),
+        **masks,
+        "mask_steps": (
+            "INT",
+            {
+                "default": d["mask_steps"],
+                "min": -1,
+                "max": 1000000,
+                "tooltip": "Mask supervision: the first N steps learn the masks, the rest the objective. "
+                "-1: every step when masks are connected (none otherwise).",
+            },
+        ),
+        "mask_outside": (
+            list(MASK_OUTSIDE),
+            {
+                "default": d["mask_outside"],
+                "tooltip": "Mask supervision, where no mask is (the background): keep: every object's "
+                "words stay open there, so a word is closed only inside another object's mask; close: they "
+                "are closed there too. Masks that tile the image make the two the same.",
+            },
+        ),
+    }
+
+
 class MaskAttnTrainGates:
     DESCRIPTION = (
         "Trains MaskAttn gate heads on your model; the model itself stays frozen. Give it encoded images (LATENT) and "
@@ -146,103 +254,7 @@ class MaskAttnTrainGates:
 
     @classmethod
     def INPUT_TYPES(cls):
-        d = TRAIN_DEFAULTS
-        masks = {
-            f"mask_{i}": ("MASK", {"tooltip": f"Where phrase {i} of each image's phrases line is (one mask per "
-                                              f"image, or one for all)."})
-            for i in range(1, MASK_SOCKETS + 1)
-        }
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": "The model to train gates for (frozen during training)."}),
-                "latents": ("LATENT", {"tooltip": "Encoded training images (VAE Encode), one per caption."}),
-                "positive": (
-                    "CONDITIONING",
-                    {
-                        "tooltip": "One conditioning per image, in the latent batch's order, "
-                        "or a single one for all images."
-                    },
-                ),
-                "steps": ("INT", {"default": d["steps"], "min": 1, "max": 1000000}),
-                "batch_size": ("INT", {"default": d["batch_size"], "min": 1, "max": 256}),
-                "learning_rate": ("FLOAT", {"default": d["lr"], "min": 1e-7, "max": 1.0, "step": 1e-5}),
-                "stage": (
-                    list(STAGE_CHOICES),
-                    {
-                        "default": d["stage"],
-                        "tooltip": "Which cross-attention layers get gates (ignored when continuing from maskattn).",
-                    },
-                ),
-                "placement": (list(PLACEMENTS), {"default": d["placement"]}),
-                "hidden_size": (
-                    "INT",
-                    {
-                        "default": d["hidden"],
-                        "min": 4,
-                        "max": 1024,
-                        "step": 4,
-                        "tooltip": "Gate MLP width (the method: 128). Ignored when continuing.",
-                    },
-                ),
-                "seed": ("INT", {"default": d["seed"], "min": 0, "max": 0xFFFFFFFFFFFFFFFF}),
-            },
-            "optional": {
-                "maskattn": (
-                    "MASKATTN",
-                    {"tooltip": "Continue training these gates (a copy; the input is unchanged)."},
-                ),
-                "warmup_steps": (
-                    "INT",
-                    {
-                        "default": -1,
-                        "min": -1,
-                        "max": 100000,
-                        "tooltip": "Linear learning-rate warmup, then cosine decay. "
-                        f"-1: {d['warmup_fraction']:.0%} of steps.",
-                    },
-                ),
-                "objective": (
-                    list(OBJECTIVES),
-                    {
-                        "default": d["objective"],
-                        "tooltip": "How the gates learn. "
-                        + "; ".join(f"{o.name}: {o.summary}" for o in OBJECTIVES.values()),
-                    },
-                ),
-                "clip": ("CLIP", {"tooltip": "Mask supervision: the CLIP that encoded the captions."}),
-                "captions": (
-                    "STRING",
-                    {"multiline": True, "default": "", "dynamicPrompts": False,
-                     "tooltip": "Mask supervision: each image's caption as encoded, one line per image (or one)."},
-                ),
-                "phrases": (
-                    "STRING",
-                    {"multiline": True, "default": "", "dynamicPrompts": False,
-                     "tooltip": "Mask supervision: each image's object phrases, 'red cube | blue sphere', one line "
-                     "per image (or one for all); phrase i goes with mask_i."},
-                ),
-                **masks,
-                "mask_steps": (
-                    "INT",
-                    {
-                        "default": -1,
-                        "min": -1,
-                        "max": 1000000,
-                        "tooltip": "Mask supervision: the first N steps learn the masks, the rest the objective. "
-                        "-1: every step when masks are connected (none otherwise).",
-                    },
-                ),
-                "mask_outside": (
-                    list(MASK_OUTSIDE),
-                    {
-                        "default": d["mask_outside"],
-                        "tooltip": "Mask supervision, where no mask is (the background): keep: every object's "
-                        "words stay open there, so a word is closed only inside another object's mask; close: they "
-                        "are closed there too. Masks that tile the image make the two the same.",
-                    },
-                ),
-            },
-        }
+        return {"required": _run_inputs(), "optional": {**_continue_inputs(), **_mask_supervision_inputs()}}
 
     def train(
         self,
@@ -257,12 +269,12 @@ class MaskAttnTrainGates:
         hidden_size,
         seed,
         maskattn=None,
-        warmup_steps=-1,
+        warmup_steps=TRAIN_DEFAULTS["warmup"],
         objective=TRAIN_DEFAULTS["objective"],
         clip=None,
         captions="",
         phrases="",
-        mask_steps=-1,
+        mask_steps=TRAIN_DEFAULTS["mask_steps"],
         mask_outside=TRAIN_DEFAULTS["mask_outside"],
         **masks,
     ):
@@ -280,7 +292,7 @@ class MaskAttnTrainGates:
                 gates = gate_training.start_gates(model, maskattn, stage=stage, placement=placement,
                                                   hidden=hidden_size, seed=seed, objective=spec.name)
                 gates.check_fits(hooks.model_sites(model))
-                examples = gate_training.prepare_examples(model, latents, positive)
+                examples = prepare_examples(model, latents, positive)
                 if supervised:
                     examples = examples.with_objects(node_object_masks(clip, captions, phrases, planes, len(examples)))
             lead = resolve_mask_steps(mask_steps, steps, supervised)

@@ -191,11 +191,13 @@ def test_input_model_is_never_changed(host, pack, sdxl):
 
 
 def test_apply_twice_replaces_the_first(host, pack, sdxl):
+    from comfyui_maskattn.nodes.gate_patch import MaskAttnGatePatch
+
     _, hooks = pack
     once = apply(pack, sdxl, make_gates(sdxl, seed=1))
     twice = apply(pack, once, make_gates(sdxl, seed=2))
     ours = [p for p in twice.model_options["transformer_options"]["patches"]["attn2_patch"]
-            if isinstance(p, hooks.MaskAttnGatePatch)]
+            if isinstance(p, MaskAttnGatePatch)]
     assert len(ours) == 1 and ours[0].runtime.gates is not hooks.installed_runtime(once).gates
     pos, neg = conds(host, sdxl)
     direct = host.ksample(apply(pack, sdxl, make_gates(sdxl, seed=2)), pos, neg)
@@ -469,10 +471,12 @@ def test_nothing_of_ours_stays_after_an_exception_inside_sampling(host, pack, sd
 
 
 def test_clone_does_not_copy_gate_weights(host, pack, sdxl):
+    from comfyui_maskattn.nodes.gate_patch import MaskAttnGatePatch
+
     _, hooks = pack
     patched = apply(pack, sdxl, make_gates(sdxl))
     clone = copy.deepcopy(patched.model_options)
-    ours = [p for p in clone["transformer_options"]["patches"]["attn2_patch"] if isinstance(p, hooks.MaskAttnGatePatch)]
+    ours = [p for p in clone["transformer_options"]["patches"]["attn2_patch"] if isinstance(p, MaskAttnGatePatch)]
     assert ours[0].runtime.gates is hooks.installed_runtime(patched).gates
 
 
@@ -509,6 +513,7 @@ def test_fast_path_samples_bit_identical_to_the_straightforward_path(host, pack,
 def test_cuda_models_run_the_gate_variant_the_environment_names_and_a_bad_name_is_a_clear_error(
         host, pack, sdxl, monkeypatch):
     from comfyui_maskattn.nodes import hooks
+    from comfyui_maskattn.nodes.executor import CUDA_GATE_DEFAULT, CUDA_GATE_ENV, CUDA_GATE_VARIANTS
 
     gates = make_gates(sdxl)
     cuda_model = sdxl.clone()
@@ -523,14 +528,14 @@ def test_cuda_models_run_the_gate_variant_the_environment_names_and_a_bad_name_i
         executor = hooks.installed_runtime(apply(pack, model, gates)).executor
         return executor.name, flags(executor)
 
-    monkeypatch.delenv(hooks.CUDA_GATE_ENV, raising=False)
-    assert hooks.CUDA_GATE_DEFAULT == "eager" and variant(cuda_model) == ("eager", (False, False))
-    for name, make in hooks.CUDA_GATE_VARIANTS.items():
-        monkeypatch.setenv(hooks.CUDA_GATE_ENV, f" {name} ")
+    monkeypatch.delenv(CUDA_GATE_ENV, raising=False)
+    assert CUDA_GATE_DEFAULT == "eager" and variant(cuda_model) == ("eager", (False, False))
+    for name, make in CUDA_GATE_VARIANTS.items():
+        monkeypatch.setenv(CUDA_GATE_ENV, f" {name} ")
         assert variant(cuda_model) == (name, flags(make()))
         assert variant(sdxl) == ("eager", (False, False))  # the CPU keeps the eager gate: a host sync costs it nothing
-    assert len({flags(make()) for make in hooks.CUDA_GATE_VARIANTS.values()}) == 4
-    monkeypatch.setenv(hooks.CUDA_GATE_ENV, "fastest")
+    assert len({flags(make()) for make in CUDA_GATE_VARIANTS.values()}) == 4
+    monkeypatch.setenv(CUDA_GATE_ENV, "fastest")
     options = copy.deepcopy(cuda_model.model_options)
     with pytest.raises(ValueError, match=r"MASKATTN_CUDA_GATE='fastest' names no gate variant; use one of eager, "
                                          r"graphs, device_skip, graphs\+device_skip, or unset it"):

@@ -23,7 +23,7 @@ def no_progress_bars(monkeypatch):
 
 def test_sampling_benchmark_times_every_variant_and_finds_them_bit_identical(host, capsys, no_progress_bars):
     import sampling_overhead
-    from comfyui_maskattn.nodes.hooks import CUDA_GATE_VARIANTS
+    from comfyui_maskattn.nodes.executor import CUDA_GATE_VARIANTS
 
     assert sampling_overhead.main(["--size", "64", "--steps", "1", "--rounds", "1", "--straightforward", "--decompose",
                                    "--graphs", "--device-skip", "--check", "--breakdown", "--device-time"]) == 0
@@ -72,7 +72,7 @@ def test_cuda_check_passes_its_dry_run_on_the_cpu(host, capsys, no_progress_bars
 def test_the_gpu_script_measures_picks_a_variant_and_confirms_it_on_every_host(host, tmp_path):
     """benchmarks/gpu_check.sh's own dry run (GPU_CHECK_DRY=1: the CPU, tiny settings), with two hosts as a GPU
     session passes them: the first gets the full table and the pick, every later one the confirmation."""
-    from comfyui_maskattn.nodes.hooks import CUDA_GATE_VARIANTS
+    from comfyui_maskattn.nodes.executor import CUDA_GATE_VARIANTS
 
     second = tmp_path / "second"
     second.symlink_to(HOST_PATH)

@@ -57,7 +57,7 @@ def prepare_models(tmp_path: Path) -> Path:
     (tmp_path / "models" / "maskattn").mkdir(parents=True)
     extra_nodes = tmp_path / "extra_custom_nodes"
     extra_nodes.mkdir()
-    (extra_nodes / "maskattn_tiny_pack").symlink_to(REPO / "tests" / "tiny_pack", target_is_directory=True)
+    (extra_nodes / "maskattn_tiny_pack").symlink_to(REPO / "cli" / "tiny_pack", target_is_directory=True)
     config = tmp_path / "extra_model_paths.yaml"
     config.write_text(f"maskattn_tests:\n  maskattn: {tmp_path / 'models' / 'maskattn'}\n"
                       f"  custom_nodes: {extra_nodes}\n")

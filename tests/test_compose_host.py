@@ -405,15 +405,15 @@ def tiny_controlnet(host, seed=4):
     import comfy.cldm.cldm
     import comfy.controlnet
     import comfy.ops
-    from cli import host as bootstrap
+    from cli.tiny_models import init_random_weights_, sdxl_unet_config
 
-    config = bootstrap.sdxl_unet_config(32, (0, 2, 2), 64)
+    config = sdxl_unet_config(32, (0, 2, 2), 64)
     config.pop("out_channels")
     config.update(num_head_channels=16, hint_channels=3, dtype=torch.float32)
     for name in ("use_temporal_attention", "use_temporal_resblock"):
         config.pop(name)
     control = comfy.cldm.cldm.ControlNet(operations=comfy.ops.disable_weight_init, device="cpu", **config)
-    bootstrap.init_random_weights_(control, seed)
+    init_random_weights_(control, seed)
     return comfy.controlnet.ControlNet(control, load_device=torch.device("cpu"))
 
 
@@ -497,13 +497,15 @@ def test_a_batch_change_after_the_gate_is_an_error_naming_both_nodes_and_the_ord
 def test_patch_list_keeps_maskattn_at_the_ends_through_every_way_comfyui_and_packs_grow_it(host, pack, sdxl):
     import copy
 
-    _, hooks = pack
+    from comfyui_maskattn.nodes.gate_patch import MaskAttnGatePatch, MaskAttnLayoutPatch
+    from comfyui_maskattn.nodes.patch_order import OrderedPatchList
+
     model = apply(pack, sdxl, make_gates(sdxl))
     patches = model.model_options["transformer_options"]["patches"]
 
     def ours_at_ends(items):
         items = list(items)
-        return isinstance(items[0], hooks.MaskAttnLayoutPatch) and isinstance(items[-1], hooks.MaskAttnGatePatch)
+        return isinstance(items[0], MaskAttnLayoutPatch) and isinstance(items[-1], MaskAttnGatePatch)
 
     a, b, c = (lambda *x: x), (lambda *x: x), (lambda *x: x)
     clone = model.clone()
@@ -516,12 +518,12 @@ def test_patch_list_keeps_maskattn_at_the_ends_through_every_way_comfyui_and_pac
     front.insert(len(front), b)
     front += [c]
     assert ours_at_ends(front) and ours_at_ends(front.copy()) and ours_at_ends(copy.deepcopy(front))
-    moved = hooks.OrderedPatchList([list(front)[0], b, c, list(front)[-1]])
+    moved = OrderedPatchList([list(front)[0], b, c, list(front)[-1]])
     gate = list(moved)[-1]
     moved[1] = gate  # index assignments (ModelPatcher.model_patches_to stores what each patch's .to() returns)
     moved[-1] = b
     assert ours_at_ends(moved) and list(list.__iter__(moved)) == list(moved)  # kept in order: iteration needs no sort
-    theirs = [p for p in front if not isinstance(p, (hooks.MaskAttnLayoutPatch, hooks.MaskAttnGatePatch))]
+    theirs = [p for p in front if not isinstance(p, (MaskAttnLayoutPatch, MaskAttnGatePatch))]
     assert theirs[:3] == [b, a, c]
     assert ours_at_ends(patches["attn2_patch"]) and len(patches["attn2_patch"]) == 2  # the source model is unchanged
     try:
@@ -534,25 +536,27 @@ def test_patch_list_keeps_maskattn_at_the_ends_through_every_way_comfyui_and_pac
         {"attn2_patch": grown})["attn2_patch"])
 
 
-def test_rows_found_after_an_expansion_are_the_same_tensors_for_the_same_layout(host, pack):
-    _, hooks = pack
-    first = hooks._expanded_rows((False, True, True), (False, True, False), "cpu")
-    again = hooks._expanded_rows((False, True, True), (False, True, False), "cpu")
+def test_rows_found_after_an_expansion_are_the_same_tensors_for_the_same_layout(host):
+    from comfyui_maskattn.nodes.gate_patch import PatchOrderError, expanded_rows
+    from comfyui_maskattn.nodes.patch_order import ForeignPatchError
+
+    first = expanded_rows((False, True, True), (False, True, False), "cpu")
+    again = expanded_rows((False, True, True), (False, True, False), "cpu")
     assert first[0] is again[0] and first[1] is again[1]  # a CUDA graph keyed on them is reused, not recaptured
     assert first[0].tolist() == [False, True, True] and first[1].tolist() == [1]
-    assert hooks.PatchOrderError.__module__ == hooks.ForeignPatchError.__module__ == "MaskAttn"  # readable in ComfyUI
+    assert PatchOrderError.__module__ == ForeignPatchError.__module__ == "MaskAttn"  # readable in ComfyUI
 
 
-def test_rows_gated_by_position_are_the_one_cond_row_rule(host, pack):
+def test_rows_gated_by_position_are_the_one_cond_row_rule(host):
     from comfyui_maskattn.masks.rows import cond_rows
+    from comfyui_maskattn.nodes.gate_patch import PatchOrderError, chunk_rows
 
-    _, hooks = pack
     for chunks, batch in (([1, 0], 4), ([0, 1], 2), (None, 3), ([1], 2), ([1, 0, 0], 6)):
-        rows = hooks._chunk_rows({"cond_or_uncond": chunks}, batch, "cpu")
+        rows = chunk_rows({"cond_or_uncond": chunks}, batch, "cpu")
         assert rows.dtype == torch.bool and tuple(rows.tolist()) == cond_rows(chunks, batch)
-    with pytest.raises(hooks.PatchOrderError, match=r"at input\.4\.0 runs 7 rows, "
-                                                    r"which do not split.*or turn gate_uncond on"):
-        hooks._chunk_rows({"cond_or_uncond": [1, 0]}, 7, "cpu", ("input", 4, 0))
+    with pytest.raises(PatchOrderError, match=r"at input\.4\.0 runs 7 rows, "
+                                              r"which do not split.*or turn gate_uncond on"):
+        chunk_rows({"cond_or_uncond": [1, 0]}, 7, "cpu", ("input", 4, 0))
 
 
 # --- attention backends that cannot take a mask ----------------------------------------------------------------------

@@ -24,8 +24,8 @@ SHIPPED = (MaskAttnGates, ZeroShotGates, RegionGates)
 SITES = [CrossAttnSite("input", 7, i, 48, 40, 4, 2, 0, -1, "mid") for i in range(2)]
 # The modules that are handed a gate source without knowing which kind (Apply MaskAttn, the hooks, the runtime, the
 # recorder and the viewer). Nodes made for one kind (Save: learned; Zero-Shot Masks) check that kind with isinstance.
-CALLERS = ("nodes/gates.py", "nodes/hooks.py", "nodes/preview.py", "masks/viewer.py", "masks/runtime.py",
-           "masks/record.py")
+CALLERS = ("nodes/gates.py", "nodes/hooks.py", "nodes/gate_patch.py", "nodes/containers.py", "nodes/preview.py",
+           "masks/viewer.py", "masks/runtime.py", "masks/record.py")
 
 
 def declared() -> set[str]:

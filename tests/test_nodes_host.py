@@ -112,3 +112,17 @@ def test_save_refuses_gates_without_weights(host, maskattn_dirs):
 
     with pytest.raises(ValueError, match="Save MaskAttn Gates: zero-shot gates .* no weights to save"):
         MaskAttnSaveGates().save(PromptGates(), "x")
+
+
+def test_every_stage_input_offers_the_one_stage_list(host):
+    from comfyui_maskattn.masks.topology import STAGE_CHOICES
+    from comfyui_maskattn.nodes import NODE_CLASS_MAPPINGS
+
+    offered = {}
+    for name, cls in NODE_CLASS_MAPPINGS.items():
+        spec = cls.INPUT_TYPES()
+        for group in spec.values():
+            if "stage" in group:
+                offered[name] = group["stage"][0]
+    assert {"MaskAttnApply", "MaskAttnTrainGates"} <= set(offered)
+    assert all(choices == list(STAGE_CHOICES) for choices in offered.values()), offered

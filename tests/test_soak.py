@@ -32,7 +32,7 @@ def session(host):
     import nodes
     from comfyui_maskattn.nodes.gates import MaskAttnApply
     from comfyui_maskattn.nodes.zeroshot import MaskAttnZeroShotGates
-    from tiny_pack.tiny import TinyCLIP, shrink_large_latents, tiny_sdxl_model
+    from cli.tiny_pack.tiny import TinyCLIP, shrink_large_latents, tiny_sdxl_model
 
     clip = TinyCLIP(0)
     model = shrink_large_latents(tiny_sdxl_model(0))

@@ -221,6 +221,14 @@ def test_empty_mask_and_mask_steps_without_masks(tmp_path, capsys):
     assert code == EXIT_DATASET and "--mask-steps needs object masks" in capsys.readouterr().out
 
 
+def test_a_dataset_with_object_masks_trains_on_them_by_default(host, tmp_path):
+    data = make_dataset(tmp_path / "data", count=2, objects=True)
+    log = _run(_args(data, tmp_path / "run", "--steps", "2", "--save-every", "0"))
+    assert "after 2 mask-supervised steps (background keep)" in log  # --mask-steps -1: every step, masks given
+    log = _run(_args(data, tmp_path / "off", "--steps", "2", "--save-every", "0", "--mask-steps", "0"))
+    assert "mask-supervised" not in log
+
+
 def test_mask_supervised_run_then_objective(tmp_path):
     from comfyui_maskattn.masks.gatefile import load_gates
     from comfyui_maskattn.masks.train import load_state

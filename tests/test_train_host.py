@@ -21,6 +21,14 @@ def T(host):
 
 
 @pytest.fixture(scope="module")
+def E(host):
+    """Training examples from a LATENT and its CONDITIONING, as both front doors make them."""
+    from comfyui_maskattn.nodes import training_examples
+
+    return training_examples
+
+
+@pytest.fixture(scope="module")
 def N(host):
     """The Train node's module."""
     from comfyui_maskattn.nodes import train
@@ -119,7 +127,7 @@ def _planted_teacher(gates, direction, scale=8.0):
 
 
 @pytest.mark.parametrize("objective_name", ["paper_open", "soft_backward", "concrete"])
-def test_student_recovers_a_planted_gate_from_the_teachers_outputs(host, T, small, objective_name):
+def test_student_recovers_a_planted_gate_from_the_teachers_outputs(host, T, E, small, objective_name):
     """(With the reference's zero init and its straight-through gradient, `paper`, the same run ends at agreement
     0.44: pairs that close early never reopen. `concrete` starts from the same zero init and recovers the gate.)"""
     from comfyui_maskattn.masks.attention import explicit_attention
@@ -142,7 +150,7 @@ def test_student_recovers_a_planted_gate_from_the_teachers_outputs(host, T, smal
         sign[torch.randperm(PLANTED_TOKENS, generator=gen)[:PLANTED_MASKED]] = -1
         c[0][0] = c[0][0] + 3.0 * sign[None, :, None] * u
         conds += c
-    examples = T.prepare_examples(model, latent, conds)
+    examples = E.prepare_examples(model, latent, conds)
 
     teacher = _planted_teacher(MaskAttnGates.fresh(site, hidden_dim=8, seed=1), u)
     teacher_model, teacher_rt = hooks.install(model, teacher, site, threshold=0.5, negative_value=-1e4)
@@ -303,23 +311,23 @@ def _steps(T, model, examples, gates, precision="fp32", steps=3, **kw):
 
 
 @pytest.mark.parametrize("case", ["bf16 weights", "fp16 autocast", "bf16 autocast"])
-def test_low_precision_training_is_finite(host, T, small, case):
+def test_low_precision_training_is_finite(host, T, E, small, case):
     if case == "bf16 weights":
         model = host.tiny_sdxl(seed=0, transformer_depth=(0, 1, 1), dtype=torch.bfloat16)
         precision = "fp32"
     else:
         model, precision = small, case.split()[0]
     latent, conds = _data(host, model)
-    examples = T.prepare_examples(model, latent, conds)
+    examples = E.prepare_examples(model, latent, conds)
     gates = T.new_gates(model, "all", "encoder_decoder", 8, 0)
     history = _steps(T, model, examples, gates, precision)
     assert all(torch.isfinite(torch.tensor(history))), history
     assert all(torch.isfinite(p).all() for p in gates.heads.parameters())
 
 
-def test_gradient_checkpointing_gives_the_same_step(host, T, small):
+def test_gradient_checkpointing_gives_the_same_step(host, T, E, small):
     latent, conds = _data(host, small)
-    examples = T.prepare_examples(small, latent, conds)
+    examples = E.prepare_examples(small, latent, conds)
     a, b = (T.new_gates(small, "mid", "encoder_decoder", 8, 0) for _ in range(2))
     ha = _steps(T, small, examples, a, steps=2)
     hb = _steps(T, small, examples, b, steps=2, gradient_checkpointing=True)
@@ -328,12 +336,12 @@ def test_gradient_checkpointing_gives_the_same_step(host, T, small):
         assert torch.allclose(x, y, atol=1e-6)
 
 
-def test_in_place_residual_of_the_2024_host_is_guarded(host, T, small, monkeypatch):
+def test_in_place_residual_of_the_2024_host_is_guarded(host, T, E, small, monkeypatch):
     """The 2024 host's block does `x += n` after the norms saved x; without the guard backprop fails there."""
     import comfy.ldm.modules.attention as attention
 
     latent, conds = _data(host, small)
-    examples = T.prepare_examples(small, latent, conds)
+    examples = E.prepare_examples(small, latent, conds)
     history = _steps(T, small, examples, T.new_gates(small, "all", "encoder_decoder", 8, 0), steps=1)
     assert torch.isfinite(torch.tensor(history)).all()
     if "x += n" not in inspect.getsource(attention.BasicTransformerBlock):
@@ -398,28 +406,28 @@ def _resume_matches(T, model, examples, objective, mask_steps=0, steps=4):
 
 
 @pytest.mark.parametrize("objective", ["paper", "paper_open", "soft_backward", "soft_x0", "sparse", "concrete"])
-def test_resume_is_bit_for_bit_for_each_objective(host, T, small, objective):
+def test_resume_is_bit_for_bit_for_each_objective(host, T, E, small, objective):
     latent, conds = _data(host, small, tokens=8)
-    examples = T.prepare_examples(small, latent, conds)
+    examples = E.prepare_examples(small, latent, conds)
     history = _resume_matches(T, small, examples, objective)
     assert all(torch.isfinite(torch.tensor(history)))
 
 
-def test_resume_is_bit_for_bit_with_mask_supervised_steps(host, T, small):
+def test_resume_is_bit_for_bit_with_mask_supervised_steps(host, T, E, small):
     latent, conds = _data(host, small, tokens=8)
-    examples = T.prepare_examples(small, latent, conds)
+    examples = E.prepare_examples(small, latent, conds)
     examples = examples.with_objects(_objects_for(examples, 8))
     _resume_matches(T, small, examples, "soft_backward", mask_steps=2)
 
 
-def test_the_training_loop_trains_the_configs_mask_outside(host, T, small):
+def test_the_training_loop_trains_the_configs_mask_outside(host, T, E, small):
     """Object masks that leave background (each object a quarter of the latent): the mask loss of the same first step
     differs between "keep" and "close", so the loop hands the config's setting to the loss."""
     from comfyui_maskattn.masks.supervised import ObjectMasks
     from comfyui_maskattn.masks.train import TrainConfig
 
     latent, conds = _data(host, small, tokens=8)
-    examples = T.prepare_examples(small, latent, conds)
+    examples = E.prepare_examples(small, latent, conds)
     h, w = examples.latents.shape[-2:]
     quarters = torch.zeros(2, h, w)
     quarters[0, :, : w // 4] = 1
@@ -434,13 +442,13 @@ def test_the_training_loop_trains_the_configs_mask_outside(host, T, small):
     assert first["keep"] != first["close"], first
 
 
-def test_soft_backward_reaches_gates_the_ste_leaves_without_gradient(host, T, small):
+def test_soft_backward_reaches_gates_the_ste_leaves_without_gradient(host, T, E, small):
     """Gates closed everywhere (logit bias -6): the reference's gradient is exactly zero on every closed pair, the
     soft backward is not."""
     from comfyui_maskattn.masks.train import GateTrainer, TrainConfig
 
     latent, conds = _data(host, small, tokens=8)
-    examples = T.prepare_examples(small, latent, conds)
+    examples = E.prepare_examples(small, latent, conds)
     norms = {}
     for objective in ("paper", "soft_backward"):
         gates = T.new_gates(small, "mid", "encoder_decoder", 8, 0, -6.0)
@@ -452,7 +460,7 @@ def test_soft_backward_reaches_gates_the_ste_leaves_without_gradient(host, T, sm
     assert norms["soft_backward"] > 10 * norms["paper"], norms
 
 
-def test_mask_supervised_training_learns_planted_masks(host, T, small):
+def test_mask_supervised_training_learns_planted_masks(host, T, E, small):
     """Latents whose left half differs from the right half; object masks say tokens 1-2 live left, 3-4 right. After
     mask-supervised steps the hard gates agree with the masks on the model's own features."""
     from comfyui_maskattn.masks.supervised import mask_agreement
@@ -466,7 +474,7 @@ def test_mask_supervised_training_learns_planted_masks(host, T, small):
     conds = []
     for i in range(n):
         conds += host.make_cond(small, tokens=tokens, seed=i)
-    examples = T.prepare_examples(small, {"samples": samples}, conds)
+    examples = E.prepare_examples(small, {"samples": samples}, conds)
     objects = _objects_for(examples, tokens)
     examples = examples.with_objects(objects)
     gates = T.new_gates(small, "high", "encoder_decoder", 16, 0)
@@ -535,13 +543,13 @@ def test_node_trains_on_mask_inputs_and_reports_bad_ones(host, T, N, small, monk
                                      phrases="red cube", mask_1=left)
 
 
-def test_a_shard_without_masks_runs_the_same_zero_weight_mask_loss(host, T, small):
+def test_a_shard_without_masks_runs_the_same_zero_weight_mask_loss(host, T, E, small):
     """A DDP rank whose images have no masks must still run the mask loss (and reach every gate) in mask-supervised
     steps, or the other ranks wait for its gradients forever."""
     from comfyui_maskattn.masks.train import GateTrainer, TrainConfig
 
     latent, conds = _data(host, small, n=2)
-    examples = T.prepare_examples(small, latent, conds).with_objects([None, None])
+    examples = E.prepare_examples(small, latent, conds).with_objects([None, None])
     gates = T.new_gates(small, "mid", "encoder_decoder", 8, 0)
     config = TrainConfig(steps=2, batch_size=2, mask_steps=2, objective="paper_open")
     with T.TrainingSession(small, gates) as session:
@@ -611,3 +619,26 @@ def test_node_and_command_line_run_the_one_training_run(host, T, N, small, tmp_p
         elif isinstance(node, ast.Import):
             imported |= {a.name for a in node.names}
     assert not {m for m in imported if m.endswith("nodes.train") or m.startswith("comfyui_maskattn.nodes.train")}
+
+
+def test_node_and_command_line_share_each_options_default(host, N):
+    """An option both front doors take has one default, TRAIN_DEFAULTS's: the node's widget, its signature and the
+    command line's argument read it."""
+    import inspect
+
+    from comfyui_maskattn.cli.train import build_parser
+    from comfyui_maskattn.masks.train import TRAIN_DEFAULTS
+
+    command_line = vars(build_parser().parse_args(["--data", "d", "--output", "o"]))
+    spec = N.MaskAttnTrainGates.INPUT_TYPES()
+    widgets = {**spec["required"], **spec["optional"]}
+    signature = inspect.signature(N.MaskAttnTrainGates.train).parameters
+    shared = {"steps": ("steps", "steps"), "batch_size": ("batch_size", "batch_size"), "lr": ("learning_rate", "lr"),
+              "stage": ("stage", "stage"), "placement": ("placement", "placement"), "hidden": ("hidden_size", "hidden"),
+              "seed": ("seed", "seed"), "objective": ("objective", "objective"), "warmup": ("warmup_steps", "warmup"),
+              "mask_steps": ("mask_steps", "mask_steps"), "mask_outside": ("mask_outside", "mask_outside")}
+    for key, (node_input, option) in shared.items():
+        assert widgets[node_input][1]["default"] == command_line[option] == TRAIN_DEFAULTS[key], key
+        default = signature[node_input].default
+        assert default is inspect.Parameter.empty or default == TRAIN_DEFAULTS[key], key
+    assert TRAIN_DEFAULTS["mask_steps"] == -1  # every step when there are masks, none without: right for both

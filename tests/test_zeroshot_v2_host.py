@@ -82,7 +82,8 @@ def test_self_attention_containers_compose_with_other_packs(host, sdxl_tokenizer
 
     from comfyui_maskattn.nodes.gates import MaskAttnApply
     from comfyui_maskattn.nodes.gates import NodeError  # noqa: F401  (the node's error type, for the message)
-    from comfyui_maskattn.nodes.hooks import ForeignPatchError, MaskAttnSelfAttention
+    from comfyui_maskattn.nodes.containers import MaskAttnSelfAttention
+    from comfyui_maskattn.nodes.patch_order import ForeignPatchError
 
     model = host.tiny_sdxl(seed=0)
     key = ("input", 4, 0)

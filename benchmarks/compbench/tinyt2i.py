@@ -195,9 +195,9 @@ def load_host():
 
 # --- the UNet -------------------------------------------------------------------------------------------------------
 def unet_config(cfg: TinyConfig) -> dict:
-    from cli import host
+    from cli.tiny_models import sdxl_unet_config
 
-    return host.sdxl_unet_config(cfg.model_channels, cfg.transformer_depth, cfg.text_dim, image_size=cfg.image_size)
+    return sdxl_unet_config(cfg.model_channels, cfg.transformer_depth, cfg.text_dim, image_size=cfg.image_size)
 
 
 def norm_groups(num_groups: int, channels: int, per_group: int = 8) -> int:
