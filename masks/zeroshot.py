@@ -383,6 +383,7 @@ class ZeroShotGates(PromptGateSource):
             return None
         bc = b if rows is None else rows.shape[0]
         h, w = latent_hw(n, info)
+        self.state.clock(info)  # a layer's self-attention runs before its cross-attention: a new run starts here
         density = self.state.at(h, w, (bc, len(self.groups)))
         if density is None:
             return None

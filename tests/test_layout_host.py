@@ -151,3 +151,26 @@ def test_layout_masks_feed_region_gates(host, tokenizer):
     gates, description = MaskAttnRegionGates().build(FakeClip(tokenizer), text, phrases, "all", "keep",
                                                      mask_1=m1, mask_2=m2)["result"]
     assert gates.kind == "region" and "red cube" in description and "blue sphere" in description
+
+
+@pytest.mark.parametrize("self_attention", ["open", "separate_groups"])
+def test_one_maskattn_on_two_models_and_twice_on_one_gives_each_alone(host, tokenizer, self_attention):
+    """Gated from the first step, a run's first self-attention must not see the previous run's aggregate."""
+    text = "a photo of a red cube on top of a blue sphere, a yellow cat beside them"
+
+    def gates():
+        return build(tokenizer, text, start_percent=0.2, end_tokens="hide_in_regions",
+                     self_attention=self_attention)[0]
+
+    a, b = host.tiny_sdxl(seed=0), host.tiny_sdxl(seed=1)
+    pos, neg = host.make_cond(a, seed=0), host.make_cond(a, seed=1)
+    shared = gates()
+    assert shared.uses_layout
+
+    def run(model, g):
+        return host.ksample(apply(model, g), pos, neg, seed=3, steps=4)
+
+    on_a, on_b, twice = run(a, shared), run(b, shared), run(apply(a, shared), shared)
+    assert torch.equal(on_a, run(a, gates()))
+    assert torch.equal(on_b, run(b, gates()))
+    assert torch.equal(twice, on_a)
