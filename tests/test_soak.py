@@ -23,6 +23,7 @@ def test_reduced_soak_keeps_every_result_equal_to_a_fresh_server(capsys):
     checks = [line for line in out.splitlines() if line.startswith("  ") and ": same" in line]
     assert len(checks) == 4, out  # one sampled prompt, the prompts after two interrupts, the two-model prompt
     assert "failures: 0" in out and "growth" in out
+    assert "memory held (RSS less" in out or "memory held: unreadable" in out
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +113,24 @@ def test_a_second_apply_replaces_the_first_at_every_layer(session):
     twice = session.sample(session.apply(session.apply(session.model, first), second), positive)
     assert not torch.equal(alone, session.sample(session.apply(session.model, first), positive))
     assert torch.equal(twice, alone)
+
+
+def test_memory_held_counts_what_is_kept_and_not_what_was_freed():
+    """The soak's goal figure (RSS less the allocator's free blocks) rises by what the process keeps and falls back
+    when it frees it, whether or not the allocator returns the pages to the system."""
+    from cli.tiny_pack.memory import process_memory, readable
+    from soak import held_bytes
+
+    if not readable():
+        pytest.skip("the allocator's free blocks are read from glibc's mallinfo2 (Linux, glibc 2.33+)")
+    size, block = 64 * 2**20, 64 * 2**10  # blocks under glibc's mmap threshold: they come from its heaps
+    before = process_memory()
+    kept = [bytearray(b"x" * block) for _ in range(size // block)]
+    pin = bytearray(b"x" * block)  # above them in the heap: their pages cannot go back to the system when freed
+    holding = process_memory()
+    del kept
+    after = process_memory()
+    assert after["rss"] - before["rss"] > 0.5 * size  # freed, but still resident
+    assert held_bytes(holding) - held_bytes(before) > 0.9 * size
+    assert held_bytes(after) - held_bytes(before) < 0.1 * size
+    del pin

@@ -6,6 +6,9 @@ the gates are whatever random gate heads make of them. It exists so workflows ca
 seconds.
 """
 
+from .memory import register_route
 from .tiny import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+register_route()  # the soak's memory readings (benchmarks/soak.py)
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
