@@ -80,8 +80,10 @@ class MaskAttnRegionGates:
         if len(written) > MASK_SOCKETS:
             raise NodeError(f"{NODE}: phrases has {len(written)} phrases; this node takes at most {MASK_SOCKETS} "
                             f"(one per mask socket). Merge phrases or drop some.")
-        connected = [i for i in range(1, MASK_SOCKETS + 1) if masks.get(f"mask_{i}") is not None]
         wanted = list(range(1, len(written) + 1))
+        # an all-zero mask past the phrases places nothing: Layout from Prompt's outputs for objects a prompt lacks
+        connected = [i for i in range(1, MASK_SOCKETS + 1) if masks.get(f"mask_{i}") is not None
+                     and (i in wanted or bool(masks[f"mask_{i}"].any()))]
         if connected != wanted:
             missing = [f"mask_{i}" for i in wanted if i not in connected]
             extra = [f"mask_{i}" for i in connected if i not in wanted]

@@ -114,3 +114,18 @@ def region_picture(width: int, height: int) -> Image.Image:
     draw.text((half // 2, 0.18 * height), '"red cube"', font=label, fill=INK, anchor="mm")
     draw.text((half + half // 2, 0.18 * height), '"blue sphere"', font=label, fill=INK, anchor="mm")
     return image
+
+
+def layout_picture(width: int, height: int) -> Image.Image:
+    """The prompt's words over the canvas, the places they give: the cube left, the sphere right."""
+    image = Image.new("RGB", (width, height), (58, 58, 64))
+    draw = ImageDraw.Draw(image)
+    half = width // 2
+    draw.rectangle((0, 0.3 * height, half, height), fill=(96, 52, 52))
+    draw.rectangle((half, 0.3 * height, width, height), fill=(48, 60, 100))
+    draw.rectangle((0.2 * half, 0.48 * height, 0.8 * half, 0.86 * height), fill=RED)
+    draw.ellipse((half + 0.18 * half, 0.44 * height, half + 0.82 * half, 0.9 * height), fill=BLUE)
+    label = _font(22)
+    draw.text((width // 2, 0.12 * height), '"a red cube to the left of', font=label, fill=INK, anchor="mm")
+    draw.text((width // 2, 0.21 * height), 'a blue sphere"', font=label, fill=INK, anchor="mm")
+    return image

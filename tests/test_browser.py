@@ -135,7 +135,8 @@ def test_shipped_workflows_run_as_shipped_and_the_viewer_survives_reload_and_cac
                 page_errors.clear()
 
                 # 1. the shipped files load as-is, without missing nodes, and their API twins say the same
-                for name in ("maskattn_sdxl_compare", "maskattn_sdxl_region", "maskattn_sdxl_viewer"):
+                for name in ("maskattn_sdxl_compare", "maskattn_sdxl_region", "maskattn_sdxl_viewer",
+                             "maskattn_sdxl_layout"):
                     _check_shipped_workflow(page, base_url, name, label, errors)
 
                 # 2. the viewer workflow as shipped (1024x1024, 25 steps, zero-shot gates, no gate file)
@@ -208,8 +209,10 @@ def test_shipped_workflows_run_as_shipped_and_the_viewer_survives_reload_and_cac
                 assert "Zero-Shot" in error["exception_message"], error
                 page.evaluate("() => { window.__maskattnErrors = []; }")
 
-                # 7. the compare and region workflows as shipped
-                for wf in (compare_wf, json.loads((REPO / "workflows" / "maskattn_sdxl_region.json").read_text())):
+                # 7. the compare, region and layout workflows as shipped
+                shipped = [compare_wf] + [json.loads((REPO / "workflows" / f"{name}.json").read_text())
+                                          for name in ("maskattn_sdxl_region", "maskattn_sdxl_layout")]
+                for wf in shipped:
                     page.evaluate("async (wf) => { await window.app.loadGraphData(wf); }", with_test_checkpoint(wf))
                     run_errors = _queue_and_wait(page)
                     assert not run_errors, f"{run_errors}\n{comfy_host.log_tail(log_path)}"
@@ -221,7 +224,7 @@ def test_shipped_workflows_run_as_shipped_and_the_viewer_survives_reload_and_cac
         outputs = comfy_host.get_json(base_url, "/history")
         saved = [img for entry in outputs.values() for out in entry.get("outputs", {}).values()
                  for img in out.get("images", []) if img.get("type") == "output"]
-        for prefix in ("MaskAttn_without_vs_with", "MaskAttn_region", "MaskAttn_"):
+        for prefix in ("MaskAttn_without_vs_with", "MaskAttn_region", "MaskAttn_layout", "MaskAttn_"):
             assert any(img["filename"].startswith(prefix) for img in saved), (prefix, saved)
     finally:
         comfy_host.stop_server(proc)
@@ -384,8 +387,10 @@ def _check_viewer_info(info):
     assert info["groups"][:3] == ["red cube", "blue sphere", "yellow cat"], info
     assert info["modes"] == ["gate", "probability", "groups"], info
     assert info["grouping"].startswith("red cube | blue sphere | yellow cat"), info  # on the canvas
-    # every gated (mid-stage) layer of the tiny model; zero-shot gating starts at 20% of 25 steps
-    assert info["layers"] == 10 and info["steps"] == 20, info
+    # every gated (mid-stage) layer of the tiny model; the prompt places the cube on top of the sphere, so the gates
+    # start at the first of the 25 steps (the layout's places), and the grouping box says where each group goes
+    assert info["layers"] == 10 and info["steps"] == 25, info
+    assert "# layout: red cube: top half" in info["grouping"], info
 
 
 def _slide_layer_and_show_groups(page, before):
@@ -405,6 +410,9 @@ def _slide_layer_and_show_groups(page, before):
                   f".click()")
     groups = _pixels(page)
     assert groups["hash"] != after["hash"] and groups["distinct"] > 3, groups
+    # the shipped prompt places the cube on top of the sphere: the groups mode gets each group's place to draw
+    places = page.evaluate(f"() => {_VIEWER}.maskattnViewer.data.layout")
+    assert places and places[0]["y"] == [0, 0.5] and places[1]["y"] == [0.5, 1], places
 
 
 def _check_shipped_workflow(page, base_url, name, label, errors):

@@ -174,3 +174,39 @@ def test_one_maskattn_on_two_models_and_twice_on_one_gives_each_alone(host, toke
     assert torch.equal(on_a, run(a, gates()))
     assert torch.equal(on_b, run(b, gates()))
     assert torch.equal(twice, on_a)
+
+
+def test_the_shipped_layout_workflow_runs_its_masks_into_region_gates(host, tokenizer):
+    """workflows/maskattn_sdxl_layout.json: UI and API agree; Layout from Prompt's outputs, run as the executor would,
+    feed Region Gates (masks and phrases), and the three prompts are one."""
+    import json
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(repo / "tests"))
+    import workflow_build
+
+    from comfyui_maskattn.nodes import NODE_CLASS_MAPPINGS as pack
+
+    name = workflow_build.layout_workflow()[0]
+    ui = json.loads((repo / "workflows" / f"{name}.json").read_text())
+    api = json.loads((repo / "workflows" / workflow_build.api_name(name)).read_text())
+    shown = {str(n["id"]): n["type"] for n in ui["nodes"] if n["type"] not in workflow_build.FRONTEND_ONLY_NODES}
+    assert shown == {k: v["class_type"] for k, v in api.items()}
+    region_ui = next(n for n in ui["nodes"] if n["type"] == "MaskAttnRegionGates")
+    assert {"name": "phrases", "type": "STRING", "widget": {"name": "phrases"}} == {
+        k: v for k, v in region_ui["inputs"][-1].items() if k != "link"}  # the phrases widget, fed by a link
+    by_class = {v["class_type"]: (k, v["inputs"]) for k, v in api.items()}
+    layout_id, layout = by_class["MaskAttnLayoutFromPrompt"]
+    _, region = by_class["MaskAttnRegionGates"]
+    assert layout["text"] == region["text"] == api[by_class["KSampler"][1]["positive"][0]]["inputs"]["text"]
+    outputs = layout_node(layout["text"], layout["width"], layout["height"], clip=FakeClip(tokenizer),
+                          groups=layout["groups"])["result"]
+    args = {k: outputs[v[1]] for k, v in region.items() if isinstance(v, list) and v[0] == layout_id}
+    assert set(args) == {"mask_1", "mask_2", "mask_3", "mask_4", "phrases"}
+    gates, description = pack["MaskAttnRegionGates"]().build(FakeClip(tokenizer), region["text"], args.pop("phrases"),
+                                                              region["stage"], region["end_tokens"], **args)["result"]
+    assert gates.phrases == ["red cube", "blue sphere", "wooden table"]
+    assert outputs[0][0, :, :400].mean() > 0.95 and outputs[1][0, :, 624:].mean() > 0.95
+    assert outputs[2].all() and not outputs[3].any()  # the table is not placed; no fourth object

@@ -44,7 +44,7 @@ SOCKETS = {
     "ImageBatch": ([("image1", "IMAGE"), ("image2", "IMAGE")], [], [("IMAGE", "IMAGE")]),
     "MaskAttnLoadGates": ([("maskattn", "MASKATTN")], ["gate_name"], [("maskattn", "MASKATTN")]),
     "MaskAttnZeroShotGates": ([("clip", "CLIP")], ["text", "stage", "start_percent", "groups", "partition",
-                                                   "end_tokens", "self_attention"],
+                                                   "end_tokens", "self_attention", "layout"],
                               [("maskattn", "MASKATTN"), ("grouping", "STRING"), ("conditioning", "CONDITIONING")]),
     "Note": ([], ["text"], []),
     "MaskAttnApply": ([("model", "MODEL"), ("maskattn", "MASKATTN")],
@@ -61,6 +61,9 @@ SOCKETS = {
     "MaskAttnRegionGates": ([("clip", "CLIP")] + [(f"mask_{i}", "MASK") for i in range(1, 5)],
                             ["text", "phrases", "stage", "end_tokens"],
                             [("maskattn", "MASKATTN"), ("description", "STRING")]),
+    "MaskAttnLayoutFromPrompt": ([("clip", "CLIP")], ["text", "width", "height", "groups"],
+                                 [(f"mask_{i}", "MASK") for i in range(1, 5)] + [("phrases", "STRING"),
+                                                                                 ("summary", "STRING")]),
 }
 FRONTEND_ONLY_WIDGETS = {"control_after_generate"}
 FRONTEND_ONLY_NODES = {"Note"}
@@ -83,7 +86,7 @@ SEED = 42
 APPLY = [0.5, 1.0, "all", "encoder_decoder", 0.0, 1.0, True]  # the method: threshold 0.5, full strength
 
 
-ZERO_SHOT = [PROMPT, "mid", 0.2, "", "aggregate", "keep", "open"]
+ZERO_SHOT = [PROMPT, "mid", 0.2, "", "aggregate", "keep", "open", "from the prompt"]
 SWITCH_NOTE = (
     "Gates: training-free 'MaskAttn Zero-Shot Gates' (no file needed, any SDXL checkpoint). They feed Apply MaskAttn "
     "through the bypassed (purple) 'Load MaskAttn Gates'.\n\nLearned gates: select 'Load MaskAttn Gates', press "
@@ -164,6 +167,35 @@ def region_workflow():
     ]
 
 
+LAYOUT_PROMPT = "a photo of a red cube to the left of a blue sphere on a wooden table, studio light"
+LAYOUT_NOTE = (
+    "MaskAttn Layout from Prompt reads where the prompt puts each object ('to the left of', 'on top of', 'beside', "
+    "'between', 'in the bottom right corner', ...) and gives one mask per object, and their phrases, to Region "
+    "Gates. Change the prompt in all three text boxes (Layout from Prompt, Region Gates, CLIP Text Encode); the "
+    "summary output says what it placed where."
+)
+
+
+def layout_workflow():
+    """SDXL txt2img whose layout comes from the prompt's own words: Layout from Prompt's masks and phrases feed
+    Region Gates."""
+    return "maskattn_sdxl_layout", [
+        (1, "CheckpointLoaderSimple", [CHECKPOINT], {}, (40, 120)),
+        (2, "CLIPTextEncode", [LAYOUT_PROMPT], {"clip": (1, 1)}, (760, 440)),
+        (3, "CLIPTextEncode", [NEGATIVE], {"clip": (1, 1)}, (760, 660)),
+        (4, "MaskAttnLayoutFromPrompt", [LAYOUT_PROMPT, 1024, 1024, ""], {"clip": (1, 1)}, (40, 420)),
+        (5, "MaskAttnRegionGates", [LAYOUT_PROMPT, "red cube\nblue sphere", "all", "keep"],
+         {"clip": (1, 1), **{f"mask_{i + 1}": (4, i) for i in range(4)}, "phrases": (4, 4)}, (400, 120)),
+        (6, "MaskAttnApply", APPLY, {"model": (1, 0), "maskattn": (5, 0)}, (760, 120)),
+        (7, "EmptyLatentImage", [1024, 1024, 1], {}, (1100, 660)),
+        (8, "KSampler", [SEED, "fixed", 25, 7.0, "euler", "normal", 1.0],
+         {"model": (6, 0), "positive": (2, 0), "negative": (3, 0), "latent_image": (7, 0)}, (1100, 120)),
+        (9, "VAEDecode", [], {"samples": (8, 0), "vae": (1, 2)}, (1460, 120)),
+        (10, "SaveImage", ["MaskAttn_layout"], {"images": (9, 0)}, (1460, 260)),
+        (11, "Note", [LAYOUT_NOTE], {}, (40, 760)),
+    ]
+
+
 @dataclass(frozen=True)
 class Template:
     """One example workflow as the Templates browser shows it: the graph, and the card's title, one-line description
@@ -185,6 +217,9 @@ TEMPLATES = [
     Template(region_workflow, "MaskAttn region gates (SDXL)",
              "Each phrase in its own part of the image: 'red cube' left, 'blue sphere' right.",
              template_cards.region_picture),
+    Template(layout_workflow, "MaskAttn prompt layout (SDXL)",
+             "'to the left of', 'on top of', 'between': the prompt's own words place each object.",
+             template_cards.layout_picture),
 ]
 
 TITLES = {(("maskattn_sdxl_compare", 8)): "KSampler (without MaskAttn)",
@@ -224,10 +259,16 @@ def api_format(nodes) -> dict:
     return prompt
 
 
+def _widget_inputs(cls, node_links) -> list[str]:
+    """Widgets fed by a link (the frontend's converted widgets), in widget order: inputs after the sockets."""
+    sockets = [s for s, _ in SOCKETS[cls][0]]
+    return [w for w in SOCKETS[cls][1] if w in node_links and w not in sockets]
+
+
 def ui_format(name, nodes) -> dict:
     links, out_links = [], {}
     for node_id, cls, _, node_links, *_ in nodes:
-        sockets = [s for s, _ in SOCKETS[cls][0]]
+        sockets = [s for s, _ in SOCKETS[cls][0]] + _widget_inputs(cls, node_links)
         for input_name, (src, slot) in node_links.items():
             link_id = len(links) + 1
             src_cls = next(n[1] for n in nodes if n[0] == src)
@@ -235,12 +276,16 @@ def ui_format(name, nodes) -> dict:
             out_links.setdefault((src, slot), []).append(link_id)
     in_links = {(lk[3], lk[4]): lk[0] for lk in links}
     ui_nodes = []
-    for order, (node_id, cls, widgets, _, pos, *extra) in enumerate(nodes):
+    for order, (node_id, cls, widgets, node_links, pos, *extra) in enumerate(nodes):
         sockets, _, outputs = SOCKETS[cls]
+        converted = [(w, next(SOCKETS[n[1]][2][node_links[w][1]][1] for n in nodes if n[0] == node_links[w][0]))
+                     for w in _widget_inputs(cls, node_links)]
         node = {
             "id": node_id, "type": cls, "pos": list(pos), "size": [320, 100 + 26 * len(widgets)], "flags": {},
             "order": order, "mode": (extra[0] if extra else {}).get("mode", 0),
-            "inputs": [{"name": n, "type": t, "link": in_links.get((node_id, i))} for i, (n, t) in enumerate(sockets)],
+            "inputs": [{"name": n, "type": t, "link": in_links.get((node_id, i))} for i, (n, t) in enumerate(sockets)]
+            + [{"name": n, "type": t, "widget": {"name": n}, "link": in_links.get((node_id, len(sockets) + i))}
+               for i, (n, t) in enumerate(converted)],
             "outputs": [{"name": n, "type": t, "links": out_links.get((node_id, i), []), "slot_index": i}
                         for i, (n, t) in enumerate(outputs)],
             "properties": {"Node name for S&R": cls},
