@@ -207,3 +207,33 @@ def test_judge_scores_trios(size):
             assert wrong.presence and not wrong.binding and not wrong.correct
         gone = judge.score(world.sample_trio(seed, size=size, omit="b").image, s.triple)
         assert not gone.presence and not gone.correct
+
+
+# ------------------------------------------------------------------------------------------------------- phrasings
+
+
+def test_other_phrasings_caption_and_parse_back_to_their_relation():
+    for relation, ways in world.OTHER_PHRASES.items():
+        for way in ways:
+            t = world.Triple("red", "circle", relation, "blue", "square", way)
+            assert world.caption(t) == f"a red circle {way} a blue square"
+            assert world.parse_caption(world.caption(t)) == t
+    between = world.Between((("red", "circle"), ("blue", "square"), ("green", "diamond")))
+    assert world.caption(between) == "a red circle between a blue square and a green diamond"
+    assert world.parse_caption(world.caption(between)) == between
+    with pytest.raises(ValueError):
+        world.parse_caption("a red circle between a blue square and a red diamond")  # colours name the objects
+
+
+def test_between_scenes_put_b_a_c_in_a_row_and_the_judge_reads_the_order():
+    t = world.Between((("red", "circle"), ("blue", "square"), ("green", "diamond")))
+    for seed in range(6):
+        s = world.sample_between(seed, t)
+        a, b, c = (s.boxes[k] for k in "abc")
+        assert b[2] < a[0] and a[2] < c[0]  # B left of A left of C, no overlap
+        score = judge.score(s.image, t)
+        assert score.presence and score.binding and score.relation
+        swapped = world.Between((t.objects[1], t.objects[0], t.objects[2]))  # "B between A and C": wrong order
+        assert not judge.score(s.image, swapped).relation
+    lone = world.sample_between(0, t, omit="c")
+    assert set(lone.boxes) == {"a", "b"} and not judge.score(lone.image, t).presence

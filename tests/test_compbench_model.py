@@ -435,3 +435,27 @@ def test_distilled_arms_train_on_one_shared_set_sampled_away_from_the_evaluation
         patches = arm.gated_model.model_options["transformer_options"]["patches"]["attn2_patch"]
         (clock,) = [patch.clock for patch in patches if hasattr(patch, "clock")]
         assert clock.sigma_start == pytest.approx(start_sigma) and clock.sigma_end is None
+
+
+def test_the_phrasings_world_words_each_relation_otherwise_and_adds_between(host):
+    prompts = experiment.evaluation_prompts(40, 7, "phrasings", "unseen")
+    held = set(world.heldout_pairings(seed=0))
+    between = [t for t in prompts if isinstance(t, world.Between)]
+    pairs = [t for t in prompts if isinstance(t, world.Triple)]
+    assert len(prompts) == 40 and len(between) == 10 and all(held & set(t.objects) for t in between)
+    assert all(t.phrase in world.OTHER_PHRASES[t.relation] for t in pairs)
+    assert {t.phrase for t in pairs} == {w for ways in world.OTHER_PHRASES.values() for w in ways}
+    # one structure per wording: the gates one structure shares read its own layout
+    assert len({experiment.structure(t) for t in pairs}) == len({(t.relation, t.phrase) for t in pairs})
+    ctx = experiment.Context(nodes={}, model=None, clip=None, triples=[between[0]], seeds=[0], size=30, args=None)
+    a, b, c = experiment.region_masks(ctx, [0], 1, "halves")
+    assert a[0, :, 10:20].all() and b[0, :, :10].all() and c[0, :, 20:].all() and torch.equal(a + b + c,
+                                                                                                torch.ones(1, 30, 30))
+    # the tiny model reads a wording it has no tokens for without those words
+    from benchmarks.compbench import tinyt2i
+
+    assert tinyt2i.known_words("a red circle on top of a blue square") == "a red circle of a blue square".split()
+    with pytest.raises(ValueError, match="outside this model's CompBench vocabulary"):
+        tinyt2i.token_ids("a red circle beside a blue square", 16)
+    assert tinyt2i.token_ids("a red circle beside a blue square", 16, drop_unknown=True) == tinyt2i.token_ids(
+        "a red circle a blue square", 16)

@@ -418,17 +418,23 @@ def sample_trio(seed: int, trio: Trio | None = None, combos: list[Trio] | None =
     trio = drawn if trio is None else trio
     lay = trio_layout(rng, size)
     cols = [_jitter_colour(COLOURS[c], rng, colour_jitter) for c in trio.colours]
+    image, boxes = _draw_three(lay, trio.shapes, cols, size, omit)
+    return Sample(image=image, caption=caption(trio), triple=trio, boxes=boxes, seed=int(seed))
+
+
+def _draw_three(lay, shapes, cols, size: int, omit: str | None) -> tuple[np.ndarray, dict]:
+    """Three objects (centre x, centre y, size) drawn supersampled and box-downsampled; boxes "a", "b", "c" of those
+    drawn (`omit` leaves one out)."""
     k = SUPERSAMPLE
     canvas = Image.new("RGB", (size * k, size * k), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
     boxes = {}
-    for key, (cx, cy, s), shape, col in zip("abc", lay, trio.shapes, cols):
+    for key, (cx, cy, s), shape, col in zip("abc", lay, shapes, cols):
         if omit == key:
             continue
         _draw_shape(draw, shape, cx, cy, s, col)
         boxes[key] = (cx - s / 2, cy - s / 2, cx + s / 2, cy + s / 2)
-    image = np.asarray(canvas.resize((size, size), Image.Resampling.BOX), dtype=np.uint8).copy()
-    return Sample(image=image, caption=caption(trio), triple=trio, boxes=boxes, seed=int(seed))
+    return np.asarray(canvas.resize((size, size), Image.Resampling.BOX), dtype=np.uint8).copy(), boxes
 
 
 def between_layout(rng: np.random.Generator, size: int = 64) -> list[tuple[float, float, float]]:
@@ -455,16 +461,7 @@ def sample_between(seed: int, between: Between, size: int = 64, colour_jitter: f
     rng = np.random.default_rng(_seed_for(seed, "between"))
     lay = between_layout(rng, size)
     cols = [_jitter_colour(COLOURS[c], rng, colour_jitter) for c in between.colours]
-    k = SUPERSAMPLE
-    canvas = Image.new("RGB", (size * k, size * k), BACKGROUND)
-    draw = ImageDraw.Draw(canvas)
-    boxes = {}
-    for key, (cx, cy, s), shape, col in zip("abc", lay, between.shapes, cols):
-        if omit == key:
-            continue
-        _draw_shape(draw, shape, cx, cy, s, col)
-        boxes[key] = (cx - s / 2, cy - s / 2, cx + s / 2, cy + s / 2)
-    image = np.asarray(canvas.resize((size, size), Image.Resampling.BOX), dtype=np.uint8).copy()
+    image, boxes = _draw_three(lay, between.shapes, cols, size, omit)
     return Sample(image=image, caption=caption(between), triple=between, boxes=boxes, seed=int(seed))
 
 
