@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .prompt import PLACE_PHRASES, RELATION_PHRASES, Grouping
+from .prompt import FRAME_WORDS, PLACE_PHRASES, POSSESSIVES, RELATION_PHRASES, Grouping
 
 # The feather: the logistic ramp's scale, as a share of the grid's shorter side (10% to 90% over about 4.4 scales).
 DEFAULT_FEATHER = 0.03
@@ -82,9 +82,14 @@ def _axis_words(band: tuple[float, float], names: tuple[str, str, str]) -> tuple
     if (lo, hi) == FULL:
         return None
     width = hi - lo
-    size = {2: "half", 3: "third", 4: "quarter"}.get(round(1 / width) if width > 0 else 0, f"{width:.0%}")
+    parts = round(1 / width) if width > 0 else 0
     centre = (lo + hi) / 2
-    return (names[0] if centre < 0.45 else names[2] if centre > 0.55 else names[1]), size
+    if parts in (2, 3) or abs(parts * width - 1) > 1e-6:
+        size = {2: "half", 3: "third"}.get(parts, f"{width:.0%}")
+        return (names[0] if centre < 0.45 else names[2] if centre > 0.55 else names[1]), size
+    nth = round(lo * parts) + 1
+    ordinal = {1: "1st", 2: "2nd", 3: "3rd"}.get(nth, f"{nth}th")
+    return ordinal, f"of {parts} from the {names[0]}"
 
 
 # --- the prompt's spatial words -> constraints ------------------------------------------------------------------------
@@ -97,7 +102,9 @@ class _Phrase:
 
 
 def _phrases(grouping: Grouping) -> list[_Phrase]:
-    """The spatial phrases of the prompt, in order (longest match at each word)."""
+    """The spatial phrases of the prompt, in order (longest match at each word). A place of something else ("at the
+    top of the stairs") is left out; a place or relation of the picture itself ("on the left of the image") reads as
+    the place it names."""
     items = grouping.items
     words = [(i, it.norm) for i, it in enumerate(items) if it.kind == "word"]
     table = {**{tuple(p.split()): m for p, m in RELATION_PHRASES.items()},
@@ -108,31 +115,56 @@ def _phrases(grouping: Grouping) -> list[_Phrase]:
         for n in range(min(longest, len(words) - k), 0, -1):
             key = tuple(w for _, w in words[k:k + n])
             contiguous = words[k + n - 1][0] - words[k][0] == n - 1  # no mark between the words
-            if key in table and contiguous and items[words[k][0]].role == "sep":
-                out.append(_Phrase(words[k][0], words[k + n - 1][0] + 1, " ".join(key), table[key]))
+            if key in table and contiguous and all(items[i].role == "sep" for i, _ in words[k:k + n]):
+                phrase = _Phrase(words[k][0], words[k + n - 1][0] + 1, " ".join(key), table[key])
                 k += n
+                after = [w for _, w in words[k:k + 3]]
+                tail = after[1:] if after[:1] == ["of"] else after if key[-1] == "of" else []
+                of_frame = any(w in FRAME_WORDS for w in tail[:2])
+                if of_frame and phrase.meaning in FRAME_PLACES:
+                    phrase.meaning = FRAME_PLACES[phrase.meaning]
+                elif phrase.meaning.startswith("place:") and after[:1] == ["of"]:
+                    break  # "at the top of the stairs": a place in something else
+                out.append(phrase)
                 break
         else:
             k += 1
     return out
 
 
-def _neighbour(grouping: Grouping, start: int, step: int, stop_at_words: bool) -> tuple[int, bool]:
-    """The nearest group from item `start` in direction `step` (-1, +1) before a hard break: (group or -1, whether a
-    content word in no group was passed). stop_at_words: also stop at a separator word ("and", "with")."""
+# A relation to the picture itself is a place: "a cat to the left of the image".
+FRAME_PLACES = {"left of": "place:left", "right of": "place:right", "above": "place:top", "below": "place:bottom",
+                **{f"place:{p}": f"place:{p}" for p in ("left", "right", "top", "bottom", "middle")}}
+
+
+def _neighbour(grouping: Grouping, start: int, step: int, stop: str = "break") -> tuple[int, bool, int]:
+    """The nearest group from item `start` in direction `step` (-1, +1): (group or -1, whether a content word in no
+    group was passed, the group's item). It stops at a hard break; `stop` "words" also at a separator word ("and",
+    "with"), "any" at any separator, word or mark."""
     items, i, loose = grouping.items, start, False
     while 0 <= i < len(items):
         it = items[i]
         if it.role == "break":
             break
         if it.group >= 0:
-            return it.group, loose
+            return it.group, loose, i
         if it.kind in ("word", "embedding") and it.role == "":
             loose = True
-        if stop_at_words and it.role == "sep" and it.kind == "word":
+        if it.role == "sep" and (stop == "any" or (stop == "words" and it.kind == "word")):
             break
         i += step
-    return -1, loose
+    return -1, loose, -1
+
+
+def _placed_group(grouping: Grouping, phrase: _Phrase) -> int:
+    """The group a place phrase places: the object right after it ("on the left a red cube"), else right before it
+    ("a red cube on the left"), else across a comma, after then before ("on the left, a red cube")."""
+    for start, step, stop in ((phrase.end, 1, "any"), (phrase.start - 1, -1, "any"),
+                              (phrase.end, 1, "words"), (phrase.start - 1, -1, "words")):
+        group = _neighbour(grouping, start, step, stop)[0]
+        if group >= 0:
+            return group
+    return -1
 
 
 def parse_layout(grouping: Grouping) -> Layout:
@@ -141,27 +173,39 @@ def parse_layout(grouping: Grouping) -> Layout:
     layout = Layout(labels)
     order: dict[str, list[tuple[int, int]]] = {"x": [], "y": []}  # (before, after) pairs per axis
     places: dict[int, dict[str, tuple[float, float]]] = {}
+    previous: tuple[int, int] | None = None  # (subject, the item after its last object) of the last relation
     for phrase in _phrases(grouping):
         if phrase.meaning in ("behind", "in front of"):
             layout.notes.append(f"'{phrase.words}' is about depth, not the image plane: no layout from it")
             continue
         if phrase.meaning.startswith("place:"):
-            group, _ = _neighbour(grouping, phrase.start - 1, -1, stop_at_words=True)
-            if group < 0:
-                group, _ = _neighbour(grouping, phrase.end, 1, stop_at_words=False)
+            group = _placed_group(grouping, phrase)
             if group < 0:
                 layout.notes.append(f"'{phrase.words}' names no object of the prompt: no layout from it")
                 continue
             for axis, band in zip(AXES, PLACES[phrase.meaning]):
-                if band != FULL:
-                    places.setdefault(group, {})[axis] = band
+                if band == FULL:
+                    continue
+                if places.get(group, {}).get(axis, band) != band:
+                    layout.notes.append(f"'{labels[group]}' is given two places: no layout prior")
+                    layout.bands = {}
+                    return layout
+                places.setdefault(group, {})[axis] = band
             continue
-        sides = _sides(grouping, phrase, 3 if phrase.meaning == "between" else 2)
+        sides = _sides(grouping, phrase, 3 if phrase.meaning == "between" else 2, previous)
         if isinstance(sides, str):
             layout.notes.append(sides)
             continue
-        axis, pairs = RELATIONS[phrase.meaning](sides)
+        (subject, *objects), end = sides
+        previous = (subject, end)
+        axis, pairs = RELATIONS[phrase.meaning]([subject, *objects])
         order[axis].extend(pairs)
+    return _solve(layout, order, places)
+
+
+def _solve(layout: Layout, order: dict, places: dict) -> Layout:
+    """Bands per axis from the relations' order and the places (see the module docstring)."""
+    labels = layout.labels
     groups = range(len(labels))
     bands = {g: {"x": FULL, "y": FULL} for g in groups}
     for axis in AXES:
@@ -187,20 +231,30 @@ def parse_layout(grouping: Grouping) -> Layout:
     return layout
 
 
-def _sides(grouping: Grouping, phrase: _Phrase, count: int) -> list[int] | str:
-    """[the group before, the group(s) after] a relation, or why they cannot be told."""
-    before, loose_before = _neighbour(grouping, phrase.start - 1, -1, stop_at_words=False)
-    after, loose_after = [], False
-    i = phrase.end
+def _sides(grouping: Grouping, phrase: _Phrase, count: int,
+           previous: tuple[int, int] | None) -> tuple[list[int], int] | str:
+    """([the group before, the group(s) after] a relation, the item after its last object), or why they cannot be
+    told. A relation that follows the last one's object across "and" or a comma shares its subject ("a cat left of a
+    dog and right of a bird")."""
+    items = grouping.items
+    before, loose_before, _ = _neighbour(grouping, phrase.start - 1, -1)
+    between = items[previous[1]:phrase.start] if previous is not None else []
+    if any(it.norm in ("and", ",") for it in between) and all(it.role in ("sep", "stop") for it in between):
+        before = previous[0]
+    after, loose_after, i = [], False, phrase.end
     while len(after) < count - 1:
-        g, loose = _neighbour(grouping, i, 1, stop_at_words=False)
+        g, loose, at = _neighbour(grouping, i, 1)
         loose_after |= loose
         if g < 0:
             break
+        if any(items[j].norm in POSSESSIVES for j in range(i, at)):
+            return f"'{phrase.words}' places a part of something ('{items[at].text}'): no layout from it"
         after.append(g)
-        i = max(j for j, it in enumerate(grouping.items) if it.group == g) + 1
+        i = at
+        while i < len(items) and items[i].group == g:
+            i += 1
     if before >= 0 and len(after) == count - 1 and before not in after and len(set(after)) == len(after):
-        return [before] + after
+        return [before] + after, i
     if loose_before or loose_after:
         return (f"'{phrase.words}' relates a word that is in no group: no layout from it (add the word to a group "
                 f"in 'groups')")

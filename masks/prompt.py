@@ -152,6 +152,7 @@ PLACE_PHRASES = {
     **{f"{lead} the {side}": f"place:{side}" for side in ("left", "right")
        for lead in ("on", "to", "at", "in")},
     **{f"on the {side} side": f"place:{side}" for side in ("left", "right")},
+    **{f"{lead} the far {side}": f"place:{side}" for side in ("left", "right") for lead in ("on", "to", "at")},
     **{f"{lead} the {side}": f"place:{side}" for side in ("top", "bottom") for lead in ("at", "on", "in")},
     "at the very top": "place:top", "at the very bottom": "place:bottom",
     **{f"{lead} the {middle}": "place:middle" for middle in ("middle", "center", "centre")
@@ -160,6 +161,11 @@ PLACE_PHRASES = {
        for v in ("top", "bottom", "upper", "lower") for h in ("left", "right") for joint in (" ", "-")
        for lead in ("in", "at", "on") for corner in ("", " corner")},
 }
+
+_PLACES = {tuple(p.split()) for p in PLACE_PHRASES}
+# What a place phrase placing the picture's frame reads as ("on the left of the image"), not an object.
+FRAME_WORDS = {"image", "picture", "frame", "photo", "photograph", "scene", "canvas", "composition", "shot", "view"}
+POSSESSIVES = {"his", "her", "its", "their", "my", "your", "our"}
 
 # Multi-word relations first (longest match wins). Single words after.
 SEPARATOR_PHRASES = sorted({tuple(p.split()) for p in (*RELATION_PHRASES, *PLACE_PHRASES)} | {
@@ -263,6 +269,8 @@ def _tag_roles(items: list[Item]) -> None:
             continue
         for phrase in SEPARATOR_PHRASES:
             if tuple(w for _, w in words[k:k + len(phrase)]) == phrase:
+                if phrase in _PLACES and _describes_next(items, words[k + len(phrase) - 1][0]):
+                    continue  # "in the left hand", "the top shelf": a side word as an adjective, not a place
                 for i, _ in words[k:k + len(phrase)]:
                     items[i].role = "sep"
                 k += len(phrase)
@@ -279,6 +287,20 @@ def _tag_roles(items: list[Item]) -> None:
             it.role = "sep" if it.text not in HARD_MARKS else "break"
         elif it.kind == "newline":
             it.role = "break"
+
+
+def _describes_next(items: list[Item], last: int) -> bool:
+    """Whether the word after item `last` follows it directly and names a thing ("left" in "the left hand")."""
+    nxt = items[last + 1] if last + 1 < len(items) else None
+    if nxt is None or nxt.kind != "word":
+        return False
+    return nxt.norm not in STOPWORDS and not any(p[0] == nxt.norm for p in SEPARATOR_PHRASES)
+
+
+def grouping_for(text: str, groups_text: str = "") -> Grouping:
+    """The prompt's groups: the user's own (`groups_text`, when it has any words outside comments) or automatic."""
+    written = any(line.split("#", 1)[0].strip() for line in (groups_text or "").splitlines())
+    return grouping_from_text(text, groups_text) if written else group_prompt(text)
 
 
 @dataclass

@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from .gate import NEGATIVE_VALUE
-from .layout import Layout, layout_prior, parse_layout
-from .prompt import Grouping, group_prompt, grouping_from_text, token_group_map
+from .layout import FULL, Layout, layout_prior, parse_layout
+from .prompt import Grouping, grouping_for, token_group_map
 from .record import latent_hw
 from .rows import prompt_rows
 from .source import HANDOVER_SIGMA, GateMismatchError, PromptGateSource, repeated_copies
@@ -152,7 +152,8 @@ class ZeroShotGates(PromptGateSource):
     @property
     def uses_layout(self) -> bool:
         """A layout prior with a place for some group, and at least two groups to separate."""
-        return self.layout is not None and self.layout.active and len(self.groups) >= 2
+        return (self.layout is not None and len(self.groups) >= 2
+                and any(self.layout.band_of(g) != (FULL, FULL) for g in self.groups))
 
     def layout_masks(self, height: int, width: int) -> Tensor | None:
         """[G, height, width] each gated group's place (column order) as a soft mask, or None without a layout."""
@@ -162,7 +163,7 @@ class ZeroShotGates(PromptGateSource):
 
     def _layout_weights(self, h: int, w: int, device) -> Tensor:
         """[h*w, G] the places on a layer's grid, floored at LAYOUT_FLOOR; drawn once per grid and device."""
-        key = ("layout", h, w, str(device), self.layout_floor)
+        key = ("layout", h, w, str(device), self.layout_floor, tuple(sorted(self.layout.bands.items())))
         cached = self._maps.get(key)
         if cached is None:
             prior = layout_prior(self.layout, self.groups, h, w)
@@ -438,19 +439,22 @@ class ZeroShotGates(PromptGateSource):
         lines = [self.grouping.describe()]
         g = len(self.groups)
         if g >= 2 and self.uses_layout:
-            lines.append(f"# {g} groups, gated at stage {self.stage} from the first step with the prompt's layout, the "
-                         f"model's own attention from {self.handover_percent:.0%} of the schedule "
-                         f"({self.layout_handover}) (training-free zero-shot gates, not learned MaskAttn gates)")
+            within = "within the places" if self.layout_handover == "combine" else "alone"
+            lines.append(f"# {g} groups, gated at stage {self.stage} from the first step by the prompt's layout; from "
+                         f"{self.handover_percent:.0%} of the schedule the model's attention decides ({within}) "
+                         f"(training-free zero-shot gates, not learned MaskAttn gates)")
         elif g >= 2:
             lines.append(f"# {g} groups, gated at stage {self.stage} from {self.start_percent:.0%} of the schedule "
                          f"(training-free zero-shot gates, not learned MaskAttn gates)")
+        if g >= 2:
             lines.append(f"# partition: {self.partition}; end tokens: {self.end_tokens}; self-attention: "
                          f"{self.self_attention}")
         else:
             lines.append(f"# {g} group{'s' if g != 1 else ''} with tokens: nothing to separate, the model runs "
                          f"unchanged")
         if self.layout is not None:
-            lines.extend(f"# layout: {line}" for line in self.layout.summary_lines())
+            said = self.layout.summary_lines() or ["no spatial words between the groups: no layout"]
+            lines.extend(f"# layout: {line}" for line in said)
             if self.layout.active and g < 2:
                 lines.append("# layout: one group, nothing to place it against: the layout is not used")
         loose = self.grouping.ungrouped_words()
@@ -475,8 +479,7 @@ def build_zero_shot_gates(text: str, tokens: dict, vocab: dict[int, str], *, gro
                           layout: str = DEFAULT_LAYOUT,
                           layout_handover: str = DEFAULT_LAYOUT_HANDOVER) -> ZeroShotGates:
     """Prompt text + ComfyUI tokenization (+ an optional user grouping) -> ZeroShotGates."""
-    written = any(line.split("#", 1)[0].strip() for line in (groups_text or "").splitlines())
-    grouping = grouping_from_text(text, groups_text) if written else group_prompt(text)
+    grouping = grouping_for(text, groups_text)
     token_groups, per_encoder = token_group_map(grouping, tokens, vocab)
     first = per_encoder[next(iter(per_encoder))]
     word_tokens = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 
@@ -11,6 +12,8 @@ from ..masks.gates import GateMismatchError, MaskAttnGates
 from ..masks.source import HANDOVER_SIGMA, GateSource, kind_of
 from ..masks.topology import PLACEMENTS, STAGE_CHOICES, UnsupportedModelError, select_sites
 from . import hooks, paths
+
+log = logging.getLogger("MaskAttn")
 
 CATEGORY = "MaskAttn"
 
@@ -122,6 +125,9 @@ class MaskAttnApply:
                 f"(a new kind of gates subclasses masks.source.GateSource).")
         # A gate source may carry its own start (zero-shot gates: skip the steps before layout settles); the later
         # of the two wins. Learned gates start at 0, so for them start_percent is used as given.
+        if maskattn.handover_percent is not None and start_percent > 0.0:
+            log.warning("Apply MaskAttn: start_percent is %.2f, so the prompt's layout does not act from the first "
+                        "step, when the layout is decided; set start_percent to 0 to let it.", start_percent)
         start_percent = max(start_percent, float(maskattn.start_percent))
         if strength <= 0.0 or start_percent >= end_percent:
             return (model.clone(),)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 
 from ..masks.layout import layout_prior, parse_layout
-from ..masks.prompt import GroupingError, group_prompt, grouping_from_text, token_group_map
+from ..masks.prompt import GroupingError, grouping_for, token_group_map
 from .tokens import clip_tokens
 
 CATEGORY = "MaskAttn"
@@ -65,9 +65,8 @@ class MaskAttnLayoutFromPrompt:
             if int(value) <= 0 or int(value) % 8:
                 raise NodeError(f"{NODE}: {name} is {value}; it must be a positive multiple of 8 (the latent is "
                                 f"1/8 of the image). Use the size of your Empty Latent Image.")
-        written = any(line.split("#", 1)[0].strip() for line in (groups or "").splitlines())
         try:
-            grouping = grouping_from_text(text, groups) if written else group_prompt(text)
+            grouping = grouping_for(text, groups)
         except GroupingError as e:
             raise NodeError(f"{NODE}: groups: {e}. Use words of the prompt, groups split by |.") from None
         placed = list(range(len(grouping.groups)))
@@ -76,10 +75,12 @@ class MaskAttnLayoutFromPrompt:
             token_groups, _ = token_group_map(grouping, tokens, vocab)
             placed = sorted({g for g in token_groups if g >= 0})
         if len(placed) > MASK_OUTPUTS:
-            found = grouping.describe()
-            raise NodeError(f"{NODE}: text: the prompt has {len(placed)} objects ({found}); this node gives at most "
-                            f"{MASK_OUTPUTS} masks. Merge objects in 'groups' (e.g. 'red cube | blue sphere "
-                            f"green cone') or place fewer objects.")
+            words = grouping.group_words()
+            merged = [" ".join(words[g]) for g in placed[:MASK_OUTPUTS - 1]] + [
+                " ".join(w for g in placed[MASK_OUTPUTS - 1:] for w in words[g])]
+            raise NodeError(f"{NODE}: text: the prompt has {len(placed)} objects ({grouping.describe()}); this node "
+                            f"gives at most {MASK_OUTPUTS} masks. Merge objects in 'groups' (e.g. "
+                            f"'{' | '.join(merged)}') or name fewer objects.")
         layout = parse_layout(grouping)
         masks = layout_prior(layout, placed, int(height), int(width))
         outputs = tuple(masks[i:i + 1] if i < len(placed) else torch.zeros(1, int(height), int(width))

@@ -208,7 +208,7 @@ class MaskAttnZeroShotMasks:
     OUTPUT_TOOLTIPS = ("Every group's region, one mask per group (in the grouping's order).",) + tuple(
         f"Group {i + 1}'s region (all zero when there is no such group)." for i in range(MASK_OUTPUTS)) + (
         "Per word: the share of its attention inside its group's region and the share that leaks outside.",
-        "The place the prompt's spatial words gave each group, one soft mask per group (all zero without a layout).")
+        "The place the prompt's spatial words gave each group, one soft mask per group (all ones without a layout).")
     FUNCTION = "masks"
     OUTPUT_NODE = True
 
@@ -251,7 +251,7 @@ class MaskAttnZeroShotMasks:
             raise NodeError(f"{node}: background must be one of {list(BACKGROUND)}, got {background!r}.")
         groups = max(len(maskattn.groups), 1)
         layout = maskattn.layout_masks(height, width)
-        layout = torch.zeros(groups, height, width) if layout is None else layout
+        layout = torch.ones(groups, height, width) if layout is None else layout  # no layout: each group anywhere
         regions = maskattn.region_masks(height, width, cover_background=background == BACKGROUND[1])
         untracked = maskattn.ran_without_regions and not maskattn.track_regions
         if untracked or regions is None:

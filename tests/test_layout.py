@@ -58,7 +58,28 @@ PHRASINGS = [
     ("a cat to the left of a dog above a bird", {"cat": L, "dog": "top-right quarter", "bird": B}),
     ("a cat to the left of the dog and a bird", {"cat": L, "dog": R, "bird": "anywhere"}),
     ("a dog on top of a car to the left of a tree", {"dog": T, "car": "bottom-left quarter", "tree": R}),
+    ("on the left a red cube, on the right a blue sphere", {"red cube": L, "blue sphere": R}),
+    ("in the middle a lamp, on the left a chair, on the right a sofa", {"lamp": "the middle", "chair": L,
+                                                                       "sofa": R}),
+    ("a knight, in the top right corner a dragon", {"knight": "anywhere", "dragon": "top-right quarter"}),
+    ("a cat on the far left, a dog on the far right", {"cat": L, "dog": R}),
+    ("a cat on the left of the picture", {"cat": L}),
+    ("a cat to the left of a dog and to the right of a bird", {"cat": "centre third", "dog": "right third",
+                                                               "bird": "left third"}),
+    ("a lamp between a sofa and a chair. a cat above the sofa", {"lamp": "centre third",
+                                                                 "sofa sofa": "bottom half, left third",
+                                                                 "chair": "right third", "cat": T}),
+    ("a cat left of a dog, a dog left of a bird, a bird left of a horse", {
+        "cat": "1st of 4 from the left", "dog dog": "2nd of 4 from the left", "bird bird": "3rd of 4 from the left",
+        "horse": "4th of 4 from the left"}),
     ("a red book and a yellow vase", ""),
+    ("a cup in the left hand", ""),
+    ("a girl with a flower in the left hand", ""),
+    ("a car in the right lane", ""),
+    ("a cat at the top of the stairs", ""),
+    ("a cat in the middle of a room", ""),
+    ("a man with a scar over his left eye", ("note", "places a part of something")),
+    ("a cat on the left, a cat on the right", ("note", "two places")),
     ("a cat and a dog in a garden", ""),
     ("a cat behind a dog", ("note", "'behind' is about depth")),
     ("a cat in front of a dog", ("note", "'in front of' is about depth")),
@@ -85,6 +106,13 @@ def test_phrasing_table(text, expected):
         assert not layout.active and not layout.notes, (got, layout.notes)
     else:
         assert layout.active and got == expected, (got, layout.notes)
+
+
+@pytest.mark.parametrize("text, groups", [("a cup in the left hand", "cup | left hand"),
+                                          ("a man on the left bank of a river", "man | left bank river"),
+                                          ("a tattoo on the left arm", "tattoo | left arm")])
+def test_side_words_as_adjectives_keep_their_groups(text, groups):
+    assert group_prompt(text).describe() == groups
 
 
 def test_the_table_covers_every_required_phrasing():
@@ -233,7 +261,6 @@ def test_after_the_handover_combine_keeps_the_places_and_window_follows_the_atte
 def test_combine_lets_the_attention_decide_where_places_overlap():
     gates = gates_for(text="a red book to the left of a yellow vase")
     gates.layout.bands = {0: ((0.0, 1.0), (0.0, 1.0)), 1: ((0.5, 1.0), (0.0, 1.0))}  # red anywhere, vase right
-    gates._maps.clear()
     q, k = plant_red_right()
     for sigma in (10.0, 4.0, 3.0):
         p = gates.attention_probabilities(("input", 4, 0), q, k, HEADS, info(sigma, handover=5.0))
@@ -245,8 +272,10 @@ def test_combine_lets_the_attention_decide_where_places_overlap():
 @pytest.mark.parametrize("text", ["a red book and a yellow vase", "a red book with a yellow vase"])
 def test_no_spatial_words_gives_the_bits_of_v2(text):
     on, off = gates_for(text=text), gates_for(text=text, layout=False)
-    assert on.layout is not None and not on.uses_layout
-    assert on.describe() == off.describe() and on.start_percent == off.start_percent
+    assert on.layout is not None and not on.uses_layout and on.start_percent == off.start_percent
+    said = on.describe().splitlines()
+    assert "# layout: no spatial words between the groups: no layout" in said  # the node says so
+    assert [line for line in said if not line.startswith("# layout:")] == off.describe().splitlines()
     q, k = plant_red_right()
     for sigma in (10.0, 8.0, 6.0, 4.0):
         a = on.attention_probabilities(("input", 4, 0), q, k, HEADS, info(sigma))

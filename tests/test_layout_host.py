@@ -77,7 +77,8 @@ def test_no_spatial_words_sample_the_bits_of_layout_off(host, tokenizer, text):
     pos, neg = host.make_cond(model, seed=0), host.make_cond(model, seed=1)
     on, described_on = build(tokenizer, text, start_percent=0.2)
     off, described_off = build(tokenizer, text, start_percent=0.2, layout="off")
-    assert described_on == described_off
+    assert [line for line in described_on.splitlines() if not line.startswith("# layout:")] == \
+        described_off.splitlines()
     a = host.ksample(apply(model, on), pos, neg, seed=3, steps=4)
     b = host.ksample(apply(model, off), pos, neg, seed=3, steps=4)
     assert torch.equal(a, b)
@@ -93,7 +94,7 @@ def test_zero_shot_masks_output_the_layout(host, tokenizer):
     assert layout[0, :, 48:].mean() > 0.9 and layout[0, :, :48].mean() < 0.1  # red book: right half
     assert layout[1, :, :48].mean() > 0.9
     plain, _ = build(tokenizer, "a red book and a yellow vase")
-    assert not MaskAttnZeroShotMasks().masks(plain, image=torch.zeros(1, 64, 96, 3))["result"][-1].any()
+    assert MaskAttnZeroShotMasks().masks(plain, image=torch.zeros(1, 64, 96, 3))["result"][-1].all()  # anywhere
 
 
 def layout_node(*args, **kwargs):
