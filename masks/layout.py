@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .prompt import FRAME_WORDS, PLACE_PHRASES, POSSESSIVES, RELATION_PHRASES, Grouping
+from .prompt import Grouping
+from .spatial import FRAME_WORDS, PLACE_PHRASES, POSSESSIVES, RELATION_PHRASES
 
 # The feather: the logistic ramp's scale, as a share of the grid's shorter side (10% to 90% over about 4.4 scales).
 DEFAULT_FEATHER = 0.03
