@@ -2,7 +2,10 @@
 ways state could outlive a run that it found: an interrupted run's zero-shot aggregate and viewer record, and an
 earlier Apply MaskAttn still gating the layers a second one leaves out."""
 
+import json
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -117,20 +120,33 @@ def test_a_second_apply_replaces_the_first_at_every_layer(session):
 
 def test_memory_held_counts_what_is_kept_and_not_what_was_freed():
     """The soak's goal figure (RSS less the allocator's free blocks) rises by what the process keeps and falls back
-    when it frees it, whether or not the allocator returns the pages to the system."""
-    from cli.tiny_pack.memory import process_memory, readable
-    from soak import held_bytes
+    when it frees it, whether or not the allocator returns the pages to the system. In a fresh interpreter: in this
+    one, earlier tests leave free blocks that the allocation would reuse without touching RSS."""
+    from cli.tiny_pack.memory import readable
 
     if not readable():
         pytest.skip("the allocator's free blocks are read from glibc's mallinfo2 (Linux, glibc 2.33+)")
-    size, block = 64 * 2**20, 64 * 2**10  # blocks under glibc's mmap threshold: they come from its heaps
-    before = process_memory()
-    kept = [bytearray(b"x" * block) for _ in range(size // block)]
-    pin = bytearray(b"x" * block)  # above them in the heap: their pages cannot go back to the system when freed
-    holding = process_memory()
-    del kept
-    after = process_memory()
-    assert after["rss"] - before["rss"] > 0.5 * size  # freed, but still resident
-    assert held_bytes(holding) - held_bytes(before) > 0.9 * size
-    assert held_bytes(after) - held_bytes(before) < 0.1 * size
-    del pin
+    script = """
+import json, sys
+sys.path[:0] = [sys.argv[1], sys.argv[2]]
+from cli.tiny_pack.memory import process_memory
+from soak import held_bytes
+size, block = 64 * 2**20, 64 * 2**10  # blocks under glibc's mmap threshold: they come from its heaps
+before = process_memory()
+kept = [bytearray(b"x" * block) for _ in range(size // block)]
+pin = bytearray(b"x" * block)  # above them in the heap: their pages cannot go back to the system when freed
+holding = process_memory()
+del kept
+after = process_memory()
+print(json.dumps({"size": size, "rss": after["rss"] - before["rss"],
+                  "held_holding": held_bytes(holding) - held_bytes(before),
+                  "held_after": held_bytes(after) - held_bytes(before)}))
+"""
+    repo = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", script, str(repo), str(repo / "benchmarks")], capture_output=True,
+                         text=True, check=True).stdout
+    got = json.loads(out.strip().splitlines()[-1])
+    size = got["size"]
+    assert got["rss"] > 0.5 * size  # freed, but still resident
+    assert got["held_holding"] > 0.9 * size
+    assert got["held_after"] < 0.1 * size
