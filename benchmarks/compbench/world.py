@@ -97,8 +97,8 @@ class Sample:
 
 
 @dataclass(frozen=True)
-class Trio:
-    """Three (colour, shape) objects of three different colours, named in this order, in no particular layout."""
+class _ThreeObjects:
+    """Three (colour, shape) objects of three different colours, in caption order."""
 
     objects: tuple  # ((colour, shape), (colour, shape), (colour, shape))
 
@@ -115,22 +115,14 @@ class Trio:
 
 
 @dataclass(frozen=True)
-class Between:
-    """"A between B and C": three (colour, shape) objects of three colours in a row, B left, A in the middle, C
-    right; `objects` in caption order (A, B, C)."""
+class Trio(_ThreeObjects):
+    """Three objects named in this order, in no particular layout."""
 
-    objects: tuple
 
-    @property
-    def colours(self) -> tuple[str, ...]:
-        return tuple(c for c, _ in self.objects)
-
-    @property
-    def shapes(self) -> tuple[str, ...]:
-        return tuple(s for _, s in self.objects)
-
-    def caption(self) -> str:
-        return caption(self)
+@dataclass(frozen=True)
+class Between(_ThreeObjects):
+    """"A between B and C": three objects in a row, B left, A in the middle, C right; `objects` in caption order
+    (A, B, C)."""
 
 
 def caption(triple: "Triple | Trio | Between") -> str:
