@@ -38,8 +38,9 @@ class GateSource(ABC):
     """A source of MaskAttn gates: which (latent location, token) pairs of each gated cross-attention layer stay.
 
     Subclasses implement `check_fits` and `covers`, and their family's computation (see the module docstring); every
-    other member has the default given here. A source is read-only once built (state it gathers while sampling, such
-    as the zero-shot partition, is for its own outputs) and is shared by a model and its clones.
+    other member has the default given here. A source is read-only once built and is shared by a model and its
+    clones; what it gathers while sampling lives in a per-run state on the patched model (`new_run`,
+    masks/run_state.py).
     """
 
     kind: str = "gate source"
@@ -135,6 +136,12 @@ class GateSource(ABC):
     def region_masks(self, height: int, width: int) -> Tensor | None:
         """[R, G, height, width] 0/1: each group's region in the last run; None when the source has none (or no run
         was seen)."""
+        return None
+
+    def new_run(self):
+        """A fresh per-run state (a `masks.run_state.RunState`) for one patched model, or None when the source
+        gathers nothing while sampling. Apply MaskAttn puts it in the model's transformer options
+        (masks/run_state.py)."""
         return None
 
     def describe(self) -> str:

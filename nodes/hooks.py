@@ -8,6 +8,7 @@ nodes/gate_training.py (a training session), these are the modules that touch Mo
 
 from __future__ import annotations
 
+from ..masks.run_state import RUN_STATE_KEY
 from ..masks.runtime import GateRuntime
 from ..masks.source import GateSource
 from ..masks.topology import CrossAttnSite, discover_sites
@@ -41,6 +42,11 @@ def install(model, gates: GateSource, sites: list[CrossAttnSite], *, threshold: 
 
     runtime = GateRuntime(gates=gates, sites=frozenset(s.key for s in sites), threshold=threshold,
                           negative_value=negative_value, cond_only=cond_only, executor=make_executor())
+    run = gates.new_run()  # what the source gathers while this model samples (masks/run_state.py)
+    if run is None:
+        to.pop(RUN_STATE_KEY, None)
+    else:
+        to[RUN_STATE_KEY] = run
     gate_patch = MaskAttnGatePatch(runtime, StepClock(sigma_start, sigma_end))
     to.setdefault("patches", {})["attn2_patch"] = OrderedPatchList([MaskAttnLayoutPatch(), *others, gate_patch])
     for site in sites:
