@@ -226,8 +226,7 @@ def main(argv=None):
 
 def zero_shot_cases(model, sites, pos, clip=None) -> dict:
     """Zero-shot gates (v1: partition "layer"; v2: "aggregate") installed as Apply MaskAttn installs them, gated from
-    the first step; nothing reads their regions except in the "regions read" row (a Zero-Shot Masks node or the
-    viewer in the prompt: the aggregate and the leakage are then kept on every gated layer). Two groups: with the
+    the first step, keeping the run's aggregate, regions and leakage as they always do. Two groups: with the
     compbench model's CLIP the node builds them from its prompt; on the random models tokens 2-3 and 7-8 of the 77
     ("a red book and a yellow vase") are the groups. "v2 + layout": the prompt's layout ("... to the left of ..."),
     the places alone before 0.2 of the schedule, then combined with the aggregate, as Apply MaskAttn sets it."""
@@ -263,16 +262,13 @@ def zero_shot_cases(model, sites, pos, clip=None) -> dict:
 
     out = {}
     for stage, label, options in (("mid", "v1", {"partition": "layer"}),
-                                  ("mid", "v1 + regions read", {"partition": "layer", "track_regions": True}),
                                   ("mid", "v2", {"partition": "aggregate"}),
                                   ("mid", "v2 + self-attention", {"partition": "aggregate",
                                                                   "self_attention": "separate_groups"}),
                                   ("mid", "v2 + layout", {"partition": "aggregate", "layout": True}),
                                   ("all", "v1", {"partition": "layer"}), ("all", "v2", {"partition": "aggregate"}),
                                   ("all", "v2 + layout", {"partition": "aggregate", "layout": True})):
-        track = options.pop("track_regions", False)  # (as when a Zero-Shot Masks node or the viewer reads them)
         g = gates(stage, **options)
-        g.track_regions = track
         g.check_fits(sites)
         chosen = [s for s in select_sites(sites, stage, "encoder_decoder") if g.covers(s.key)]
         patched, _ = hooks.install(model, g, chosen, threshold=0.5, negative_value=-1e4)

@@ -27,6 +27,9 @@ from .source import GateSource
 from .topology import SiteKey
 
 GateObserver = Callable[[SiteKey, GateResult, dict], None]
+#: transformer_options entry: observers of one patched model's gates (a tuple of GateObserver), besides the runtime's
+#: own: the recorder is added to the clone it records, never to the runtime its input model shares.
+OBSERVERS_KEY = "maskattn_observers"
 
 
 @dataclass(eq=False)
@@ -114,10 +117,15 @@ class GateRuntime:
             result = gate_bias(probabilities, self.threshold, self.negative_value)
         return self._finish(key, result, cond_rows, info)
 
+    def watchers(self, info: dict | None) -> list[GateObserver]:
+        """The observers of this call: the runtime's own, then those of the model being sampled (OBSERVERS_KEY)."""
+        extra = info.get(OBSERVERS_KEY) if info else None
+        return [*self.observers, *extra] if extra else self.observers
+
     def _finish(self, key, result: GateResult, cond_rows, info) -> GateResult:
         if cond_rows is not None:
             result.bias = result.bias * cond_rows.to(device=result.bias.device, dtype=result.bias.dtype)[:, None, None]
-        for observe in self.observers:
+        for observe in self.watchers(info):
             observe(key, result, info or {})
         return result
 
@@ -136,7 +144,7 @@ class Executor(Protocol):
     def bias(self, rt: GateRuntime, key: SiteKey, index: int, head, features: Tensor, context: Tensor,
              cond_rows: Tensor | None, info: dict | None) -> Tensor | DeferredBias | None:
         """GateRuntime.bias for the site `key`, served by head number `index` (`head`, float32, on the features'
-        device). While rt.observers watch (preview, recording), it hands each the GateResult on the host."""
+        device). While observers watch (preview, recording), it hands each the GateResult on the host."""
 
 
 class EagerExecutor:
@@ -162,7 +170,8 @@ class EagerExecutor:
     def run(self, rt: GateRuntime, key: SiteKey, head, features: Tensor, g: Tensor, cond_rows: Tensor | None,
             info: dict | None) -> Tensor | DeferredBias | None:
         """The gate from the cached text side g ([B, h, T])."""
-        deferred = rt.skip_unmasked and self.device_skip and not rt.observers
+        observers = rt.watchers(info)
+        deferred = rt.skip_unmasked and self.device_skip and not observers
         synced = rt.skip_unmasked and not deferred
         # The CPU's synced path may keep M as float 0/1 (see hard_gate); the bias is then made in float32
         as_float = synced and features.dtype == torch.float32 and features.device.type == "cpu"
@@ -172,7 +181,7 @@ class EagerExecutor:
             fewest = int(kept.amin())  # the one host sync: decides "nothing suppressed" and "some row empty"
             # (after the empty-row rule every row keeps >= 1 token: with a single token nothing is ever suppressed)
             all_kept, any_empty = fewest == tokens or tokens == 1, fewest == 0
-            if all_kept and not rt.observers:
+            if all_kept and not observers:
                 return None
         else:
             all_kept, any_empty = False, True
@@ -185,11 +194,11 @@ class EagerExecutor:
             bias = bias_from_keep(hard, rt.negative_value)
         else:
             bias = bias_from_gate(hard, features.dtype, rt.negative_value, padded=features.is_cuda)
-        if rt.observers:
+        if observers:
             if probabilities is None:
                 probabilities = torch.sigmoid(scores.float())
             result = GateResult(probabilities=probabilities, hard=hard.to(probabilities.dtype), bias=bias)
-            for observe in rt.observers:
+            for observe in observers:
                 observe(key, result, info or {})
         if deferred:
             return DeferredBias(bias, hard.all())  # (after the empty-row rule: "the bias is all zeros")
@@ -230,7 +239,7 @@ class GraphExecutor:
         self.graphs = GraphCache()
 
     def bias(self, rt, key, index, head, features, context, cond_rows, info):
-        if rt.observers or self.graphs.failed is not None or (features.is_cuda and (
+        if rt.watchers(info) or self.graphs.failed is not None or (features.is_cuda and (
                 torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing())):
             return self.eager.bias(rt, key, index, head, features, context, cond_rows, info)
         g = rt.token_features(index, head, context)  # [B, h, T]

@@ -16,6 +16,8 @@ Pure Python + torch: no ComfyUI import.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
@@ -24,6 +26,7 @@ from .layout import FULL, Layout, layout_prior, parse_layout
 from .prompt import Grouping, grouping_for, token_group_map
 from .record import latent_hw
 from .rows import prompt_rows
+from .run_state import SourceRuns
 from .source import HANDOVER_SIGMA, GateMismatchError, PromptGateSource, repeated_copies
 from .tokens import token_kinds
 from .topology import STAGE_CHOICES, SiteKey
@@ -31,6 +34,7 @@ from .zeroshot_partition import (
     DEFAULT_MEMORY,
     REGION_LEVEL,
     PartitionState,
+    ZeroShotRun,
     group_density,
     image_masks,
     regions,
@@ -88,7 +92,8 @@ class ZeroShotGates(PromptGateSource):
                  memory: float = DEFAULT_MEMORY, end_tokens: str = DEFAULT_END_TOKENS,
                  self_attention: str = DEFAULT_SELF_ATTENTION, token_kinds: list[str] | None = None,
                  word_tokens: list[tuple[str, int, list[int]]] | None = None, layout: Layout | None = None,
-                 layout_handover: str = DEFAULT_LAYOUT_HANDOVER):
+                 layout_handover: str = DEFAULT_LAYOUT_HANDOVER, layout_floor: float = LAYOUT_FLOOR,
+                 notice: Callable[[str], None] | None = None, observe_before_start: bool = True):
         if stage not in STAGE_CHOICES:
             raise ValueError(f"stage must be one of {STAGE_CHOICES}, got {stage!r}")
         for name, value, choices in (("partition", partition, PARTITIONS), ("end_tokens", end_tokens, END_TOKENS),
@@ -100,14 +105,11 @@ class ZeroShotGates(PromptGateSource):
         self.end_tokens = end_tokens
         self.self_attention = self_attention
         self.masks_self_attention = self_attention == "separate_groups"
-        # The run's regions and each word's leakage are bookkeeping over every gated layer and step, kept only while
-        # something reads them: the aggregate partition, self-attention separation, or a consumer that sets
-        # track_regions (the Zero-Shot Masks node, the gate recorder behind the viewer).
-        self.track_regions = False
-        self.ran_without_regions = False  # a run went by untracked: a consumer added later has nothing to read
-        self.node_id: str | None = None  # the Zero-Shot Gates node that built these (set by the node)
-        self.observe_before_start = True  # (off only for a benchmark ablation)
-        self.state = PartitionState(memory)
+        self.observe_before_start = observe_before_start  # (off only for a benchmark ablation)
+        self.memory = float(memory)
+        PartitionState(self.memory)  # (checks the memory now, not at the first sampling step)
+        # what a run gathers (the aggregate, its regions and leakage, the notices given) lives in its run state
+        self.runs = SourceRuns(self.new_run)
         kinds = list(token_kinds or [])
         self.end_positions = [p for p, kind in enumerate(kinds[:len(token_groups)]) if kind == "end"]
         # (word, group, token positions) of every grouped word, for the leakage report
@@ -120,7 +122,7 @@ class ZeroShotGates(PromptGateSource):
         # the layout prior (None: off); it acts only where there are groups to separate and a place was found
         self.layout = layout
         self.layout_handover = layout_handover
-        self.layout_floor = LAYOUT_FLOOR
+        self.layout_floor = float(layout_floor)
         if self.uses_layout:
             self.handover_percent = self.start_percent
             self.start_percent = 0.0
@@ -132,10 +134,8 @@ class ZeroShotGates(PromptGateSource):
         self._site_stages: dict[str, dict[SiteKey, str]] = {}
         self._checked: str | None = None
         self._maps: dict[tuple, tuple[Tensor, Tensor]] = {}
-        # Called once with a message when sampling finds nothing to gate (set by the node: log + canvas).
-        self.notice = None
-        self._noticed: set[str] = set()
-        self._last_sigma: float | None = None
+        # Called once per run with a message when sampling finds nothing to gate (the node's: log + canvas).
+        self.notice = notice
 
     @property
     def keeps_a_token_per_row(self) -> bool:
@@ -144,10 +144,21 @@ class ZeroShotGates(PromptGateSource):
         end = set(self.end_positions) if self.end_tokens == "hide_in_regions" else ()
         return any(g < 0 and p not in end for p, g in enumerate(self.token_groups))
 
+    keeps_aggregate = True
+    """Sampling always keeps the run's aggregate: the v2 partition, the layout's clock, self-attention separation, and
+    the regions and leakage a reader may ask for after the run (the Zero-Shot Masks node, the viewer) come from it."""
+
+    def new_run(self) -> ZeroShotRun:
+        return ZeroShotRun(self)
+
+    def _run(self, info: dict | None) -> ZeroShotRun:
+        return self.runs.of(info, self)
+
     @property
-    def keeps_aggregate(self) -> bool:
-        """Whether sampling keeps the run's aggregate (see track_regions); with a layout it also keeps the clock."""
-        return self.partition == "aggregate" or self.masks_self_attention or self.track_regions or self.uses_layout
+    def last_partition(self) -> PartitionState | None:
+        """The aggregate of the run these gates last worked in (None before any)."""
+        run = self.runs.latest
+        return None if run is None else run.partition
 
     @property
     def uses_layout(self) -> bool:
@@ -187,7 +198,7 @@ class ZeroShotGates(PromptGateSource):
         """Whether this step comes before the aggregate takes over (Apply MaskAttn sets the sigma; without it the
         places decide throughout)."""
         handover = (info or {}).get(HANDOVER_SIGMA)
-        sigma = self.state.sigma
+        sigma = self._run(info).partition.sigma
         return handover is None or sigma is None or sigma > handover
 
     @property
@@ -211,20 +222,10 @@ class ZeroShotGates(PromptGateSource):
         return (f"the prompt gives {len(self.groups)} group{'s' if len(self.groups) != 1 else ''} ({found}); at least "
                 f"two (e.g. 'red book | yellow vase') are needed to separate anything: the model runs unchanged")
 
-    def _new_run_check(self, info: dict) -> None:
-        """Forget what was said when the schedule starts again (a new sampling run): these gates are cached by ComfyUI
-        and reused across runs, and each run deserves its notice. Only on the notice path (reading sigma syncs)."""
-        sigmas = (info or {}).get("sigmas")
-        sigma = float(sigmas.reshape(-1)[0]) if sigmas is not None else None
-        if sigma is not None and self._last_sigma is not None and sigma > self._last_sigma:
-            self._noticed.clear()
-        self._last_sigma = sigma
-
-    def _say_once(self, what: str, message: str) -> None:
-        if what in self._noticed:
-            return
-        self._noticed.add(what)
-        if self.notice is not None:
+    def _say_once(self, info: dict, what: str, message: str) -> None:
+        """Give `message` once per sampling run (these gates are cached by ComfyUI and reused across runs, and each run
+        deserves its notice). Only on the notice path (reading sigma syncs)."""
+        if self._run(info).first_notice(what, info) and self.notice is not None:
             self.notice(message)
 
     # gate-source interface: check_fits / covers come from PromptGateSource
@@ -248,14 +249,6 @@ class ZeroShotGates(PromptGateSource):
             cached = self._maps[key] = (grouped.to(device), column.clamp_min(0).to(device), onehot.to(device))
         return cached
 
-    def _cond_rows(self, batch: int, info: dict, device) -> Tensor | None | list:
-        """Row indices of this prompt ([] when none; None when every row is it): masks.rows.prompt_rows."""
-        return prompt_rows(info, batch, device)
-
-    @staticmethod
-    def _repeated_copies(k: Tensor, length: int) -> Tensor | None:
-        return repeated_copies(k, length)
-
     def attention_probabilities(self, key: SiteKey, q: Tensor, k: Tensor, heads: int, info: dict) -> Tensor:
         """Keep-probabilities [B, N, T] for one gated layer, from this layer's own attention.
 
@@ -277,13 +270,12 @@ class ZeroShotGates(PromptGateSource):
         t = k.shape[1]
         if not self.active:
             return torch.ones(b, n, t, device=q.device, dtype=torch.float32)
-        rows = self._cond_rows(b, info, q.device)
+        rows = prompt_rows(info, b, q.device)
         if isinstance(rows, list) and not rows:  # an uncond-only call: nothing of ours to gate
             return torch.ones(b, n, t, device=q.device, dtype=torch.float32)
         maps = self._group_tensors(t, q.device)
         if maps is None:
-            self._new_run_check(info)
-            self._say_once("not found", (
+            self._say_once(info, "not found", (
                 f"MaskAttn Zero-Shot Gates: the prompt given to this node ({len(self.token_groups)} tokens) is not the "
                 f"one being sampled (its context has {t} tokens), so nothing is gated. Connect this node's "
                 f"conditioning output to the KSampler's positive input, or give it exactly the positive prompt."))
@@ -297,10 +289,10 @@ class ZeroShotGates(PromptGateSource):
 
     def observe_attention(self, key: SiteKey, q: Tensor, k: Tensor, heads: int, info: dict) -> None:
         """A gated layer's attention at a step before gating starts: added to the aggregate, nothing gated."""
-        if not self.active or not self.keeps_aggregate:
+        if not self.active:
             return
         b, t = q.shape[0], k.shape[1]
-        rows = self._cond_rows(b, info, q.device)
+        rows = prompt_rows(info, b, q.device)
         maps = self._group_tensors(t, q.device)
         if (isinstance(rows, list) and not rows) or maps is None:
             return
@@ -319,16 +311,13 @@ class ZeroShotGates(PromptGateSource):
         qh = qc.view(bc, n, heads, d).transpose(1, 2)
         kh = kc.view(bc, t, heads, d).transpose(1, 2)
         attention = torch.softmax(qh @ kh.transpose(-1, -2) * d ** -0.5, dim=-1).mean(dim=1)  # [b, N, T]
-        ours = self._repeated_copies(kc, len(self.token_groups))  # [b, T] bool, or None: every token is ours
+        ours = repeated_copies(kc, len(self.token_groups))  # [b, T] bool, or None: every token is ours
         if ours is not None:
             attention = attention * ours[:, None, :]
-        aggregate = None
-        if self.keeps_aggregate:
-            self.state.clock(info)
-            h, w = latent_hw(n, info)
-            aggregate = self.state.add(group_density(attention, onehot), h, w, (bc, len(self.groups)))
-        if not self.track_regions:
-            self.ran_without_regions = True
+        state = self._run(info).partition
+        state.clock(info)
+        h, w = latent_hw(n, info)
+        aggregate = state.add(group_density(attention, onehot), h, w, (bc, len(self.groups)))
         if self.partition == "aggregate":
             density = aggregate
             share = density / density.sum(dim=-1, keepdim=True).clamp_min(1e-30)
@@ -340,10 +329,10 @@ class ZeroShotGates(PromptGateSource):
         if gate and self.uses_layout:
             share = self._layout_share(share, density, n, info, q.device)
         hides_end = self.end_tokens == "hide_in_regions" and bool(self.end_positions)
-        region = regions(density) if hides_end or (self.track_regions and density is aggregate) else None
-        if self.track_regions:  # leakage against the regions the masks show (the aggregate's), whichever partition
-            self.state.add_leakage(attention, region if density is aggregate else regions(aggregate), column, grouped,
-                                   len(self.groups))
+        region = regions(density) if hides_end or density is aggregate else None
+        # leakage against the regions the masks show (the aggregate's), whichever partition
+        state.add_leakage(attention, region if density is aggregate else regions(aggregate), column, grouped,
+                          len(self.groups))
         if not gate:
             return None
         top2 = share.topk(2, dim=-1).values  # G >= 2
@@ -379,13 +368,14 @@ class ZeroShotGates(PromptGateSource):
         if not self.masks_self_attention or not self.active:
             return None
         b, n = q.shape[:2]
-        rows = self._cond_rows(b, info, q.device)
+        rows = prompt_rows(info, b, q.device)
         if isinstance(rows, list) and not rows:
             return None
         bc = b if rows is None else rows.shape[0]
         h, w = latent_hw(n, info)
-        self.state.clock(info)  # a layer's self-attention runs before its cross-attention: a new run starts here
-        density = self.state.at(h, w, (bc, len(self.groups)))
+        state = self._run(info).partition
+        state.clock(info)  # a layer's self-attention runs before its cross-attention: a new run starts here
+        density = state.at(h, w, (bc, len(self.groups)))
         if density is None:
             return None
         bias = self_attention_bias(regions(density), negative_value, q.dtype)
@@ -404,7 +394,8 @@ class ZeroShotGates(PromptGateSource):
         column order), or None when no run was seen. cover_background: every pixel goes to the group that wins it in
         the final aggregate, however weakly (a tie to the first), so the masks tile the image; about the gates' own
         decision, which is made per step from the aggregate so far."""
-        aggregate = self.state.combined()
+        state = self.last_partition
+        aggregate = None if state is None else state.combined()
         if aggregate is None:
             return None
         return image_masks(aggregate, height, width, level=0.0 if cover_background else REGION_LEVEL)
@@ -412,11 +403,12 @@ class ZeroShotGates(PromptGateSource):
     def leakage(self) -> list[tuple[str, str, float]]:
         """(word, its group, share of its attention inside its group's region) for every grouped word, over the
         last run's gated (and observed) layers, steps and images; empty when no run was seen."""
-        if self.state.inside is None:
+        state = self.last_partition
+        if state is None or state.inside is None:
             return []
         length = len(self.token_groups)
-        inside = self.state.inside.reshape(-1, length).sum(0).tolist()
-        total = self.state.total.reshape(-1, length).sum(0).tolist()
+        inside = state.inside.reshape(-1, length).sum(0).tolist()
+        total = state.total.reshape(-1, length).sum(0).tolist()
         labels = self.grouping.group_words()
         out = []
         for word, group, positions in self.word_tokens:
@@ -476,8 +468,9 @@ def build_zero_shot_gates(text: str, tokens: dict, vocab: dict[int, str], *, gro
                           stage: str = DEFAULT_STAGE, start_percent: float = DEFAULT_START_PERCENT,
                           partition: str = DEFAULT_PARTITION, memory: float = DEFAULT_MEMORY,
                           end_tokens: str = DEFAULT_END_TOKENS, self_attention: str = DEFAULT_SELF_ATTENTION,
-                          layout: str = DEFAULT_LAYOUT,
-                          layout_handover: str = DEFAULT_LAYOUT_HANDOVER) -> ZeroShotGates:
+                          layout: str = DEFAULT_LAYOUT, layout_handover: str = DEFAULT_LAYOUT_HANDOVER,
+                          layout_floor: float = LAYOUT_FLOOR, notice: Callable[[str], None] | None = None,
+                          observe_before_start: bool = True) -> ZeroShotGates:
     """Prompt text + ComfyUI tokenization (+ an optional user grouping) -> ZeroShotGates."""
     grouping = grouping_for(text, groups_text)
     token_groups, per_encoder = token_group_map(grouping, tokens, vocab)
@@ -491,10 +484,12 @@ def build_zero_shot_gates(text: str, tokens: dict, vocab: dict[int, str], *, gro
     return ZeroShotGates(grouping, token_groups, stage=stage, start_percent=start_percent, encoders=tokens.keys(),
                          partition=partition, memory=memory, end_tokens=end_tokens, self_attention=self_attention,
                          token_kinds=token_kinds(tokens, vocab), word_tokens=word_tokens,
-                         layout=_layout_option(layout, grouping), layout_handover=layout_handover)
+                         layout=_layout_option(layout, grouping), layout_handover=layout_handover,
+                         layout_floor=layout_floor, notice=notice, observe_before_start=observe_before_start)
 
 
 def _layout_option(layout: str, grouping: Grouping) -> Layout | None:
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     return parse_layout(grouping) if layout == "from the prompt" else None
+

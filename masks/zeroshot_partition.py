@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .run_state import RunState
+
 # A location belongs to a group's region when that group wins there and its density is at least the grid's mean
 # (density 1 = attention spread evenly over the image): locations no group attends to more than evenly stay
 # background (end tokens and self-attention stay open there).
@@ -197,3 +199,26 @@ def image_masks(aggregate: Tensor, height: int, width: int, level: float = REGIO
     best, winner = big.max(dim=1, keepdim=True)
     columns = torch.arange(aggregate.shape[1], device=aggregate.device)[None, :, None, None]
     return ((winner == columns) & (best >= level)).float()
+
+
+class ZeroShotRun(RunState):
+    """What zero-shot gates gather in one sampling run of one patched model (masks/run_state.py): the aggregate
+    partition with its regions and leakage, and the notices already given in this run."""
+
+    def __init__(self, source):  # (masks.zeroshot.ZeroShotGates)
+        super().__init__(source)
+        self.partition = PartitionState(source.memory)
+        self._noticed: set[str] = set()
+        self._last_sigma: float | None = None
+
+    def first_notice(self, what: str, info: dict | None) -> bool:
+        """Whether `what` was not said yet in this run (a rising sigma starts a new run)."""
+        sigmas = (info or {}).get("sigmas")
+        sigma = float(sigmas.reshape(-1)[0]) if sigmas is not None else None
+        if sigma is not None and self._last_sigma is not None and sigma > self._last_sigma:
+            self._noticed.clear()
+        self._last_sigma = sigma
+        if what in self._noticed:
+            return False
+        self._noticed.add(what)
+        return True

@@ -27,9 +27,9 @@ import torch
 
 from ..masks import render, viewer
 from ..masks.record import DEFAULT_CAP_BYTES, DEFAULT_MAX_SIDE, GateRecorder
+from ..masks.runtime import OBSERVERS_KEY
 from ..masks.tokens import prompt_words
 from ..masks.viewer import ViewerInputError
-from ..masks.zeroshot import ZeroShotGates
 from . import hooks
 from .gates import NodeError
 from .tokens import clip_tokens
@@ -41,13 +41,6 @@ VIEWER_KEY = "maskattn_viewer"  # `ui` entry: [{"filename", "subfolder", "type"}
 
 
 # --- recording -----------------------------------------------------------------------------------------------------
-def dispatch_to_recorder(key, result, info):
-    """GateRuntime observer: hands the call to the recorder of the model being sampled, if it has one."""
-    recorder = info.get(RECORDER_KEY) if info else None
-    if recorder is not None:
-        recorder(key, result, info)
-
-
 def model_recorder(model) -> GateRecorder | None:
     return model.model_options.get("transformer_options", {}).get(RECORDER_KEY)
 
@@ -90,13 +83,12 @@ class MaskAttnRecordGates:
             raise NodeError(str(e)) from None
         recorder = GateRecorder({s.key for s in chosen}, recorded_steps, uncond=record_uncond,
                                 max_side=max_side, cap_bytes=int(cap_mb) * 2**20)
-        if dispatch_to_recorder not in runtime.observers:  # shared by clones of the patched model; a no-op for
-            runtime.observers.append(dispatch_to_recorder)  # any of them that carries no recorder
         recorder.source = viewer.gate_source_label(runtime.gates)
-        if isinstance(runtime.gates, ZeroShotGates):  # the viewer lists each word's leakage: track the regions
-            runtime.gates.track_regions = True
         recorded = model.clone()
-        recorded.model_options.setdefault("transformer_options", {})[RECORDER_KEY] = recorder
+        options = recorded.model_options.setdefault("transformer_options", {})
+        options[RECORDER_KEY] = recorder
+        # (this clone's own observers: the runtime is shared with the input model, which stays unrecorded)
+        options[OBSERVERS_KEY] = (*options.get(OBSERVERS_KEY, ()), recorder)
         recorded.set_model_attn2_patch(RecorderClock(recorder))
         return (recorded,)
 

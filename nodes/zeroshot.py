@@ -32,44 +32,6 @@ CATEGORY = "MaskAttn"
 NOTICE_EVENT = "maskattn.notice"  # websocket event: a message for one node's canvas text
 log = logging.getLogger("MaskAttn")
 
-# A Zero-Shot Masks node that found a run untracked asks its gates' node (by id) to rebuild tracked once: the
-# generation is what IS_CHANGED returns (it moves once per request), the pending set is consumed by the rebuild.
-_REGION_GENERATION: dict[str, int] = {}
-_REGION_PENDING: set[str] = set()
-_LINK_DEPTH = 8  # pass-through nodes followed from a Masks node's maskattn input back to the gates
-
-
-def request_tracked_rebuild(node_id: str) -> None:
-    _REGION_GENERATION[node_id] = _REGION_GENERATION.get(node_id, 0) + 1
-    _REGION_PENDING.add(node_id)
-
-
-def regions_read_in(prompt, unique_id) -> bool:
-    """Whether the queued prompt (API format) has a node that reads these gates' regions or leakage: a Zero-Shot
-    Masks node whose maskattn input comes from the node `unique_id` (directly or through pass-through nodes), or a
-    Record Gates node (the viewer's leakage list)."""
-    if not isinstance(prompt, dict) or unique_id is None:
-        return False
-    target = str(unique_id)
-    for node in prompt.values():
-        kind = node.get("class_type") if isinstance(node, dict) else None
-        if kind == "MaskAttnRecordGates":
-            return True
-        if kind != "MaskAttnZeroShotMasks":
-            continue
-        frontier, seen = [(node.get("inputs") or {}).get("maskattn")], set()
-        for _ in range(_LINK_DEPTH):
-            ids = {str(link[0]) for link in frontier if isinstance(link, (list, tuple)) and link} - seen
-            if target in ids:
-                return True
-            seen |= ids
-            frontier = [value for i in ids if isinstance(prompt.get(i), dict)
-                        for value in (prompt[i].get("inputs") or {}).values()]
-            if not frontier:
-                break
-    return False
-
-
 def send_notice(unique_id, message: str) -> None:
     """Show `message` on the node `unique_id` in the browser (web/maskattn.js), if a server is running."""
     try:
@@ -138,17 +100,12 @@ class MaskAttnZeroShotGates:
                                                       "step; from start_percent on, the model's own attention "
                                                       "decides within those places. off: no layout."}),
             },
-            "hidden": {"unique_id": "UNIQUE_ID", "prompt": "PROMPT"},
+            "hidden": {"unique_id": "UNIQUE_ID"},
         }
-
-    @classmethod
-    def IS_CHANGED(cls, unique_id=None, **_inputs):
-        # rebuilt once a Zero-Shot Masks node added after the last run asked for the regions
-        return _REGION_GENERATION.get(str(unique_id), 0)
 
     def build(self, clip, text, stage, start_percent, groups="", partition=DEFAULT_PARTITION,
               end_tokens=DEFAULT_END_TOKENS, self_attention=DEFAULT_SELF_ATTENTION, layout=DEFAULT_LAYOUT,
-              unique_id=None, prompt=None):
+              unique_id=None):
         from .gates import NodeError
 
         node = "MaskAttn Zero-Shot Gates"
@@ -156,22 +113,17 @@ class MaskAttnZeroShotGates:
             raise NodeError(f"{node}: no CLIP connected (clip input). Connect the CLIP output of your checkpoint "
                             f"loader.")
         tokens, vocab = clip_tokens(clip, text)
-        try:
-            gates = build_zero_shot_gates(text, tokens, vocab, groups_text=groups or "", stage=stage,
-                                          start_percent=start_percent, partition=partition, end_tokens=end_tokens,
-                                          self_attention=self_attention, layout=layout)
-        except GroupingError as e:
-            raise NodeError(f"{node}: groups: {e}. Use words of the prompt, groups split by |.") from None
 
         def notice(message: str) -> None:
             log.warning("%s", message)
             send_notice(unique_id, message)
 
-        gates.notice = notice
-        gates.node_id = None if unique_id is None else str(unique_id)
-        # the regions and leakage cost bookkeeping on every gated layer: kept when this prompt reads them
-        gates.track_regions = regions_read_in(prompt, unique_id) or gates.node_id in _REGION_PENDING
-        _REGION_PENDING.discard(gates.node_id)
+        try:
+            gates = build_zero_shot_gates(text, tokens, vocab, groups_text=groups or "", stage=stage,
+                                          start_percent=start_percent, partition=partition, end_tokens=end_tokens,
+                                          self_attention=self_attention, layout=layout, notice=notice)
+        except GroupingError as e:
+            raise NodeError(f"{node}: groups: {e}. Use words of the prompt, groups split by |.") from None
         description = gates.describe()
         idle = gates.nothing_to_separate()
         if idle:
@@ -253,17 +205,8 @@ class MaskAttnZeroShotMasks:
         layout = maskattn.layout_masks(height, width)
         layout = torch.ones(groups, height, width) if layout is None else layout  # no layout: each group anywhere
         regions = maskattn.region_masks(height, width, cover_background=background == BACKGROUND[1])
-        untracked = maskattn.ran_without_regions and not maskattn.track_regions
-        if untracked or regions is None:
-            maskattn.track_regions = True  # the next run tracks them (a direct caller's, or after the rebuild)
-        if untracked and maskattn.node_id is not None:
-            request_tracked_rebuild(maskattn.node_id)
-        again = ("the sampling run did not track the regions (nothing in the prompt read them when the gates were "
-                 "built, e.g. this node was added later): queue the prompt again and the gates are rebuilt to track "
-                 "them")
         if regions is None:
-            message = (f"{again}; the masks are empty this time" if untracked else
-                       "no sampling run with these zero-shot gates was seen yet (or they have fewer than two groups): "
+            message = ("no sampling run with these zero-shot gates was seen yet (or they have fewer than two groups): "
                        "the masks are empty")
             log.warning("%s: %s.", node, message)
             empty = torch.zeros(groups, height, width)
@@ -274,7 +217,7 @@ class MaskAttnZeroShotMasks:
         singles = tuple(per_group[i:i + 1] if i < per_group.shape[0] else torch.zeros(1, height, width)
                         for i in range(MASK_OUTPUTS))
         labels = maskattn.group_labels()
-        leakage = f"leakage: {again}" if untracked else maskattn.leakage_text()
+        leakage = maskattn.leakage_text()
         text = "\n".join([f"mask_{i + 1}: {label}" for i, label in enumerate(labels)] + [leakage])
         return {"ui": {"text": [text]}, "result": (per_group,) + singles + (leakage, layout)}
 

@@ -352,9 +352,12 @@ def test_nothing_to_separate_is_said_on_the_node_and_in_the_log(tokenizers, node
 
 
 def test_a_prompt_not_found_at_sampling_time_is_said_once(tokenizers, node):
-    gates, _ = build(node, tokenizers["sdxl"], PROMPT)
+    from comfyui_maskattn.masks.zeroshot import build_zero_shot_gates
+    from comfyui_maskattn.nodes.tokens import clip_tokens
+
     heard = []
-    gates.notice = heard.append
+    gates = build_zero_shot_gates(PROMPT, *clip_tokens(FakeClip(tokenizers["sdxl"]), PROMPT), stage="all",
+                                  notice=heard.append)
     q, k = torch.randn(2, 16, 32), torch.randn(2, 100, 32)  # 100 tokens: not this prompt's 77 repeated
     for _ in range(3):
         probs = gates.attention_probabilities(("input", 7, 0), q, k, 2, {"cond_or_uncond": [1, 0]})
@@ -366,7 +369,7 @@ def test_a_prompt_not_found_at_sampling_time_is_said_once(tokenizers, node):
                                                                   "sigmas": torch.tensor([sigma])})
     assert len(heard) == 2
     # an uncond-only call is not a miss: the prompt is simply not in that batch
-    heard[:] = heard[:1]
-    gates._noticed.clear()
-    gates.attention_probabilities(("input", 7, 0), q, k, 2, {"cond_or_uncond": [1, 1]})
-    assert heard == [heard[0]]
+    heard.clear()
+    gates.attention_probabilities(("input", 7, 0), q, k, 2, {"cond_or_uncond": [1, 1],
+                                                              "sigmas": torch.tensor([14.6])})
+    assert heard == []

@@ -74,7 +74,7 @@ def test_a_known_partition_is_recovered_from_layers_of_different_resolutions():
     p4 = gates.attention_probabilities(KEY, q4, k4, HEADS, info(10.0))
     assert red_columns(p8, 8, 8) == {0, 1, 2, 3}
     assert red_columns(p4) == {0, 1}
-    assert gates.state.grid == (8, 8) and gates.state.step_count == 2
+    assert gates.last_partition.grid == (8, 8) and gates.last_partition.step_count == 2
     # and the yellow vase keeps the right half, everywhere gated out on the left
     kept_vase = (p4[0][:, YELLOW_VASE[0]] > 0.5).view(H, W)
     assert kept_vase[:, 2:].all() and not kept_vase[:, :2].any()
@@ -103,27 +103,23 @@ def test_observed_steps_feed_the_aggregate_without_gating():
     q, k = plant(range(2))
     gates.observe_attention(KEY, q, k, HEADS, info(10.0))
     gates.observe_attention(KEY, q, k, HEADS, info(9.0))
-    assert gates.state.steps == 1 and gates.state.step_count == 1
-    # v1 keeps the aggregate only while something reads it (the masks, the leakage); its partition ignores it
+    assert gates.last_partition.steps == 1 and gates.last_partition.step_count == 1
+    # v1 keeps the aggregate too (its regions and leakage are read after the run); its partition ignores it
     v1 = gates_for("layer")
-    assert not v1.observes_inactive  # the hooks skip its steps before the start
-    v1.observe_attention(KEY, q, k, HEADS, info(10.0))
-    assert v1.state.step_count == 0
-    v1.track_regions = True
     assert v1.observes_inactive
     v1.observe_attention(KEY, q, k, HEADS, info(10.0))
-    assert v1.state.step_count == 1
-    # self-attention separation reads the regions, so it keeps them without a consumer
-    assert gates_for("layer", self_attention="separate_groups").observes_inactive
+    assert v1.last_partition.step_count == 1
+    # an ablation can leave the steps before the start unobserved
+    assert not gates_for("layer", observe_before_start=False).observes_inactive
 
 
 def test_a_new_run_starts_afresh():
     gates = gates_for()
     for sigma in (10.0, 5.0):
         gates.attention_probabilities(KEY, *plant(range(2)), HEADS, info(sigma))
-    assert gates.state.steps == 1
+    assert gates.last_partition.steps == 1
     gates.attention_probabilities(KEY, *plant([3]), HEADS, info(10.0))  # sigma went up: a new run
-    assert gates.state.steps == 0 and gates.state.step_count == 1
+    assert gates.last_partition.steps == 0 and gates.last_partition.step_count == 1
     assert red_columns(gates.attention_probabilities(KEY, *plant([3]), HEADS, info(10.0))) == {3}
 
 
@@ -191,15 +187,13 @@ def test_self_attention_bias_maths():
 
 
 def test_region_masks_at_image_size():
-    gates = gates_for("layer")
-    gates.attention_probabilities(KEY, *plant(range(2)), HEADS, info(10.0))
-    # nothing reads the regions: no bookkeeping, no masks, and the gates know a run went by untracked
-    assert gates.region_masks(32, 48) is None and gates.state.inside is None and gates.ran_without_regions
-    assert not gates.keeps_aggregate and not gates.observes_inactive
+    # v1's regions come from the aggregate it keeps beside its own partition
+    v1 = gates_for("layer")
+    assert v1.region_masks(32, 48) is None  # no run seen
+    v1.attention_probabilities(KEY, *plant(range(2)), HEADS, info(10.0))
+    assert v1.region_masks(32, 48).shape == (1, 2, 32, 48) and v1.last_partition.inside is not None
     gates = gates_for()
-    gates.track_regions = True  # a consumer (the Zero-Shot Masks node, the recorder) reads them
-    assert gates.region_masks(32, 48) is None  # no run seen
-    assert gates.keeps_aggregate and gates.observes_inactive
+    assert gates.region_masks(32, 48) is None and gates.leakage() == []  # no run seen
     gates.attention_probabilities(KEY, *plant(range(2)), HEADS, info(10.0))
     masks = gates.region_masks(32, 48)
     assert masks.shape == (1, 2, 32, 48) and masks.dtype == torch.float32
@@ -216,7 +210,6 @@ def test_leakage_on_planted_maps():
     """Head 0 puts the red book on the left half; head 1 attends uniformly: of the book's attention (averaged over
     heads), the share inside the left half is known in closed form."""
     gates = gates_for()
-    gates.track_regions = True
     q, k = plant(range(2))
     gates.attention_probabilities(KEY, q, k, HEADS, info(10.0))
     attention = torch.softmax(q.view(1, 16, HEADS, D).transpose(1, 2) @ k.view(1, 16, HEADS, D).permute(0, 2, 3, 1)
@@ -229,7 +222,6 @@ def test_leakage_on_planted_maps():
     assert "red (red book): " in gates.leakage_text()
     # a stronger plant concentrates the word more: less leaks
     sharp = gates_for()
-    sharp.track_regions = True
     sharp.attention_probabilities(KEY, q, k * 3.0, HEADS, info(10.0))
     assert dict((w, s) for w, _, s in sharp.leakage())["red"] > report["red"]
 

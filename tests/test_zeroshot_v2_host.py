@@ -53,6 +53,8 @@ def test_self_attention_mask_maths_while_sampling(host, sdxl_tokenizer):
     from comfyui_maskattn.masks.attention import explicit_attention
     from comfyui_maskattn.masks.zeroshot_partition import regions, self_attention_bias
 
+    from comfyui_maskattn.masks.run_state import RUN_STATE_KEY
+
     model = planted_model(host)
     gates = build(sdxl_tokenizer, self_attention="separate_groups")
     pos, neg = planted_cond(host, model, gates, 0, 1)
@@ -62,14 +64,15 @@ def test_self_attention_mask_maths_while_sampling(host, sdxl_tokenizer):
     key = ("input", 4, 0)
     container = attn1_replaces(patched)[key]
     h = w = 4  # input 4 of the tiny SDXL at 64 px: an 8x8 latent halved once
-    density = gates.state.at(h, w, (1, len(gates.groups)))
+    density = gates.last_partition.at(h, w, (1, len(gates.groups)))
     region = regions(density)
     assert (region.view(h, w)[:, :2] == 0).all() and (region.view(h, w)[:, 2:] == 1).all()
     heads, d = 2, 8
     q, k, v = (torch.randn(2, h * w, heads * d) for _ in range(3))
     # a later call of the same run (its last sigma: a higher one would start a new run, with no regions yet)
-    options = {"n_heads": heads, "cond_or_uncond": [1, 0], "sigmas": torch.tensor([gates.state.sigma]),
-               "original_shape": [2, 4, 8, 8], "block": ("input", 4), "block_index": 0}
+    options = {"n_heads": heads, "cond_or_uncond": [1, 0], "sigmas": torch.tensor([gates.last_partition.sigma]),
+               "original_shape": [2, 4, 8, 8], "block": ("input", 4), "block_index": 0,
+               RUN_STATE_KEY: patched.model_options["transformer_options"][RUN_STATE_KEY]}
     got = container(q, k, v, dict(options))
     bias = self_attention_bias(region, -1e4, torch.float32)
     expected = torch.cat([explicit_attention(q[:1], k[:1], v[:1], heads),
@@ -137,7 +140,7 @@ def test_masks_node_outputs_each_groups_region_at_image_size(host, sdxl_tokenize
     aggregate[:, 0, :, :2] = 3.0
     aggregate[:, 1, :, 4:] = 3.0
     aggregate[:, 1, :, 3] = 0.5  # the weak right middle leans to group 1
-    gates.state.combined = lambda: aggregate
+    gates.last_partition.combined = lambda: aggregate
     regions = node.masks(gates, latent={"samples": latent})["result"][0]
     tiles = node.masks(gates, latent={"samples": latent}, background="to its winning group")["result"][0]
     assert bool((regions.sum(0) == 0).any()) and bool((regions <= tiles).all())
@@ -151,54 +154,45 @@ def test_masks_node_outputs_each_groups_region_at_image_size(host, sdxl_tokenize
         node.masks(object(), image=image)
 
 
-def test_regions_are_tracked_only_when_the_prompt_reads_them(host, sdxl_tokenizer):
-    """The regions and the leakage cost bookkeeping on every gated layer: the node keeps them when the queued prompt
-    has a Zero-Shot Masks node fed by it or a Record Gates node; a Masks node added after a run gets a clear message,
-    and the next queue rebuilds the gates (IS_CHANGED flips) to track them."""
+def test_gates_stay_as_built_and_a_masks_node_added_later_reads_the_last_run(host, sdxl_tokenizer):
+    """A gate source is immutable once built: sampling, the Masks node and Record Gates change none of its fields, and
+    nothing is kept per node id. What a run gathers lives on the patched model's run state, one per Apply; a Masks node
+    added after a run reads that run's regions and leakage at once, with no second queue."""
+    import copy
+
+    from comfyui_maskattn.masks.run_state import RUN_STATE_KEY
+    from comfyui_maskattn.nodes import hooks
     from comfyui_maskattn.nodes import zeroshot as zs_nodes
+    from comfyui_maskattn.nodes.preview import MaskAttnRecordGates
 
+    assert not hasattr(zs_nodes.MaskAttnZeroShotGates, "IS_CHANGED")
+    assert not [name for name, value in vars(zs_nodes).items()
+                if not name.isupper() and isinstance(value, (dict, set, list)) and not name.startswith("__")]
     node = zs_nodes.MaskAttnZeroShotGates()
-    clip = FakeClip(sdxl_tokenizer)
-    masks_node = {"class_type": "MaskAttnZeroShotMasks", "inputs": {"maskattn": ["12", 0], "image": ["9", 0]}}
-    other_masks = {"class_type": "MaskAttnZeroShotMasks", "inputs": {"maskattn": ["4", 0]}}
-    sampler = {"class_type": "KSampler", "inputs": {"model": ["3", 0]}}
-
-    def gates_for(prompt, uid="12", text=PROMPT):  # v1: its regions are optional bookkeeping
-        return node.build(clip, text, "all", 0.0, "", unique_id=uid, prompt=prompt, partition="layer")["result"][0]
-
-    assert not gates_for({"1": sampler}).track_regions
-    assert not gates_for({"1": sampler, "2": other_masks}).track_regions  # a Masks node fed by other gates
-    assert gates_for({"1": sampler, "2": masks_node}).track_regions
-    assert gates_for({"1": sampler, "5": {"class_type": "MaskAttnRecordGates", "inputs": {}}}).track_regions
-    through = {"class_type": "SomeSwitch", "inputs": {"any": ["12", 0], "other": ["9", 0]}}
-    late = {"class_type": "MaskAttnZeroShotMasks", "inputs": {"maskattn": ["30", 0]}}
-    assert gates_for({"1": sampler, "30": through, "31": late}).track_regions  # through a pass-through node
-    # untracked v1 gates sample with no bookkeeping at all
+    gates = node.build(FakeClip(sdxl_tokenizer), PROMPT, "all", 0.0, "", unique_id="12",
+                       partition="layer")["result"][0]  # v1: its regions come from the aggregate beside it
+    fields = {name: value for name, value in vars(gates).items() if not name.startswith("_")}
+    snapshot = copy.copy(fields)
     model = planted_model(host)
-    gates = gates_for({"1": sampler}, uid="77")
-    assert not gates.observes_inactive
     pos, neg = planted_cond(host, model, gates, 0, 1)
-    latent = host.ksample(apply(model, gates), pos, neg, steps=2, width=96, height=64)
-    assert gates.state.past is None and gates.state.inside is None and gates.ran_without_regions
-    before = zs_nodes.MaskAttnZeroShotGates.IS_CHANGED(unique_id="77", clip=clip)
-    # a Masks node added after that run: empty masks, said so, and the node is asked to rebuild, once
+    first, second = apply(model, gates), apply(model, gates)
+    runs = [m.model_options["transformer_options"][RUN_STATE_KEY] for m in (first, second)]
+    assert runs[0] is not runs[1] and all(run.source is gates for run in runs)
+    latent = host.ksample(first, pos, neg, steps=2, width=96, height=64)
+    assert gates.runs.latest is runs[0] and runs[1].partition.past is None  # the other model's run saw nothing
     out = zs_nodes.MaskAttnZeroShotMasks().masks(gates, latent={"samples": latent})["result"]
-    assert not out[0].any() and "did not track the regions" in out[-2] and "queue the prompt again" in out[-2]
-    after = zs_nodes.MaskAttnZeroShotGates.IS_CHANGED(unique_id="77", clip=clip)
-    assert after != before and zs_nodes.MaskAttnZeroShotGates.IS_CHANGED(unique_id="77", clip=clip) == after
-    rebuilt = gates_for({"1": sampler}, uid="77")
-    assert rebuilt.track_regions
-    assert not gates_for({"1": sampler}, uid="77").track_regions  # the request was consumed by that rebuild
-    host.ksample(apply(model, rebuilt), pos, neg, steps=2, width=96, height=64)
-    out = zs_nodes.MaskAttnZeroShotMasks().masks(rebuilt, latent={"samples": latent})["result"]
     assert out[1].any() and out[2].any() and "red (red book)" in out[-2]
-    # a prompt with fewer than two groups has no regions at all: no rebuild is asked for
-    one = gates_for({"1": sampler}, uid="78", text="a red book")
-    assert not one.active
+    recorded = MaskAttnRecordGates().record(first, "all", "all", False, 16, 8)[0]
+    assert hooks.installed_runtime(first).observers == []  # the recorder watches the clone only
+    host.ksample(recorded, pos, neg, steps=2, width=96, height=64)
+    assert gates.runs.latest is runs[0]  # (a clone shares its model's run state)
+    after = {name: value for name, value in vars(gates).items() if not name.startswith("_")}
+    assert after.keys() == snapshot.keys() and all(after[n] is snapshot[n] for n in snapshot)
+    # a prompt with fewer than two groups has no regions at all
+    one = node.build(FakeClip(sdxl_tokenizer), "a red book", "all", 0.0, "", unique_id="78")["result"][0]
     host.ksample(apply(model, one), pos, neg, steps=1, width=96, height=64)
     said = zs_nodes.MaskAttnZeroShotMasks().masks(one, latent={"samples": latent})["result"][-2]
-    assert "fewer than two groups" in said and "did not track" not in said
-    assert zs_nodes.MaskAttnZeroShotGates.IS_CHANGED(unique_id="78", clip=clip) == 0
+    assert "fewer than two groups" in said
 
 
 def test_leakage_number_on_planted_attention_and_in_the_preview(host, sdxl_tokenizer):

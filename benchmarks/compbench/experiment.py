@@ -367,7 +367,6 @@ def zero_shot_v2_regions(ctx: Context, triples: list, seed: int, chunk: int = 12
             if len(gates.groups) != 2:
                 raise ValueError(f"zero-shot v2 grouped {captions[0]!r} as {gates.group_labels()}: expected the two "
                                  f"objects")
-            gates.track_regions = True
             pos, neg = ctx.clip.conditioning(captions), ctx.clip.conditioning([""] * len(idx))
             empty = {"samples": torch.zeros(len(idx), 4, ctx.size, ctx.size)}
             with torch.inference_mode():
@@ -400,16 +399,20 @@ class ZeroShotArm(Arm):
     def model_for(self, ctx, idx, seed):
         key = structure(ctx.triples[idx[0]])
         if key not in self.models:
-            result = ctx.nodes["MaskAttnZeroShotGates"]().build(ctx.clip, world.caption(ctx.triples[idx[0]]),
-                                                                ctx.stage, self.start, **self.options)["result"]
-            if self.memory is not None:
-                result[0].state.memory = self.memory
+            caption = world.caption(ctx.triples[idx[0]])
+            result = ctx.nodes["MaskAttnZeroShotGates"]().build(ctx.clip, caption, ctx.stage, self.start,
+                                                                **self.options)["result"]
+            hidden = {name: value for name, value in (("memory", self.memory), ("layout_handover", self.handover),
+                                                      ("layout_floor", self.floor)) if value is not None}
             if not self.observe_early:
-                result[0].observe_before_start = False
-            if self.handover is not None:
-                result[0].layout_handover = self.handover
-            if self.floor is not None:
-                result[0].layout_floor = self.floor
+                hidden["observe_before_start"] = False
+            if hidden:  # the same gates built with the settings the node does not expose
+                from comfyui_maskattn.masks.zeroshot import build_zero_shot_gates
+                from comfyui_maskattn.nodes.tokens import clip_tokens
+
+                tokens, vocab = clip_tokens(ctx.clip, caption)
+                result = (build_zero_shot_gates(caption, tokens, vocab, stage=ctx.stage, start_percent=self.start,
+                                                **self.options, **hidden),) + tuple(result[1:])
             self.models[key] = ctx.apply(result[0])
             ctx.info.setdefault(self.name, {})[key] = result[1].splitlines()[0]
         return self.models[key]
