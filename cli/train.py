@@ -200,14 +200,14 @@ class RunRefused(Exception):
 
 
 def _run(args, examples, dist: Dist, fingerprint) -> int:
-    from comfyui_maskattn.nodes.training_examples import TrainingInputError
+    from comfyui_maskattn.nodes import gate_training
 
     try:
         return _train_and_write(args, examples, dist, fingerprint)
     except RunRefused as e:
         say(dist, f"error: {e}")
         return e.code
-    except TrainingInputError as e:  # (e.g. --init holds another gate kind than --head)
+    except gate_training.TrainingInputError as e:  # (e.g. --init holds another gate kind than --head)
         say(dist, f"error: {e}")
         return EXIT_USAGE
 

@@ -140,8 +140,8 @@ def _load_safetensors(path: Path) -> MaskAttnGates:
                             f"({FORMAT_VERSION}); update the MaskAttn node pack.")
     gate_kind = metadata.get("gate_kind", "reference")
     if gate_kind not in GATE_KINDS:
-        raise GateFileError(f"{path.name}: gate kind {gate_kind!r} is not one this pack runs ({', '.join(GATE_KINDS)}); "
-                            f"update the MaskAttn node pack.")
+        raise GateFileError(f"{path.name}: gate kind {gate_kind!r} is not one this pack runs "
+                            f"({', '.join(GATE_KINDS)}); update the MaskAttn node pack.")
     try:
         sites = json.loads(metadata["sites"])
         grouped: dict[int, dict[str, torch.Tensor]] = {}

@@ -205,3 +205,25 @@ def test_the_wrong_head_is_refused_by_name(host, small):
                 on_end=lambda trainer, complete: saved.update(state=trainer.state_dict()))
         T.train(small, _examples(host, small), ctx, TrainConfig(steps=1, seed=1, head="context"),
                 resume=saved["state"])
+
+
+def test_the_command_line_refuses_an_init_file_of_the_other_head(host, small, tmp_path, capsys):
+    import sys
+    from pathlib import Path
+
+    from comfyui_maskattn.cli.train import EXIT_USAGE, main
+    from comfyui_maskattn.masks.gatefile import save_gates
+    from comfyui_maskattn.nodes import gate_training as T
+
+    tests = Path(__file__).resolve().parent
+    sys.path.insert(0, str(tests))
+    from train_support import make_dataset
+
+    gates = T.new_gates(small, "all", "encoder_decoder", 8, 0, 0.5, head="context")
+    init = save_gates(gates, tmp_path / "ctx.safetensors")
+    data = make_dataset(tmp_path / "data", count=2)
+    code = main(["--model-factory", f"{tests / 'train_support.py'}:tiny_components", "--data", str(data), "--output",
+                 str(tmp_path / "run"), "--resolution", "32", "--hidden", "8", "--steps", "1", "--no-progress", "--cpu",
+                 "--init", str(init)])
+    assert code == EXIT_USAGE
+    assert "ctx.safetensors holds context gates; train with head = context" in capsys.readouterr().out
