@@ -59,6 +59,7 @@ def main(argv=None):
         help="model weights (default: bfloat16 on CUDA, float32 on the CPU)",
     )
     ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--head", default="reference", choices=["reference", "context"], help="gate head to train")
     ap.add_argument("--comfyui", default=None, help="ComfyUI folder (default: as cli/host.py finds it)")
     args = ap.parse_args(argv)
 
@@ -68,6 +69,7 @@ def main(argv=None):
     host = load_host(args.comfyui)
     from comfyui_maskattn.masks.train import GateTrainer, TrainConfig
     from comfyui_maskattn.nodes import gate_training as T
+    from comfyui_maskattn.nodes.training_examples import prepare_examples
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -86,9 +88,9 @@ def main(argv=None):
         ]
         for _ in range(n)
     ]
-    examples = T.prepare_examples(model, latent, conds, device=device)
-    gates = T.new_gates(model, args.stage, "encoder_decoder", 128, seed=0)
-    config = TrainConfig(steps=10**6, batch_size=args.batch, lr=1e-4)
+    examples = prepare_examples(model, latent, conds, device=device)
+    gates = T.new_gates(model, args.stage, "encoder_decoder", 128, seed=0, head=args.head)
+    config = TrainConfig(steps=10**6, batch_size=args.batch, lr=1e-4, head=args.head)
 
     with T.TrainingSession(model, gates, device, gradient_checkpointing=args.gradient_checkpointing) as session:
         trainer = GateTrainer(gates.heads, config, device=session.device)
@@ -109,7 +111,7 @@ def main(argv=None):
         def gated():
             trainer.train_step(loss_fn)
 
-        cases = {"plain forward+backward": plain, f"gated training step ({args.stage})": gated}
+        cases = {"plain forward+backward": plain, f"gated training step ({args.stage}, {args.head})": gated}
         times, peaks = interleaved(cases, args.rounds, warmup=2)
     print(
         f"device: {device_name()}; weights {dtype}; {'SDXL-size' if args.sdxl_size else 'tiny'} random UNet; "

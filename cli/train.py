@@ -58,11 +58,14 @@ def _model_and_data_arguments(src):
 
 
 def _gate_arguments(g, D: dict):
+    from comfyui_maskattn.masks.context import GATE_KINDS
     from comfyui_maskattn.masks.topology import PLACEMENTS, STAGE_CHOICES
 
     g.add_argument("--stage", default=D["stage"], choices=list(STAGE_CHOICES))
     g.add_argument("--placement", default=D["placement"], choices=list(PLACEMENTS))
     g.add_argument("--hidden", type=int, default=D["hidden"], help="gate MLP width")
+    g.add_argument("--head", default=D["head"], choices=list(GATE_KINDS),
+                   help="gate head: reference (the paper's) or context (also reads the run's running attention)")
     g.add_argument("--init", help="start from this gate file (.safetensors) instead of fresh heads")
     g.add_argument(
         "--init-bias",
@@ -197,11 +200,16 @@ class RunRefused(Exception):
 
 
 def _run(args, examples, dist: Dist, fingerprint) -> int:
+    from comfyui_maskattn.nodes import gate_training
+
     try:
         return _train_and_write(args, examples, dist, fingerprint)
     except RunRefused as e:
         say(dist, f"error: {e}")
         return e.code
+    except gate_training.TrainingInputError as e:  # (e.g. --init holds another gate kind than --head)
+        say(dist, f"error: {e}")
+        return EXIT_USAGE
 
 
 def _train_and_write(args, examples, dist: Dist, fingerprint) -> int:
@@ -223,6 +231,7 @@ def _train_and_write(args, examples, dist: Dist, fingerprint) -> int:
         seed=args.seed,
         objective=args.objective,
         init_bias=args.init_bias,
+        head=args.head,
     )
     layout = {
         "stage": gates.stage,
@@ -313,6 +322,7 @@ def _train_config(args, dist: Dist, has_masks: bool):
         objective=args.objective,
         mask_steps=resolve_mask_steps(args.mask_steps, args.steps, has_masks),
         mask_outside=args.mask_outside,
+        head=args.head,
     )
 
 

@@ -1,10 +1,14 @@
 """Gate files: our `.safetensors` format, and an importer for the reference implementation's `.pt` checkpoints.
 
-`.safetensors` layout (format "maskattn-comfyui-gates", version 1):
+`.safetensors` layout (format "maskattn-comfyui-gates", version 1 for reference heads, 2 for context heads):
   tensors   `heads.{i}.{param}` for each distinct gate head, params named as in the reference
             (`feature_net.0.weight`, ..., `logit_bias`)
   metadata  strings: format, format_version, architecture, stage, placement, hidden_size, threshold,
             negative_value, kind, and `sites`: JSON {"input.7.3": {"head": 0, "stage": "mid", ...}, ...}
+  version 2 (context heads, masks/context.py) adds `gate_kind` = "context", `context_features`, `context_hidden`
+            and `memory`, and the heads' `context_net.{0,2}.*` tensors. Reference heads are still written as
+            version 1, byte for byte as before, so every pack reads them; a version-1 pack refuses a context file
+            as "newer than this pack reads". A file without `gate_kind` holds reference heads.
 
 Only safetensors and `torch.load(weights_only=True)` are used: no pickled code ever runs.
 """
@@ -19,12 +23,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .context import GATE_KINDS, ContextGateHead, ContextGates
 from .gate import NEGATIVE_VALUE, GateHead
 from .gates import MaskAttnGates
 from .topology import STAGES, diffusers_name_to_key, key_to_name, name_to_key
 
 FORMAT = "maskattn-comfyui-gates"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version this pack reads
+REFERENCE_VERSION = 1  # what reference heads are written as (every pack reads them)
 REFERENCE_FORMAT = "maskattn-sdxl-gates-v1"
 EXTENSIONS = (".safetensors", ".pt", ".pth")
 
@@ -49,9 +55,10 @@ def save_gates(gates: MaskAttnGates, path: str | os.PathLike, extra_metadata: di
         key_to_name(key): {"head": index, "stage": gates.site_stages[key]}
         for key, index in sorted(gates.site_heads.items())
     }
+    context = gates.gate_kind == "context"
     metadata = {
         "format": FORMAT,
-        "format_version": str(FORMAT_VERSION),
+        "format_version": str(FORMAT_VERSION if context else REFERENCE_VERSION),
         "architecture": gates.architecture,
         "stage": gates.stage,
         "placement": gates.placement,
@@ -60,6 +67,7 @@ def save_gates(gates: MaskAttnGates, path: str | os.PathLike, extra_metadata: di
         "negative_value": repr(float(gates.negative_value)),
         "kind": gates.kind,
         "sites": json.dumps(sites),
+        **(_context_metadata(gates) if context else {}),
         **(extra_metadata or {}),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -70,6 +78,12 @@ def save_gates(gates: MaskAttnGates, path: str | os.PathLike, extra_metadata: di
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _context_metadata(gates: ContextGates) -> dict[str, str]:
+    first = gates.heads[0]
+    return {"gate_kind": "context", "context_features": str(first.context_features),
+            "context_hidden": str(first.context_hidden), "memory": repr(float(gates.memory))}
 
 
 def load_gates(path: str | os.PathLike) -> MaskAttnGates:
@@ -84,14 +98,15 @@ def load_gates(path: str | os.PathLike) -> MaskAttnGates:
     raise GateFileError(f"{path.name}: unknown gate file type {path.suffix!r}; expected one of {', '.join(EXTENSIONS)}")
 
 
-def _head_from_state(state: dict[str, torch.Tensor], where: str) -> GateHead:
+def _head_from_state(state: dict[str, torch.Tensor], where: str, context: dict | None = None) -> GateHead:
+    """A head from its tensors; `context` ({features, hidden}) for a context head, None for a reference head."""
     try:
         c = state["feature_net.0.weight"].shape[0]
         d = state["token_net.0.weight"].shape[0]
         h = state["feature_net.1.weight"].shape[0]
     except KeyError as e:
         raise GateFileError(f"{where}: gate head tensor {e.args[0]} is missing; the file is incomplete") from None
-    head = GateHead(c, d, h)
+    head = GateHead(c, d, h) if context is None else ContextGateHead(c, d, h, context["features"], context["hidden"])
     try:
         head.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=True)
     except RuntimeError as e:
@@ -123,6 +138,10 @@ def _load_safetensors(path: Path) -> MaskAttnGates:
     if version > FORMAT_VERSION:
         raise GateFileError(f"{path.name}: gate format version {version} is newer than this pack reads "
                             f"({FORMAT_VERSION}); update the MaskAttn node pack.")
+    gate_kind = metadata.get("gate_kind", "reference")
+    if gate_kind not in GATE_KINDS:
+        raise GateFileError(f"{path.name}: gate kind {gate_kind!r} is not one this pack runs "
+                            f"({', '.join(GATE_KINDS)}); update the MaskAttn node pack.")
     try:
         sites = json.loads(metadata["sites"])
         grouped: dict[int, dict[str, torch.Tensor]] = {}
@@ -133,11 +152,15 @@ def _load_safetensors(path: Path) -> MaskAttnGates:
             grouped.setdefault(int(m.group(1)), {})[m.group(2)] = t
         if sorted(grouped) != list(range(len(grouped))):
             raise GateFileError(f"{path.name}: gate heads are not numbered 0..{len(grouped) - 1}; the file is damaged")
-        heads = nn.ModuleList(_head_from_state(grouped[i], f"{path.name} head {i}") for i in range(len(grouped)))
+        context = None if gate_kind == "reference" else {
+            "features": int(metadata["context_features"]), "hidden": int(metadata["context_hidden"])}
+        heads = nn.ModuleList(_head_from_state(grouped[i], f"{path.name} head {i}", context)
+                              for i in range(len(grouped)))
         site_heads = {name_to_key(n): int(s["head"]) for n, s in sites.items()}
         site_stages = {name_to_key(n): s["stage"] for n, s in sites.items()}
-        return MaskAttnGates(
-            heads=heads, site_heads=site_heads, site_stages=site_stages,
+        fields = {} if context is None else {"memory": float(metadata["memory"])}
+        return (MaskAttnGates if context is None else ContextGates)(
+            heads=heads, site_heads=site_heads, site_stages=site_stages, **fields,
             architecture=metadata.get("architecture", "unknown"),
             threshold=float(metadata.get("threshold", 0.5)),
             negative_value=float(metadata.get("negative_value", NEGATIVE_VALUE)),

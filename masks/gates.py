@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -29,6 +30,10 @@ class MaskAttnGates(GateSource):
     source: str = ""  # file it came from, for messages
     _on_device: dict = field(default_factory=dict, repr=False)
 
+    #: Which head architecture: "reference" (the paper's GateHead) or "context" (masks/context.py). Not `kind`,
+    #: which says whether the heads are trained.
+    gate_kind: ClassVar[str] = "reference"
+
     def __post_init__(self):
         for key, index in self.site_heads.items():
             if not 0 <= index < len(self.heads):
@@ -53,7 +58,7 @@ class MaskAttnGates(GateSource):
                 share_key = (site.stage, site.feature_dim, site.context_dim) if share_by_stage else site.key
                 if share_key not in index_of:
                     index_of[share_key] = len(heads)
-                    heads.append(GateHead(site.feature_dim, site.context_dim, hidden_dim))
+                    heads.append(cls.make_head(site.feature_dim, site.context_dim, hidden_dim))
                 site_heads[site.key] = index_of[share_key]
         finally:
             if seed is not None:
@@ -61,6 +66,16 @@ class MaskAttnGates(GateSource):
         fields.setdefault("architecture", architecture_name(sites))
         fields.setdefault("kind", "untrained")
         return cls(heads=heads, site_heads=site_heads, site_stages={s.key: s.stage for s in sites}, **fields)
+
+    @staticmethod
+    def make_head(feature_dim: int, token_dim: int, hidden_dim: int) -> GateHead:
+        """A new head of this gate kind."""
+        return GateHead(feature_dim, token_dim, hidden_dim)
+
+    def training_run(self):
+        """The run state a training forward pass starts from (a fresh one per step), or None: reference heads
+        gather nothing while they run."""
+        return None
 
     # --- the GateSource members (masks/source.py) ---
     def covers(self, key: SiteKey) -> bool:

@@ -167,6 +167,11 @@ class TrainingGate:
             features, context = features.detach(), context.detach()
         with torch.enable_grad():
             logits = head.logits(features.float(), context.float()).float()
+        return self.from_logits(key, logits, cond_rows, info)
+
+    def from_logits(self, key, logits: Tensor, cond_rows: Tensor | None = None, info: dict | None = None) -> GateResult:
+        """The objective's gate from one layer's logits [B, N, T] (fp32, differentiable w.r.t. the head); `compute`
+        for heads that read more than the features and text (context gates make their logits at the attention)."""
         probabilities = torch.sigmoid(logits)
         estimator = self.objective.estimator
         if estimator == "ste" and not self.detach_features:

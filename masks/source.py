@@ -85,6 +85,10 @@ class GateSource(ABC):
     """True: at every location some token has keep-probability 1 (attention sources), so no location can keep
     nothing and the runtime skips gate_bias's empty-row rule (a no-op then: the same bits)."""
 
+    reads_features: bool = False
+    """True (needs_attention sources that also read the layer's inputs: context gates, masks/context.py): the gate
+    patch leaves the layer's input features and text states for `attention_probabilities` in the call's options."""
+
     token_groups: list[int] | None = None
     """Per prompt token position, the index of its group in `grouping` (-1: none), for the viewer; None: no groups."""
 

@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from .context import GATE_KINDS
 from .objectives import DEFAULT_OBJECTIVE, Objective, get_objective
 from .supervised import check_outside
 
@@ -49,6 +50,7 @@ TRAIN_DEFAULTS = {
     "placement": "encoder_decoder",
     "hidden": 128,
     "objective": DEFAULT_OBJECTIVE,
+    "head": "reference",  # the gate kind a run trains: "reference" (the paper's head) or "context" (masks/context.py)
     "warmup": -1,  # warmup steps; -1: warmup_fraction of the steps (resolve_warmup)
     "mask_steps": -1,  # leading steps trained on object masks (masks/supervised.py) before the objective; -1: every
     # step when the data has object masks, none without (resolve_mask_steps)
@@ -87,6 +89,7 @@ class TrainConfig:
     objective: str = TRAIN_DEFAULTS["objective"]  # a name of masks/objectives.OBJECTIVES
     mask_steps: int = 0  # leading steps on the object-mask loss, resolved (resolve_mask_steps); 0: none
     mask_outside: str = TRAIN_DEFAULTS["mask_outside"]  # the mask loss's target where no object is
+    head: str = TRAIN_DEFAULTS["head"]  # the gate kind trained (GATE_KINDS)
 
     def __post_init__(self):
         self.betas = tuple(float(b) for b in self.betas)
@@ -102,6 +105,8 @@ class TrainConfig:
         if not 0 <= self.mask_steps <= self.steps:
             raise ValueError(f"mask_steps must lie in [0, steps], got {self.mask_steps} of {self.steps}")
         check_outside(self.mask_outside)
+        if self.head not in GATE_KINDS:
+            raise ValueError(f"head must be one of {GATE_KINDS}, got {self.head!r}")
 
     @property
     def objective_spec(self) -> Objective:

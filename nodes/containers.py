@@ -13,6 +13,7 @@ import inspect
 import weakref
 
 from ..masks.attention import masked_attention, warn_mask_fallback
+from ..masks.context import FEATURES_KEY
 from ..masks.rows import PROMPT_ROWS_KEY
 from ..masks.topology import SiteKey
 from .gate_patch import BIAS_KEY, ROWS_KEY, SEEN_KEY, MaskAttnGatePatch, PatchOrderError, gated_rows
@@ -157,6 +158,7 @@ class MaskAttnAttention:
             elif runtime.gates.observes_inactive:  # (zero-shot v2 aggregates ungated steps too)
                 runtime.gates.observe_attention(self.key, q, k, heads, extra_options)
             extra_options.pop(PROMPT_ROWS_KEY, None)
+        extra_options.pop(FEATURES_KEY, None)
         return self._finish(q, k, v, bias, extra_options)
 
     def _finish(self, q, k, v, bias, extra_options):

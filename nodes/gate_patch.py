@@ -14,6 +14,7 @@ import logging
 
 import torch
 
+from ..masks.context import FEATURES_KEY
 from ..masks.rows import PROMPT_ROWS_KEY, RowLayoutError, cond_rows
 from ..masks.runtime import GateRuntime, rows_by_text
 from ..masks.topology import SiteKey, key_to_name
@@ -118,6 +119,8 @@ class MaskAttnGatePatch:
         extra_options[SEEN_KEY] = (n.shape[0], context.shape[1])
         if self.runtime.gates.needs_attention:  # (the bias comes from q/k, in the replace)
             extra_options[ROWS_KEY] = rows
+            if self.runtime.gates.reads_features:  # (context gates: the layer's inputs too)
+                extra_options[FEATURES_KEY] = (n, context)
             return n, context, value
         bias = self.runtime.bias(key, n, context, rows, extra_options)
         if bias is not None:

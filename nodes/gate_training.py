@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Callable
@@ -26,6 +27,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from ..masks.context import ContextGates
 from ..masks.gates import MaskAttnGates
 from ..masks.objectives import (
     DEFAULT_OBJECTIVE,
@@ -36,6 +38,7 @@ from ..masks.objectives import (
     sigma_band_table,
 )
 from ..masks.record import latent_hw
+from ..masks.run_state import RUN_STATE_KEY
 from ..masks.supervised import mask_loss
 from ..masks.topology import PLACEMENTS, STAGE_CHOICES, select_sites
 from ..masks.train import (
@@ -117,18 +120,9 @@ def trainable_copy(gates: MaskAttnGates) -> MaskAttnGates:
                         m._parameters[name] = nn.Parameter(
                             p.detach().clone().to("cpu", torch.float32), requires_grad=True
                         )
-    return MaskAttnGates(
-        heads=heads,
-        site_heads=dict(gates.site_heads),
-        site_stages=dict(gates.site_stages),
-        architecture=gates.architecture,
-        threshold=gates.threshold,
-        negative_value=gates.negative_value,
-        stage=gates.stage,
-        placement=gates.placement,
-        kind=gates.kind,
-        source=gates.source,
-    )
+    # the same kind of gates (reference or context) with their own heads; the caches start empty
+    return dataclasses.replace(gates, heads=heads, site_heads=dict(gates.site_heads),
+                               site_stages=dict(gates.site_stages), _on_device={})
 
 
 #: Fresh heads of the default objective start open: logit bias 2 keeps nearly every (location, token) pair (P ~ 0.88
@@ -139,10 +133,15 @@ def trainable_copy(gates: MaskAttnGates) -> MaskAttnGates:
 INITIAL_LOGIT_BIAS = OBJECTIVES[DEFAULT_OBJECTIVE].init_bias
 
 
+GATE_CLASSES = {"reference": MaskAttnGates, "context": ContextGates}
+
+
 def fresh_gates(
-    sites, hidden_dim: int = TRAIN_DEFAULTS["hidden"], seed: int = 0, initial_bias: float = INITIAL_LOGIT_BIAS, **fields
+    sites, hidden_dim: int = TRAIN_DEFAULTS["hidden"], seed: int = 0, initial_bias: float = INITIAL_LOGIT_BIAS,
+    head: str = TRAIN_DEFAULTS["head"], **fields
 ) -> MaskAttnGates:
-    gates = MaskAttnGates.fresh(sites, hidden_dim=hidden_dim, share_by_stage=True, seed=seed, **fields)
+    """Fresh heads of gate kind `head`; a context set starts equal to the reference set of the same seed."""
+    gates = GATE_CLASSES[head].fresh(sites, hidden_dim=hidden_dim, share_by_stage=True, seed=seed, **fields)
     with torch.no_grad():
         for head in gates.heads:
             head.logit_bias.fill_(float(initial_bias))
@@ -156,13 +155,16 @@ def new_gates(
     hidden_dim: int = TRAIN_DEFAULTS["hidden"],
     seed: int = 0,
     initial_bias: float = INITIAL_LOGIT_BIAS,
+    head: str = TRAIN_DEFAULTS["head"],
 ) -> MaskAttnGates:
     if stage not in STAGE_CHOICES or placement not in PLACEMENTS:
         raise TrainingInputError(f"stage must be one of {STAGE_CHOICES} and placement one of {PLACEMENTS}")
     sites = select_sites(hooks.model_sites(model), stage, placement)
     if not sites:
         raise TrainingInputError(f"no cross-attention layers at stage '{stage}', placement '{placement}' in this model")
-    return fresh_gates(sites, hidden_dim, seed, initial_bias, stage=stage, placement=placement)
+    if head not in GATE_CLASSES:
+        raise TrainingInputError(f"head must be one of {tuple(GATE_CLASSES)}, got {head!r}")
+    return fresh_gates(sites, hidden_dim, seed, initial_bias, head, stage=stage, placement=placement)
 
 
 class TrainingSession:
@@ -213,6 +215,8 @@ class TrainingSession:
                 observers=runtime.observers,
             )
             runtime.compute = self.gate.compute
+            if self.gates.needs_attention:  # context heads make their logits at the attention call
+                runtime.compute_from_attention = self._context_gate
             runtime.attention_override = self.gate.attention
             self.patched, self.runtime = patched, runtime
             if self.load:
@@ -265,10 +269,21 @@ class TrainingSession:
             stack.close()
         return False
 
+    def _context_gate(self, key, q, k, heads, cond_rows=None, info=None):
+        """GateRuntime.compute_from_attention while context heads train: the objective's gate (self.gate) from the
+        heads' logits, which read the layer's features, the text and the step's run state."""
+        logits = self.gates.attention_logits(key, q, k, heads, info or {}, detach=self.gate.detach_features)
+        return self.gate.from_logits(key, logits, cond_rows, info)
+
     def denoise(self, xt: Tensor, sigma: Tensor, context: Tensor, extras: dict[str, Tensor]) -> Tensor:
         to = dict(self.patched.model_options.get("transformer_options", {}))
         to["cond_or_uncond"] = [0]
         to["sigmas"] = sigma
+        # Each training step is one model call at its own noise level: a fresh run state, so no aggregate of another
+        # step (or of sampling) reaches it.
+        run = self.gates.training_run()
+        if run is not None:
+            to[RUN_STATE_KEY] = run
         base = self.patched.model
         c_concat = extras.get("c_concat")
         kwargs = {k: v for k, v in extras.items() if k != "c_concat"}
@@ -360,13 +375,17 @@ def start_gates(
     seed: int = TRAIN_DEFAULTS["seed"],
     objective: str = TRAIN_DEFAULTS["objective"],
     init_bias: float | None = None,
+    head: str = TRAIN_DEFAULTS["head"],
 ) -> MaskAttnGates:
-    """The gates a run trains: a trainable copy of `init` (the input is never trained in place), or fresh heads at
-    `stage`/`placement` whose logit bias is `init_bias`, by default the objective's own start."""
+    """The gates a run trains: a trainable copy of `init` (the input is never trained in place), or fresh heads of
+    kind `head` at `stage`/`placement` whose logit bias is `init_bias`, by default the objective's own start."""
     if init is not None:
+        if isinstance(init, MaskAttnGates) and init.gate_kind != head:
+            raise TrainingInputError(f"{init.source or 'the connected gates'} holds {init.gate_kind} gates; train "
+                                     f"with head = {init.gate_kind}")
         return trainable_copy(init)
     bias = get_objective(objective).init_bias if init_bias is None else float(init_bias)
-    return new_gates(model, stage, placement, hidden, seed, bias)
+    return new_gates(model, stage, placement, hidden, seed, bias, head)
 
 
 def train(
@@ -399,6 +418,9 @@ def train(
     data-parallel position (torch.distributed initialised by the caller). teacher: optional callable (x_t, sigma,
     context, extras) -> denoised target instead of the clean latent (distillation).
     """
+    if gates.gate_kind != config.head:
+        raise TrainingInputError(f"{gates.source or 'these gates'} hold {gates.gate_kind} gates; train with "
+                                 f"head = {gates.gate_kind}")
     with TrainingSession(
         model, gates, device, gradient_checkpointing=gradient_checkpointing, objective=config.objective
     ) as session:

@@ -10,6 +10,7 @@ import math
 import torch
 from torch import Tensor
 
+from ..masks.context import GATE_KINDS
 from ..masks.objectives import OBJECTIVES, get_objective
 from ..masks.supervised import MASK_OUTSIDE, ObjectMasks, object_masks
 from ..masks.topology import PLACEMENTS, STAGE_CHOICES
@@ -194,6 +195,16 @@ def _continue_inputs() -> dict:
                 + "; ".join(f"{o.name}: {o.summary}" for o in OBJECTIVES.values()),
             },
         ),
+        "head": (
+            list(GATE_KINDS),
+            {
+                "default": d["head"],
+                "tooltip": "Which gate head to train. reference: the paper's head (layer features and text). "
+                "context: the same plus the run's own running attention over layers and steps, which tells apart "
+                "locations that look alike but belong to different objects (beyond the paper). Must match the "
+                "maskattn input when continuing.",
+            },
+        ),
     }
 
 
@@ -276,6 +287,7 @@ class MaskAttnTrainGates:
         phrases="",
         mask_steps=TRAIN_DEFAULTS["mask_steps"],
         mask_outside=TRAIN_DEFAULTS["mask_outside"],
+        head=TRAIN_DEFAULTS["head"],
         **masks,
     ):
         import comfy.model_management as mm
@@ -290,7 +302,7 @@ class MaskAttnTrainGates:
             spec = get_objective(objective)
             with torch.inference_mode(False):
                 gates = gate_training.start_gates(model, maskattn, stage=stage, placement=placement,
-                                                  hidden=hidden_size, seed=seed, objective=spec.name)
+                                                  hidden=hidden_size, seed=seed, objective=spec.name, head=head)
                 gates.check_fits(hooks.model_sites(model))
                 examples = prepare_examples(model, latents, positive)
                 if supervised:
@@ -311,6 +323,7 @@ class MaskAttnTrainGates:
                 objective=spec.name,
                 mask_steps=lead,
                 mask_outside=mask_outside,
+                head=head,
             )
         except (TrainingInputError, ValueError) as e:
             raise NodeError(f"{NODE}: {e}") from None

@@ -157,10 +157,11 @@ def test_run_checkpoints_and_resumes_bit_for_bit(tmp_path):
     assert state["step"] == 4 and state["optimizer"]["state"]  # optimizer state travels with the checkpoint
 
 
-def test_torchrun_ddp_two_cpu_processes(tmp_path):
+@pytest.mark.parametrize("head", ["reference", "context"])
+def test_torchrun_ddp_two_cpu_processes(tmp_path, head):
     data = make_dataset(tmp_path / "data", count=4)
     out = tmp_path / "ddp"
-    log = _run(_args(data, out, "--steps", "3", "--save-every", "2"), torchrun=2)
+    log = _run(_args(data, out, "--steps", "3", "--save-every", "2", "--head", head), torchrun=2)
     sums = re.findall(r"final gate checksum ([0-9a-f]{16})", log)  # two processes share one stdout
     assert len(sums) == 2 and sums[0] == sums[1], log[-2000:]  # both ranks hold the same gates
     assert "2 process(es)" in log
@@ -169,6 +170,9 @@ def test_torchrun_ddp_two_cpu_processes(tmp_path):
         p.name for p in (out / "cache").iterdir() if "of2" in p.name
     )  # each rank cached its own shard
     assert (out / "maskattn_gates.safetensors").is_file() and (out / "checkpoints" / "step_0000002.pt").is_file()
+    from comfyui_maskattn.masks.gatefile import load_gates
+
+    assert load_gates(out / "maskattn_gates.safetensors").gate_kind == head
 
 
 # --- object masks: the dataset format, its checks, and a mask-supervised run ------------------------------------------

@@ -253,13 +253,14 @@ class LearnedArm(Arm):
     trainer's mask_outside ("keep": an object's words closed only inside the other's mask; "close", the arms'
     default, is what the earlier arms measured, where the trainer's own default is "keep"); seed: the heads' init,
     example order and noise of the training run; start: Apply MaskAttn's start_percent (0.2 gates from where
-    zero-shot gates start: the first fifth of the schedule, where the layout forms, runs ungated)."""
+    zero-shot gates start: the first fifth of the schedule, where the layout forms, runs ungated); head: the trainer's
+    gate head, "reference" (the paper's) or "context" (masks/context.py: also reads the run's attention aggregate)."""
 
     def __init__(self, name: str = "learned", objective: str | None = None, seed: int = 0, init: float | None = None,
                  lr: float | None = None, masks: int | str = 0, mask_source: str = "boxes", start: float = 0.0,
-                 outside: str = "close"):
+                 outside: str = "close", head: str = "reference"):
         self.name, self.objective, self.seed, self.init, self.lr, self.masks = name, objective, seed, init, lr, masks
-        self.mask_source, self.start, self.outside = mask_source, start, outside
+        self.mask_source, self.start, self.outside, self.head = mask_source, start, outside, head
 
     def prepare(self, ctx):
         from comfyui_maskattn.masks.train import TRAIN_DEFAULTS
@@ -288,12 +289,12 @@ class LearnedArm(Arm):
         objective = self.objective or TRAIN_DEFAULTS["objective"]
         mask_steps = a.gate_steps // 2 if self.masks == "half" else self.masks
         lr = a.gate_lr if self.lr is None else self.lr
-        extra = {"objective": objective}
+        extra = {"objective": objective, "head": self.head}
         if self.init is not None:
             from comfyui_maskattn.nodes.gate_training import new_gates
 
             extra["maskattn"] = new_gates(ctx.model, ctx.stage, "encoder_decoder", TRAIN_DEFAULTS["hidden"],
-                                          self.seed, self.init)
+                                          self.seed, self.init, self.head)
         if mask_steps:
             if mask_a is None:
                 mask_a = torch.stack([box_mask(d.boxes["a"], ctx.size) for d in data])
@@ -310,6 +311,7 @@ class LearnedArm(Arm):
         ctx.info.setdefault(self.name, {}).update(start_percent=self.start,
             train_s=round(time.time() - t0, 1), distinct_captions=len(set(captions)), objective=objective, lr=lr,
             seed=self.seed, init_bias=self.init, mask_steps=mask_steps, steps=a.gate_steps, batch=a.gate_batch,
+            head=self.head,
             **({"mask_source": self.mask_source, "mask_outside": self.outside} if mask_steps else {}))
 
     def model_for(self, ctx, idx, seed):
@@ -322,8 +324,9 @@ class LearnedArm(Arm):
 #: Training variants measured for issue 19 (name -> LearnedArm keywords): the paper's recipe (reference init 0, its
 #: lr 1e-4), objectives at --gate-lr, mask supervision on the true boxes (alone, followed by soft_x0, and applied
 #: from 20% of the schedule) or on zero-shot v2's regions or decision (distilled, applied from 20% as v2 is), with the
-#: background closed (the arms' default) or kept ("outside kept"); a seed suffix sN trains with gate seed N. Run by
-#: name with --arms (ABLATIONS), not in the default design.
+#: background closed (the arms' default) or kept ("outside kept"); a seed suffix sN trains with gate seed N; "learned
+#: context ..." are the same recipes with context heads (masks/context.py). Run by name with --arms (ABLATIONS), not in
+#: the default design.
 LEARNED_VARIANTS = {
     **{f"learned paper recipe s{k}": dict(objective="paper", init=0.0, lr=1e-4, seed=k) for k in range(3)},
     "learned paper_open s0": dict(objective="paper_open"),
@@ -341,6 +344,11 @@ LEARNED_VARIANTS = {
     **{f"learned v2 decision s{k}": dict(masks=-1, mask_source="zero-shot v2 decision", start=0.2, seed=k)
        for k in range(3)},
     "learned box masks outside kept s0": dict(masks=-1, start=0.2, outside="keep"),
+    **{f"learned context v2 decision s{k}": dict(masks=-1, mask_source="zero-shot v2 decision", start=0.2, seed=k,
+                                                 head="context") for k in range(3)},
+    "learned context box masks outside kept s0": dict(masks=-1, start=0.2, outside="keep", head="context"),
+    "learned context v2 regions outside kept s0": dict(masks=-1, mask_source="zero-shot v2", start=0.2,
+                                                       outside="keep", head="context"),
 }
 
 
