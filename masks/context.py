@@ -38,7 +38,6 @@ FEATURES_KEY = "maskattn_features"
 CONTEXT_FEATURES = 3
 CONTEXT_HIDDEN = 16
 DENSITY_EPS = 1e-3
-GATE_KINDS = ("reference", "context")
 
 
 class ContextGateHead(GateHead):
@@ -188,3 +187,8 @@ class ContextGates(MaskAttnGates):
 
     def describe(self) -> str:
         return f"{self.kind} context gates" + (f" ({self.source})" if self.source else "")
+
+
+#: The gate kinds this pack runs and trains, by the `gate_kind` a gate file names (masks/gatefile.py).
+GATE_CLASSES: dict[str, type[MaskAttnGates]] = {"reference": MaskAttnGates, "context": ContextGates}
+GATE_KINDS = tuple(GATE_CLASSES)

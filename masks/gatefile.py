@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .context import GATE_KINDS, ContextGateHead, ContextGates
+from .context import GATE_CLASSES, GATE_KINDS, ContextGateHead
 from .gate import NEGATIVE_VALUE, GateHead
 from .gates import MaskAttnGates
 from .topology import STAGES, diffusers_name_to_key, key_to_name, name_to_key
@@ -80,7 +80,7 @@ def save_gates(gates: MaskAttnGates, path: str | os.PathLike, extra_metadata: di
     return path
 
 
-def _context_metadata(gates: ContextGates) -> dict[str, str]:
+def _context_metadata(gates) -> dict[str, str]:
     first = gates.heads[0]
     return {"gate_kind": "context", "context_features": str(first.context_features),
             "context_hidden": str(first.context_hidden), "memory": repr(float(gates.memory))}
@@ -159,7 +159,7 @@ def _load_safetensors(path: Path) -> MaskAttnGates:
         site_heads = {name_to_key(n): int(s["head"]) for n, s in sites.items()}
         site_stages = {name_to_key(n): s["stage"] for n, s in sites.items()}
         fields = {} if context is None else {"memory": float(metadata["memory"])}
-        return (MaskAttnGates if context is None else ContextGates)(
+        return GATE_CLASSES[gate_kind](
             heads=heads, site_heads=site_heads, site_stages=site_stages, **fields,
             architecture=metadata.get("architecture", "unknown"),
             threshold=float(metadata.get("threshold", 0.5)),

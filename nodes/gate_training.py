@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from ..masks.context import ContextGates
+from ..masks.context import GATE_CLASSES
 from ..masks.gates import MaskAttnGates
 from ..masks.objectives import (
     DEFAULT_OBJECTIVE,
@@ -132,8 +132,6 @@ def trainable_copy(gates: MaskAttnGates) -> MaskAttnGates:
 #: names its own start (masks/objectives.py); "paper" is the reference's 0.
 INITIAL_LOGIT_BIAS = OBJECTIVES[DEFAULT_OBJECTIVE].init_bias
 
-
-GATE_CLASSES = {"reference": MaskAttnGates, "context": ContextGates}
 
 
 def fresh_gates(
