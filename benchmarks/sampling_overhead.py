@@ -74,6 +74,9 @@ def main(argv=None):
     ap.add_argument("--no-zero-shot", action="store_true",
                     help="leave out the zero-shot rows (v1 and v2 at mid and all, v2 with self-attention masking at "
                          "mid; gated from the first step, the most they can cost)")
+    ap.add_argument("--no-context", action="store_true",
+                    help="leave out the learned context gate rows (masks/context.py: fresh heads at mid and all, "
+                         "gated from the first step)")
     ap.add_argument("--profile", action="store_true",
                     help="print a torch.profiler table of one run of the default mid-stage case (and of the "
                          "CUDA-graph one with --graphs)")
@@ -156,6 +159,9 @@ def main(argv=None):
     if not args.no_zero_shot:
         for name, patched in zero_shot_cases(model, sites, pos, clip if args.compbench else None).items():
             cases[name] = patched
+    if not args.no_context:
+        for name, patched in context_cases(model, sites, hidden).items():
+            cases[name] = patched
 
     def run(m):
         return tiny_models.ksample(m, pos, neg, steps=args.steps, cfg=5.0, width=size, height=size, batch=args.batch)
@@ -178,8 +184,8 @@ def main(argv=None):
         check_latents(cases, groups, run_latent=lambda m: run(m))
     if args.device_time:
         try:
-            # (the learned-gate variants; the zero-shot rows are timed above)
-            learned = {n: m for n, m in cases.items() if not n.startswith("zero-shot")}
+            # (the reference gate's variants; the zero-shot and context rows are timed above)
+            learned = {n: m for n, m in cases.items() if not n.startswith(("zero-shot", "learned context"))}
             print_device_time(learned, times, run, args.steps)
         except Exception as error:  # a profiler that cannot trace this device must not cost the rest of the report
             print(f"device time: the profiler failed ({type(error).__name__}: {error})")
@@ -276,6 +282,22 @@ def zero_shot_cases(model, sites, pos, clip=None) -> dict:
             handover = float(model.model.model_sampling.percent_to_sigma(g.handover_percent))
             patched.model_options.setdefault("transformer_options", {})[HANDOVER_SIGMA] = handover
         out[f"zero-shot {label} {stage} ({len(chosen)} layers)"] = patched
+    return out
+
+
+def context_cases(model, sites, hidden: int) -> dict:
+    """Learned context gates (fresh heads) installed as Apply MaskAttn installs them, gated from the first step: the
+    reference gate plus the per-token aggregate each gated layer reads and feeds, the work zero-shot v2 also does."""
+    from comfyui_maskattn.masks.context import ContextGates
+    from comfyui_maskattn.masks.topology import select_sites
+    from comfyui_maskattn.nodes import hooks
+
+    out = {}
+    for stage in ("mid", "all"):
+        chosen = select_sites(sites, stage, "encoder_decoder")
+        gates = ContextGates.fresh(chosen, hidden_dim=hidden, seed=0, stage=stage)
+        patched, _ = hooks.install(model, gates, chosen, threshold=0.5, negative_value=-1e4)
+        out[f"learned context {stage} ({len(chosen)} layers)"] = patched
     return out
 
 

@@ -38,6 +38,8 @@ def test_sampling_benchmark_times_every_variant_and_finds_them_bit_identical(hos
         for variant in ("hook only", "mask only"):
             assert f"  {stage} {variant} vs untouched: bit-identical" in out
     assert "non-finite latents: none" in out
+    for stage in ("mid", "all"):  # the context gates' cost is timed beside v2's
+        assert f"zero-shot v2 {stage} (" in out[header:] and f"learned context {stage} (" in out[header:]
     assert "fastest exact variant: mid: " in out and "; all: " in out
     overall = out[out.index("fastest exact variant overall: "):].split(": ", 1)[1].split()[0]
     assert overall in CUDA_GATE_VARIANTS
